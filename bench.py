@@ -1,12 +1,14 @@
 """Benchmarks, written up in BENCHMARKS.md.
 
-    python bench.py --decode     # decode tokens/s: ours eager and compiled, and transformers' generate(), per dtype
+    python bench.py --decode        # decode tokens/s: ours eager and compiled, and transformers' generate(), per dtype
+    python bench.py --speculative   # AR vs layer-skip vs S3D drafts: tau, acceptance per position, tokens/s
 
 Every run prints the machine, torch version and date with its table, medians of --repeats runs measured in one
 process with the same thread count.
 """
 import argparse
 import datetime
+import json
 import platform
 import statistics
 import sys
@@ -21,8 +23,16 @@ from generate import DEFAULT_CHECKPOINT, DTYPES, load
 PROMPT = "Write a short story about a robot who learns to paint."
 
 
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
 def machine_line() -> str:
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{platform.processor() or platform.machine()} CPU"
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
     return (f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
             f"{datetime.date.today().isoformat()}")
 
@@ -106,6 +116,58 @@ def bench_decode(args) -> None:
         print(f"| {dtype_name} | {name} | {median:.1f} | {median / hf_median:.2f}x |")
 
 
+def spec_bench_prompts(path: Path, per_category: int) -> list[tuple[str, str]]:
+    """(category, first turn) for the first per_category rows of each category of a Spec-Bench JSONL file."""
+    rows, seen = [], {}
+    for line in path.read_text().splitlines():
+        row = json.loads(line)
+        if seen.get(row["category"], 0) < per_category:
+            seen[row["category"]] = seen.get(row["category"], 0) + 1
+            rows.append((row["category"], row["turns"][0]))
+    return rows
+
+
+def bench_speculative(args) -> None:
+    from model import load_heads, new_heads
+
+    rows = []
+    for dtype_name in args.dtypes:
+        model, tok = load(args.checkpoint, torch.device("cpu"), DTYPES[dtype_name])
+        n_layer = model.config.n_layer
+        heads = load_heads(args.heads, model.config) if args.heads else new_heads(model, args.skip, args.gamma, 8)
+        model.set_heads(heads.to(DTYPES[dtype_name]))
+        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
+                   for _, text in spec_bench_prompts(args.prompts, args.per_category)]
+        methods = {"ar": lambda p: s3d.ar_generate(model, p, args.tokens, eos_ids=tok.eos_ids, compile=args.compile),
+                   f"skip {args.skip[0]}:{args.skip[1]}": lambda p: s3d.speculative_generate(
+                       model, p, args.tokens, draft="skip", gamma=args.gamma, skip=tuple(args.skip), eos_ids=tok.eos_ids,
+                       compile=args.compile),
+                   f"s3d {'untrained' if not args.heads else args.heads.name} {heads.skip[0]}:{heads.skip[1]}":
+                       lambda p: s3d.speculative_generate(model, p, args.tokens, draft="s3d", gamma=args.gamma,
+                                                          eos_ids=tok.eos_ids, compile=args.compile)}
+        # size the cache for the longest prompt now: growing it later would recompile inside the timed runs
+        s3d.prepare_cache(model, max(map(len, prompts)) + args.tokens + args.gamma + 1)
+        outputs = {}
+        with torch.no_grad():
+            for name, run in methods.items():
+                run(prompts[0])  # warm-up and compilation
+                results = [run(p) for p in prompts]
+                outputs[name] = [r.tokens for r in results]
+                tokens = sum(len(r.tokens) - 1 for r in results)
+                rate = tokens / sum(r.decode_time for r in results)
+                accepted = [n for r in results for n in r.accepted]
+                rows.append((dtype_name, name, rate, accepted, outputs[name] == outputs["ar"]))
+                print(f"{dtype_name} {name}: {rate:.1f} tokens/s", file=sys.stderr)
+    print(f"\nSpeculative decoding, {len(prompts)} Spec-Bench prompts ({args.per_category} per category), "
+          f"{args.tokens} greedy tokens, g={args.gamma}, {'compiled' if args.compile else 'eager'}. {machine_line()}.\n")
+    print("| dtype | method | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|---|")
+    for dtype_name, name, rate, accepted, same in rows:
+        ar_rate = next(r for d, n, r, _, _ in rows if d == dtype_name and n == "ar")
+        tau = f"{s3d.mean_tokens_per_iteration(accepted):.2f}" if accepted else "1"
+        rates = " ".join(f"{a:.2f}" for a in s3d.acceptance_rates(accepted, args.gamma)) if accepted else "-"
+        print(f"| {dtype_name} | {name} | {tau} | {rates} | {rate:.1f} | {rate / ar_rate:.2f}x | {'yes' if same else 'NO'} |")
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decode", action="store_true", help="decode tokens/s table: ours (eager, compiled) vs transformers")
@@ -113,11 +175,20 @@ def main(argv=None) -> None:
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
     p.add_argument("--tokens", type=int, default=128, help="new tokens per timed run")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--speculative", action="store_true", help="AR vs layer-skip vs S3D drafting on Spec-Bench prompts")
+    p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"))
+    p.add_argument("--per_category", type=int, default=1)
+    p.add_argument("--heads", type=Path, default=None, help="S3D heads file (default: fresh, untrained heads)")
+    p.add_argument("--skip", type=lambda v: tuple(int(x) for x in v.split(":")), default=(10, 20), metavar="S:E")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     if args.decode:
         bench_decode(args)
+    elif args.speculative:
+        bench_speculative(args)
     else:
-        p.error("choose a benchmark: --decode")
+        p.error("choose a benchmark: --decode or --speculative")
 
 
 if __name__ == "__main__":

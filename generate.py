@@ -2,6 +2,8 @@
 
     python generate.py --compile                                  # the embedded SmolLM2-135M-Instruct, AR
     python generate.py --checkpoint checkpoints/X --prompt "..." --temperature 0.7 --top_k 50
+    python generate.py --s3d heads/X.safetensors --compile --compare_ar       # S3D speculative decoding
+    python generate.py --draft skip --skip 10:20 --gamma 3                    # training-free layer-skip draft
 """
 import argparse
 import resource
@@ -13,7 +15,7 @@ from typing import Optional
 import torch
 
 import s3d
-from model import CheckpointError, Transformer, load_model
+from model import CheckpointError, Transformer, check_skip, load_heads, load_model, new_heads
 from tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
@@ -105,7 +107,32 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
+    spec = p.add_argument_group("speculative decoding")
+    spec.add_argument("--s3d", type=Path, metavar="HEADS", help="S3D with this heads file (implies --draft s3d)")
+    spec.add_argument("--draft", choices=s3d.DRAFT_KINDS, default=None,
+                      help="s3d: mask-token drafting by the layer-skipped model (fresh, untrained heads without --s3d); "
+                           "skip: the layer-skipped model drafts one token at a time; model: --draft_checkpoint drafts")
+    spec.add_argument("--gamma", type=int, default=None, help="tokens drafted per iteration (default: the heads', or 4)")
+    spec.add_argument("--skip", metavar="S:E", default=None,
+                      help="skip layers S..E-1 in the draft (default: the heads' range, or the middle third)")
+    spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
+    spec.add_argument("--draft_checkpoint", type=Path, help="the small draft model for --draft model")
+    spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
     args = p.parse_args(argv)
+    if args.s3d is not None and args.draft not in (None, "s3d"):
+        p.error(f"--s3d goes with --draft s3d, not --draft {args.draft}")
+    if args.s3d is not None:
+        args.draft = "s3d"
+    if args.draft == "model" and args.draft_checkpoint is None:
+        p.error("--draft model needs --draft_checkpoint")
+    if args.gamma is not None and args.gamma < 1:
+        p.error(f"--gamma must be at least 1, got {args.gamma}")
+    if args.skip is not None:
+        try:
+            args.skip = tuple(int(v) for v in args.skip.split(":"))
+            assert len(args.skip) == 2
+        except (ValueError, AssertionError):
+            p.error(f"--skip takes S:E, two layer numbers, got {args.skip!r}")
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -121,28 +148,72 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def check_length(model: Transformer, prompt: list[int], args: argparse.Namespace) -> None:
     context = model.config.block_size
-    if len(prompt) + args.max_new_tokens + 1 > context:
+    if len(prompt) + args.max_new_tokens + (args.gamma or 0) + 1 > context:
         raise UsageError(f"the prompt ({len(prompt)} tokens) plus --max_new_tokens ({args.max_new_tokens}) "
                          f"exceeds the model's context of {context} tokens")
 
 
 def run_once(model: Transformer, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
-             stream: bool = True) -> s3d.Result:
+             stream: bool = True, draft_model: Optional[Transformer] = None, ar: bool = False) -> s3d.Result:
     check_length(model, prompt, args)
-    printer = TextStream(tokenizer, enabled=stream)
-    return s3d.ar_generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                           top_p=args.top_p, eos_ids=tokenizer.eos_ids, compile=args.compile,
-                           compile_prefill=args.compile_prefill, on_token=printer)
+    common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_ids=tokenizer.eos_ids,
+                  compile=args.compile, compile_prefill=args.compile_prefill, on_token=TextStream(tokenizer, stream))
+    if args.draft is None or ar:
+        return s3d.ar_generate(model, prompt, args.max_new_tokens, **common)
+    return s3d.speculative_generate(model, prompt, args.max_new_tokens, draft=args.draft, gamma=args.gamma,
+                                    skip=args.skip, draft_model=draft_model, **common)
 
 
-def report(result: s3d.Result, model: Transformer, device: torch.device, compile_time: Optional[float]) -> None:
+def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.device,
+                dtype: torch.dtype) -> Optional[Transformer]:
+    """Attaches heads (S3D) or loads the draft model; fills in args.skip and args.gamma. Returns the draft model."""
+    n_layer = model.config.n_layer
+    if args.skip is not None:
+        args.skip = check_skip(args.skip, n_layer)
+    if args.draft == "s3d":
+        if args.s3d is not None:
+            heads = load_heads(args.s3d, model.config)
+            if args.gamma is not None and args.gamma > heads.gamma:
+                raise UsageError(f"--gamma {args.gamma} exceeds the {heads.gamma} tokens these heads draft")
+        else:
+            print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
+                  file=sys.stderr)
+            heads = new_heads(model, args.skip or (n_layer // 3, n_layer - n_layer // 3), args.gamma or 4, args.rank)
+        model.set_heads(heads)
+        args.gamma = args.gamma or heads.gamma
+    elif args.draft == "skip":
+        args.skip = args.skip or (n_layer // 3, n_layer - n_layer // 3)
+    elif args.draft == "model":
+        draft_model, _ = load(args.draft_checkpoint, device, dtype)
+        if draft_model.config.vocab_size != model.config.vocab_size:
+            raise UsageError(f"the draft model's vocabulary ({draft_model.config.vocab_size}) differs from the "
+                             f"target's ({model.config.vocab_size})")
+        return draft_model
+    return None
+
+
+def tokens_per_second(result: s3d.Result) -> float:
     n = len(result.tokens)
-    tokens_per_s = (n - 1) / result.decode_time if n > 1 and result.decode_time > 0 else float("nan")
+    return (n - 1) / result.decode_time if n > 1 and result.decode_time > 0 else float("nan")
+
+
+def report(result: s3d.Result, model: Transformer, device: torch.device, compile_time: Optional[float],
+           gamma: Optional[int] = None, ar: Optional[s3d.Result] = None) -> None:
+    n = len(result.tokens)
+    tokens_per_s = tokens_per_second(result)
     lines = [f"{n} tokens, decode {tokens_per_s:.1f} tokens/s, time to first token {result.time_to_first_token * 1000:.0f} ms",
              f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB, weights {weight_bytes(model) / 2**30:.3f} GiB, "
              f"bandwidth achieved {weight_bytes(model) * tokens_per_s / 1e9:.1f} GB/s"]
     if compile_time is not None:
         lines.append(f"compile time {compile_time:.1f} s")
+    if result.accepted:
+        rates = s3d.acceptance_rates(result.accepted, gamma)
+        lines.append(f"{len(result.accepted)} iterations, tau {s3d.mean_tokens_per_iteration(result.accepted):.2f} tokens "
+                     f"per iteration (bonus included), acceptance per draft position "
+                     f"{' '.join(f'{a:.2f}' for a in rates)}")
+    if ar is not None:
+        same = "identical output" if ar.tokens == result.tokens else "outputs differ (sampling, or a near-tie)"
+        lines.append(f"AR {tokens_per_second(ar):.1f} tokens/s: speedup {tokens_per_s / tokens_per_second(ar):.2f}x, {same}")
     print("\n" + "\n".join(lines), file=sys.stderr)
 
 
@@ -157,13 +228,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
+    draft_model = setup_draft(model, args, device, DTYPES[args.dtype])
     messages = [{"role": "user", "content": args.prompt}]
     check_length(model, encode_prompt(tokenizer, messages, chat), args)
     compile_time = None
     if args.compile or args.compile_prefill:  # compile on a short run first, so the timed runs measure decoding
         t = time.perf_counter()
         warm = argparse.Namespace(**{**vars(args), "max_new_tokens": min(args.max_new_tokens, 8)})
-        run_once(model, tokenizer, encode_prompt(tokenizer, messages, chat), warm, stream=False)
+        modes = [True] if args.draft is None else [False] + [True] * args.compare_ar  # True: the AR run
+        for ar in modes:
+            run_once(model, tokenizer, encode_prompt(tokenizer, messages, chat), warm, False, draft_model, ar=ar)
         compile_time = time.perf_counter() - t
     while True:
         if args.interactive:
@@ -176,8 +250,12 @@ def main(argv: Optional[list[str]] = None) -> None:
             messages = (messages if chat and messages[-1]["role"] == "assistant" else []) + [{"role": "user", "content": text}]
         prompt = encode_prompt(tokenizer, messages, chat)
         for _ in range(args.num_samples):
-            result = run_once(model, tokenizer, prompt, args)
-            report(result, model, device, compile_time)
+            result = run_once(model, tokenizer, prompt, args, draft_model=draft_model)
+            ar = None
+            if args.compare_ar and args.draft is not None:
+                torch.manual_seed(args.seed)
+                ar = run_once(model, tokenizer, prompt, args, stream=False, ar=True)
+            report(result, model, device, compile_time, args.gamma, ar)
             compile_time = None
         if not args.interactive:
             break

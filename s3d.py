@@ -141,3 +141,160 @@ def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, t
         pos += 1
     return Result(out, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speculative decoding: draft, verify, accept.
+
+
+def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float = 0.0,
+              top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """S3D draft: one forward of [cur, M1 .. M(g-1)] at positions p .. p+g-1 through the kept layers with the
+    adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once."""
+    logits = model(cur, input_pos, draft=True)[0]  # (g, vocab)
+    return sample(logits, temperature, top_k, top_p)
+
+
+def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, gamma: int,
+                     sampling: dict, skip: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """Drafts gamma tokens autoregressively: the training-free layer-skip draft (model = the target, with skip) or
+    a separate small draft model (skip=None). Returns drafts (g,) and their distributions (g, vocab) or None."""
+    device = cur.device
+    tokens, probs = [], []
+    for i in range(gamma):
+        cur, p = step(model, cur.clone(), torch.tensor([pos + i], device=device), skip=skip, **sampling)
+        tokens.append(cur.view(1))
+        probs.append(p)
+    return torch.cat(tokens), None if probs[0] is None else torch.cat(probs)
+
+
+def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
+    """Keeps the longest prefix of drafts equal to the target's argmax; the bonus is the target's next argmax.
+
+    Returns n (0-dim, drafts accepted) and tokens (g+1,) whose first n+1 entries are the tokens to emit: the
+    accepted drafts equal the target's choices, so they are simply target[:n+1]."""
+    target = target_logits.argmax(-1)  # (g+1,): the target's choice after cur, d1, .., dg
+    n = (drafts == target[:-1]).int().cumprod(0).sum()
+    return n, target
+
+
+def accept_sampling(drafts: Tensor, draft_probs: Optional[Tensor], target_probs: Tensor) -> tuple[Tensor, Tensor]:
+    """The lossless rejection rule (Leviathan et al.; Chen et al.): accept d_i with probability min(1, q(d_i)/p(d_i));
+    at the first rejection emit a sample of norm(max(0, q - p)) instead; if all g pass, a bonus sample of q_g.
+    The emitted tokens are then distributed exactly as sampling the target alone. draft_probs None means the drafts
+    were point masses (p(d_i) = 1). Returns n and tokens (g+1,) as accept_greedy does."""
+    g = drafts.shape[0]
+    if draft_probs is None:
+        draft_probs = torch.nn.functional.one_hot(drafts, target_probs.shape[-1]).to(target_probs.dtype)
+    q = target_probs[:-1].gather(-1, drafts[:, None]).squeeze(-1)
+    p = draft_probs.gather(-1, drafts[:, None]).squeeze(-1)
+    accepted = torch.rand_like(q) * p < q  # u < q/p, without dividing by p
+    n = accepted.int().cumprod(0).sum()
+    residual = (target_probs[:-1] - draft_probs).clamp_min(0)
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs[:-1])  # p == q: never rejected
+    fallback = sample_from(torch.cat([residual, target_probs[-1:]]))  # a replacement for every position, + bonus
+    keep = torch.arange(g + 1, device=drafts.device) < n
+    return n, torch.where(keep, torch.cat([drafts, drafts[-1:]]), fallback)
+
+
+def verify_step(model: Transformer, cur: Tensor, drafts: Tensor, draft_probs: Optional[Tensor], input_pos: Tensor,
+                temperature: float = 0.0, top_k: Optional[int] = None,
+                top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
+    """One forward of [cur, d1 .. dg] at positions p .. p+g through all layers, adapters off, then acceptance.
+    It writes the true KV of those positions over whatever the draft left there."""
+    logits = model(torch.cat([cur.view(1, 1), drafts.view(1, -1)], dim=1), input_pos)[0]  # (g+1, vocab)
+    if temperature == 0:
+        return accept_greedy(drafts, logits)
+    return accept_sampling(drafts, draft_probs, logits_to_probs(logits, temperature, top_k, top_p))
+
+
+DRAFT_KINDS = ("s3d", "skip", "model")
+
+
+def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, draft: str = "s3d",
+                         gamma: Optional[int] = None, skip: Optional[tuple[int, int]] = None,
+                         draft_model: Optional[Transformer] = None, temperature: float = 0.0,
+                         top_k: Optional[int] = None, top_p: Optional[float] = None,
+                         eos_ids: set[int] = frozenset(), compile: bool = False, compile_prefill: bool = False,
+                         on_token: Optional[Callable[[int], None]] = None) -> Result:
+    """Speculative decoding with one of DRAFT_KINDS; the output is exactly the target's (greedy: token for token;
+    sampling: in distribution). draft="s3d" needs model.heads (gamma defaults to, and may not exceed, theirs)."""
+    if draft not in DRAFT_KINDS:
+        raise ValueError(f"unknown draft kind {draft!r} (choose from {', '.join(DRAFT_KINDS)})")
+    if draft == "s3d":
+        if model.heads is None:
+            raise ValueError("S3D drafting needs draft heads: load a heads file or make fresh ones")
+        gamma = gamma or model.heads.gamma
+        if gamma > model.heads.gamma:
+            raise ValueError(f"gamma {gamma} exceeds the heads' {model.heads.gamma} (they have {model.heads.gamma - 1} mask embeddings)")
+    if draft == "skip" and skip is None:
+        raise ValueError("the layer-skip draft needs a skip range")
+    if draft == "model" and (draft_model is None or draft_model.config.vocab_size != model.config.vocab_size):
+        raise ValueError("the model draft needs a draft model with the target's vocabulary")
+    gamma = gamma or 4
+    if gamma < 1:
+        raise ValueError(f"gamma must be at least 1, got {gamma}")
+    device = model.output.weight.device
+    prepare_cache(model, len(prompt) + max_new_tokens + gamma + 1)
+    if draft_model is not None:
+        prepare_cache(draft_model, len(prompt) + max_new_tokens + gamma + 1)
+    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
+    verify = step_fn(verify_step, model, compile)
+    draft_fn = step_fn(draft_s3d, model, compile)
+    step = step_fn(decode_one_token, model, compile)
+
+    t0 = time.perf_counter()
+    prompt_t, prompt_pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
+    cur = run_prefill(model, prompt_t, prompt_pos, **sampling)
+    if draft == "model":  # the draft model keeps its own cache of the same tokens
+        run_prefill(draft_model, prompt_t, prompt_pos)
+    out: list[int] = []
+    done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
+    t1 = time.perf_counter()
+    pos, accepted = len(prompt), []
+    while not done:
+        if draft == "s3d":
+            drafts, probs = draft_fn(model, cur, torch.arange(pos, pos + gamma, device=device), **sampling)
+        else:
+            drafter = model if draft == "skip" else draft_model
+            drafts, probs = draft_one_by_one(step, drafter, cur, pos, gamma, sampling, skip if draft == "skip" else None)
+        n, tokens = verify(model, cur, drafts.clone(), probs, torch.arange(pos, pos + gamma + 1, device=device), **sampling)
+        host = torch.cat([n.view(1), tokens]).tolist()  # the iteration's one host synchronisation
+        n = host[0]
+        accepted.append(n)
+        done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
+        if draft == "model" and n == gamma and not done:  # the draft model never ran on d_g: give it that KV
+            step(draft_model, drafts[-1:].view(1, 1).clone(), torch.tensor([pos + gamma], device=device), **sampling)
+        cur = tokens[n].view(1, 1).clone()
+        pos += n + 1
+    return Result(out, accepted, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
+
+
+def acceptance_rates(accepted: list[int], gamma: int) -> list[float]:
+    """a_i: how often draft i was accepted among iterations whose drafts 1..i-1 all were (design.md section 4)."""
+    reached = [sum(n >= i for n in accepted) for i in range(gamma + 1)]  # reached[i]: drafts 1..i accepted
+    return [reached[i] / reached[i - 1] if reached[i - 1] else 0.0 for i in range(1, gamma + 1)]
+
+
+def mean_tokens_per_iteration(accepted: list[int]) -> float:
+    """tau: tokens added per iteration, the bonus included."""
+    return 1 + sum(accepted) / len(accepted) if accepted else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Speed model (design.md section 4): costs in units of one AR decode step.
+
+
+def expected_tokens_per_iteration(acceptance: list[float]) -> float:
+    """E[tau] = 1 + sum_i prod_{j<=i} a_j."""
+    total, survive = 1.0, 1.0
+    for a in acceptance:
+        survive *= a
+        total += survive
+    return total
+
+
+def predicted_speedup(acceptance: list[float], draft_cost: float, verify_cost: float) -> float:
+    """IF(g, beta) = E[tau] / (cd(g, beta) + cv(g)): the speedup over AR that the costs and acceptance predict."""
+    return expected_tokens_per_iteration(acceptance) / (draft_cost + verify_cost)

@@ -1,11 +1,16 @@
 """End to end on the real embedded default (SmolLM2-135M-Instruct): our fp32 greedy output equals that of
 transformers loading the same GGUF file, token for token."""
+import json
+import os
+from dataclasses import asdict
+
 import pytest
 import torch
 
 import s3d
+from conftest import ROOT
 from generate import load
-from tokenizer import Tokenizer
+from model import ModelArgs, Transformer, new_heads
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "What are the three primary colors? Explain briefly.",
@@ -55,3 +60,68 @@ def test_reference_answer_from_design_doc(ours):
     ids = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPTS[0]}]))
     text = tok.decode(s3d.ar_generate(model, ids, 20, eos_ids=tok.eos_ids).tokens)
     assert text.startswith('As the AI, AI-powered robot, "Pixel," began its journey of self-discovery')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Greedy losslessness of speculative decoding on the real model and real prompts. CI runs 3 prompts per draft kind;
+# S3D_LOSSLESS_PROMPTS=30 runs the full check (about 25 minutes on a 2-core CPU), with the same assertions.
+
+LOSSLESS_PROMPTS = int(os.environ.get("S3D_LOSSLESS_PROMPTS", "3"))
+
+
+def spec_bench_prompts(tok, n):
+    rows = [json.loads(line) for line in (ROOT / "data" / "spec_bench_dev.jsonl").read_text().splitlines()]
+    picked = rows[:: max(1, len(rows) // n)][:n]  # spread over the categories
+    return [tok.encode(tok.apply_chat_template([{"role": "user", "content": r["turns"][0]}])) for r in picked]
+
+
+def small_draft_model(model, keep=(0, 1, 2, 3, 28, 29)) -> Transformer:
+    """A separate, smaller model (own weights, own cache) made of some of the target's layers: a stand-in for a
+    small draft model sharing the tokenizer, which the embedded default does not come with."""
+    config = ModelArgs(**{**asdict(model.config), "n_layer": len(keep)})
+    draft = Transformer(config)
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(("layers.", "heads."))}
+    for new, old in enumerate(keep):
+        state |= {k.replace(f"layers.{old}.", f"layers.{new}.", 1): v.clone()
+                  for k, v in model.state_dict().items() if k.startswith(f"layers.{old}.")}
+    draft.load_state_dict(state, strict=False)
+    return draft.eval()
+
+
+def top2_gap(model, tokens: list[int], at: int) -> float:
+    """The target's top-1 minus top-2 logit for the token at index `at`, given tokens[:at]."""
+    with torch.no_grad():
+        model.setup_caches(1, len(tokens) + 8)
+        logits = model(torch.tensor([tokens[:at]]), torch.arange(at))[0, -1]
+    top = logits.topk(2).values
+    return (top[0] - top[1]).item()
+
+
+@pytest.fixture(scope="module")
+def lossless_setup(ours):
+    model, tok = ours
+    prompts = spec_bench_prompts(tok, LOSSLESS_PROMPTS)
+    with torch.no_grad():
+        ar = [s3d.ar_generate(model, p, 128, eos_ids=tok.eos_ids).tokens for p in prompts]
+    return model, tok, prompts, ar
+
+
+@pytest.mark.parametrize("draft", ["s3d", "skip", "model"])
+def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, draft):
+    model, tok, prompts, ar_outputs = lossless_setup
+    model.set_heads(new_heads(model, (10, 20), 4, 8) if draft == "s3d" else None)
+    draft_model = small_draft_model(model) if draft == "model" else None
+    near_ties, taus = [], []
+    with torch.no_grad():
+        for prompt, ar in zip(prompts, ar_outputs):
+            spec = s3d.speculative_generate(model, prompt, 128, draft=draft, gamma=4, skip=(10, 20),
+                                            draft_model=draft_model, eos_ids=tok.eos_ids)
+            taus.append(s3d.mean_tokens_per_iteration(spec.accepted))
+            if spec.tokens != ar:
+                i = next(i for i, (a, b) in enumerate(zip(spec.tokens, ar)) if a != b)
+                gap = top2_gap(model, prompt + ar, len(prompt) + i)
+                assert gap < 1e-4, f"{draft}: differs from AR at token {i} where the top-2 gap is {gap:.2e}"
+                near_ties.append((i, gap))
+    model.set_heads(None)
+    print(f"\n{draft}: {len(prompts)} prompts, tau {sum(taus) / len(taus):.2f}, near-ties {near_ties or 'none'}")
+    assert len(near_ties) <= len(prompts) // 10, f"too many near-ties: {near_ties}"

@@ -101,3 +101,37 @@ def test_compiled_decoding_equals_eager(convert_tiny):
     prompt = list(range(3, 15))
     with torch.no_grad():
         assert s3d.ar_generate(model, prompt, 20, compile=True).tokens == s3d.ar_generate(model, prompt, 20).tokens
+
+
+def test_speculative_cli_reports_tau_and_matches_ar(default_checkpoint):
+    proc = run("--max_new_tokens", "24", "--dtype", "float32", "--draft", "skip", "--skip", "10:20", "--gamma", "3",
+               "--compare_ar")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
+    assert "tau" in proc.stderr and "acceptance per draft position" in proc.stderr
+    assert "identical output" in proc.stderr
+
+
+def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
+    model = load_model(default_checkpoint, "cpu", torch.float32)
+    from model import new_heads
+
+    new_heads(model, (8, 22), 3, 4).save(tmp_path / "heads.safetensors")
+    proc = run("--max_new_tokens", "16", "--dtype", "float32", "--s3d", str(tmp_path / "heads.safetensors"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
+    assert_one_line_error(run("--s3d", str(tmp_path / "heads.safetensors"), "--gamma", "5"),
+                          "--gamma 5 exceeds the 3 tokens these heads draft")
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--draft", "skip", "--skip", "20:10"), "invalid skip range 20:10"),
+    (("--draft", "skip", "--skip", "0:30"), "invalid skip range 0:30"),
+    (("--draft", "skip", "--skip", "ten"), "--skip takes S:E"),
+    (("--draft", "s3d", "--gamma", "0"), "--gamma must be at least 1"),
+    (("--draft", "model",), "--draft model needs --draft_checkpoint"),
+    (("--s3d", "/nonexistent/heads.safetensors"), "cannot read heads file"),
+    (("--s3d", "x.safetensors", "--draft", "skip"), "--s3d goes with --draft s3d"),
+])
+def test_bad_speculative_arguments(args, pattern, default_checkpoint):
+    assert_one_line_error(run(*args), pattern)

@@ -1,0 +1,285 @@
+"""s3d.py: speculative decoding is lossless (greedy: token for token; sampling: in distribution), for every draft
+kind and g, with exact EOS and max_new_tokens handling, no recompilation and one host sync per iteration."""
+import itertools
+import math
+
+import pytest
+import torch
+
+import s3d
+from model import CheckpointError, DraftHeads, ModelArgs, Transformer, load_heads, load_model, new_heads
+
+
+def tiny_model(vocab=96, n_layer=6, dim=64, seed=0, scale=1.0) -> Transformer:
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs(block_size=256, vocab_size=vocab, n_layer=n_layer, n_head=4, n_local_heads=2, dim=dim,
+                                  intermediate_size=96, name=f"tiny-{seed}"))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, scale / math.sqrt(p.shape[-1]) if p.dim() > 1 else 0.1).add_(1 if p.dim() == 1 else 0)
+    return model.eval()
+
+
+def with_trained_looking_heads(model, skip=(2, 4), gamma=4, rank=4, seed=1):
+    """Heads with non-zero adapters (as after training), so the adapter path is exercised too."""
+    heads = new_heads(model, skip, gamma, rank)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    model.set_heads(heads)
+    return model
+
+
+PROMPTS = [[3, 14, 15, 92, 65], [1, 2, 3], list(range(10, 40)), [7] * 12]
+
+
+@pytest.mark.parametrize("draft,gamma", [("s3d", 1), ("s3d", 2), ("s3d", 4), ("skip", 1), ("skip", 3),
+                                         ("model", 1), ("model", 4)])
+def test_greedy_is_token_for_token_ar(draft, gamma):
+    model = with_trained_looking_heads(tiny_model(), gamma=4)
+    draft_model = tiny_model(n_layer=2, seed=5) if draft == "model" else None
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            ar = s3d.ar_generate(model, prompt, 40).tokens
+            spec = s3d.speculative_generate(model, prompt, 40, draft=draft, gamma=gamma, skip=(1, 5),
+                                            draft_model=draft_model)
+            assert spec.tokens == ar
+            assert len(ar) == 40 and sum(n + 1 for n in spec.accepted) >= 39
+
+
+def test_greedy_accepts_everything_when_the_draft_is_the_target():
+    """The model draft with the target itself as draft model must accept all g drafts every iteration."""
+    model = tiny_model()
+    draft_model = tiny_model()
+    with torch.no_grad():
+        spec = s3d.speculative_generate(model, PROMPTS[0], 41, draft="model", gamma=4, draft_model=draft_model)
+    assert spec.accepted[:-1] == [4] * (len(spec.accepted) - 1) and len(spec.accepted) == 8
+
+
+@pytest.mark.parametrize("draft", ["s3d", "skip"])
+def test_max_new_tokens_truncates_exactly(draft):
+    model = with_trained_looking_heads(tiny_model())
+    with torch.no_grad():
+        ar = s3d.ar_generate(model, PROMPTS[2], 30).tokens
+        for k in range(1, 13):
+            assert s3d.speculative_generate(model, PROMPTS[2], k, draft=draft, skip=(2, 4)).tokens == ar[:k]
+
+
+def test_eos_inside_an_accepted_block_ends_generation_there():
+    model = tiny_model()
+    draft_model = tiny_model()  # accepts every draft, so EOS falls inside accepted blocks
+    with torch.no_grad():
+        ar = s3d.ar_generate(model, PROMPTS[2], 30).tokens
+        for eos in set(ar[1:12]):
+            expected = ar[:ar.index(eos) + 1]
+            spec = s3d.speculative_generate(model, PROMPTS[2], 30, draft="model", gamma=4, draft_model=draft_model,
+                                            eos_ids={eos})
+            assert spec.tokens == expected
+            assert s3d.ar_generate(model, PROMPTS[2], 30, eos_ids={eos}).tokens == expected
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sampling: the distribution of the first 3 tokens under speculative sampling equals AR sampling's, computed exactly.
+
+
+def exact_first_tokens_distribution(model, prompt, n_tokens, temperature, top_k):
+    """P(x1..xn) for AR sampling, by enumerating every prefix (the vocabulary is tiny)."""
+    vocab = model.config.vocab_size
+    dist = {}
+    with torch.no_grad():
+        model.setup_caches(1, 64)
+        for seq in itertools.product(range(vocab), repeat=n_tokens - 1):
+            tokens = torch.tensor([prompt + list(seq)])
+            probs = s3d.logits_to_probs(model(tokens, torch.arange(tokens.shape[1]))[0], temperature, top_k)
+            p_prefix = math.prod(probs[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq))
+            for last in range(vocab):
+                dist[seq + (last,)] = p_prefix * probs[-1, last].item()
+    return dist
+
+
+def chi_square_p_value(counts: dict, expected_probs: dict, n: int) -> float:
+    """Pearson's chi-square goodness of fit; cells expected below 5 are pooled into one."""
+    stat, pooled_obs, pooled_exp, cells = 0.0, 0, 0.0, 0
+    for key, p in expected_probs.items():
+        e, o = p * n, counts.get(key, 0)
+        if e < 5:
+            pooled_obs, pooled_exp = pooled_obs + o, pooled_exp + e
+            continue
+        stat += (o - e) ** 2 / e
+        cells += 1
+    if pooled_exp > 0:
+        stat += (pooled_obs - pooled_exp) ** 2 / pooled_exp
+        cells += 1
+    df = cells - 1
+    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), torch.tensor(stat / 2, dtype=torch.float64)).item()
+
+
+def speculative_samples(model, prompt, n_samples, temperature, top_k, gamma=3):
+    counts = {}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(n_samples):
+            r = s3d.speculative_generate(model, prompt, 3, draft="s3d", gamma=gamma, temperature=temperature, top_k=top_k)
+            counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+    return counts
+
+
+SAMPLING_CASES = [(1.0, None), (0.7, 3)]
+N_SAMPLES = 3000
+
+
+def sampling_model():
+    # vocab 5, logits scaled up so the distributions are far from uniform, heads random so drafts often miss
+    return with_trained_looking_heads(tiny_model(vocab=5, n_layer=4, dim=32, scale=3.0), skip=(1, 3), gamma=3, rank=2)
+
+
+@pytest.mark.parametrize("temperature,top_k", SAMPLING_CASES)
+def test_sampling_matches_the_ar_distribution(temperature, top_k):
+    model = sampling_model()
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, temperature, top_k)
+    counts = speculative_samples(model, prompt, N_SAMPLES, temperature, top_k)
+    p = chi_square_p_value(counts, exact, N_SAMPLES)
+    tv = 0.5 * sum(abs(counts.get(k, 0) / N_SAMPLES - v) for k, v in exact.items())
+    assert p > 1e-3, f"speculative sampling differs from AR sampling: chi-square p={p:.2e}, TV={tv:.3f}"
+    assert tv < 0.08
+
+
+def test_the_sampling_test_catches_a_broken_acceptance_rule(monkeypatch):
+    """Always accepting the drafts makes the output follow the draft's distribution: the test above must see it."""
+    def always_accept(drafts, draft_probs, target_probs):
+        g = drafts.shape[0]
+        bonus = s3d.sample_from(target_probs[-1:])
+        return torch.tensor(g), torch.cat([drafts, bonus])
+
+    monkeypatch.setattr(s3d, "accept_sampling", always_accept)
+    model = sampling_model()
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
+    counts = speculative_samples(model, prompt, N_SAMPLES, 1.0, None)
+    assert chi_square_p_value(counts, exact, N_SAMPLES) < 1e-6
+
+
+def test_acceptance_rule_on_known_distributions():
+    """Point-mass checks of accept_sampling: a draft the target gives probability 0 is always rejected and replaced
+    by a token the draft did not propose; a draft equal to the target is always accepted."""
+    q = torch.tensor([[0.0, 1.0, 0.0], [0.5, 0.5, 0.0], [0.2, 0.3, 0.5]])
+    for _ in range(50):
+        n, tokens = s3d.accept_sampling(torch.tensor([0, 1]), None, q)
+        assert n.item() == 0 and tokens[0].item() == 1
+        n, tokens = s3d.accept_sampling(torch.tensor([1, 0]), q[:2].clone(), q)
+        assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Heads: they never touch the target; files carry their identity.
+
+
+def test_heads_leave_the_target_unchanged(tmp_path):
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    tokens = torch.tensor([PROMPTS[2]])
+    with torch.no_grad():
+        model.setup_caches(1, 64)
+        plain = model(tokens, torch.arange(30))
+        with_trained_looking_heads(model).heads.save(tmp_path / "h.safetensors")
+        model.set_heads(load_heads(tmp_path / "h.safetensors", model.config))
+        after = model(tokens, torch.arange(30))
+        drafted = model(tokens[:, :1], torch.arange(4), draft=True)
+    assert torch.equal(plain, after), "the full forward must be bit-identical with heads attached"
+    assert not torch.equal(drafted[0, 0], plain[0, 0]), "the draft forward should differ"
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in before.items())
+    extra = sum(p.numel() for p in model.heads.parameters())
+    assert extra == sum(p.numel() for p in model.parameters()) - sum(v.numel() for v in before.values())
+
+
+def test_heads_roundtrip_and_identity_checks(tmp_path):
+    model = with_trained_looking_heads(tiny_model(), skip=(1, 4), gamma=3, rank=2)
+    model.config.fingerprint = "a" * 32
+    model.heads.meta["base_fingerprint"] = "a" * 32
+    model.heads.save(tmp_path / "h.safetensors")
+    loaded = load_heads(tmp_path / "h.safetensors", model.config)
+    assert (loaded.skip, loaded.gamma, loaded.rank) == ((1, 4), 3, 2)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.heads.state_dict().values()))
+    other = tiny_model(seed=3)
+    other.config.fingerprint = "b" * 32
+    with pytest.raises(CheckpointError, match="trained for tiny-0"):
+        load_heads(tmp_path / "h.safetensors", other.config)
+    wide = tiny_model(dim=32)
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_heads(tmp_path / "h.safetensors", wide.config)
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(CheckpointError, match="cannot read heads file"):
+        load_heads(tmp_path / "bad.safetensors", model.config)
+
+
+def test_untrained_heads_work_with_low_acceptance():
+    model = tiny_model()
+    model.set_heads(new_heads(model, (2, 4), 4, 8))
+    with torch.no_grad():
+        r = s3d.speculative_generate(model, PROMPTS[0], 40)
+    assert r.tokens == s3d.ar_generate(model, PROMPTS[0], 40).tokens
+    assert s3d.mean_tokens_per_iteration(r.accepted) < 2.5
+
+
+def test_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="needs draft heads"):
+        s3d.speculative_generate(model, [1, 2], 4)
+    model.set_heads(new_heads(model, (2, 4), 3, 2))
+    with pytest.raises(ValueError, match="gamma 4 exceeds"):
+        s3d.speculative_generate(model, [1, 2], 4, gamma=4)
+    with pytest.raises(ValueError, match="invalid skip range 4:2"):
+        DraftHeads(model.config, (4, 2), 3, 2)
+    with pytest.raises(ValueError, match="invalid skip range 0:6"):
+        DraftHeads(model.config, (0, 6), 3, 2)
+    with pytest.raises(ValueError, match="vocabulary"):
+        s3d.speculative_generate(model, [1, 2], 4, draft="model", draft_model=tiny_model(vocab=50))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled loop: no recompilation after warm-up, one host synchronisation per iteration.
+
+
+@pytest.mark.parametrize("draft", ["s3d", "skip"])
+def test_compiled_loop_is_lossless_and_never_recompiles(draft):
+    import torch._dynamo
+
+    model = with_trained_looking_heads(tiny_model())
+    with torch.no_grad():
+        warm = s3d.speculative_generate(model, PROMPTS[0], 20, draft=draft, skip=(2, 4), compile=True)
+        assert warm.tokens == s3d.ar_generate(model, PROMPTS[0], 20).tokens
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for prompt in PROMPTS[1:]:
+                spec = s3d.speculative_generate(model, prompt, 25, draft=draft, skip=(2, 4), compile=True)
+                assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+
+
+def test_one_host_sync_per_iteration(monkeypatch):
+    calls = {"n": 0}
+    for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _original=original, **k):
+            calls["n"] += 1
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    model = with_trained_looking_heads(tiny_model())
+    with torch.no_grad():
+        r = s3d.speculative_generate(model, PROMPTS[0], 30)
+    assert calls["n"] == len(r.accepted) + 1  # + the first token, sampled by prefill
+
+
+def test_speed_model_matches_a_hand_computation():
+    acceptance, draft_cost, verify_cost = [0.8, 0.5, 0.5, 0.2], 0.6, 1.1
+    tau = 1 + 0.8 + 0.8 * 0.5 + 0.8 * 0.5 * 0.5 + 0.8 * 0.5 * 0.5 * 0.2  # = 2.44
+    assert s3d.expected_tokens_per_iteration(acceptance) == pytest.approx(2.44)
+    assert s3d.predicted_speedup(acceptance, draft_cost, verify_cost) == pytest.approx(tau / 1.7)
+    assert s3d.acceptance_rates([0, 4, 2, 1], 4) == pytest.approx([0.75, 2 / 3, 0.5, 1.0])
+    assert s3d.mean_tokens_per_iteration([0, 4, 2, 1]) == pytest.approx(2.75)
