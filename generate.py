@@ -168,6 +168,7 @@ def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.devi
                 dtype: torch.dtype) -> Optional[Transformer]:
     """Attaches heads (S3D) or loads the draft model; fills in args.skip and args.gamma. Returns the draft model."""
     n_layer = model.config.n_layer
+    middle_third = (n_layer // 3, n_layer - n_layer // 3)  # the default skip range: symmetric middle skipping
     if args.skip is not None:
         args.skip = check_skip(args.skip, n_layer)
     if args.draft == "s3d":
@@ -178,11 +179,11 @@ def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.devi
         else:
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
-            heads = new_heads(model, args.skip or (n_layer // 3, n_layer - n_layer // 3), args.gamma or 4, args.rank)
+            heads = new_heads(model, args.skip or middle_third, args.gamma or 4, args.rank)
         model.set_heads(heads)
         args.gamma = args.gamma or heads.gamma
     elif args.draft == "skip":
-        args.skip = args.skip or (n_layer // 3, n_layer - n_layer // 3)
+        args.skip = args.skip or middle_third
     elif args.draft == "model":
         draft_model, _ = load(args.draft_checkpoint, device, dtype)
         if draft_model.config.vocab_size != model.config.vocab_size:
