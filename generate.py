@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 import s3d
-from model import CheckpointError, Transformer, check_skip, load_heads, load_model, new_heads
+from model import CheckpointError, Transformer, check_skip, load_heads, load_model, middle_third, new_heads
 from tokenizer import Tokenizer
 
 DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
@@ -31,6 +31,15 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):  # one line, not argparse's usage block
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def skip_range(text: str) -> tuple[int, int]:
+    """argparse type of --skip: 'S:E' -> (S, E); the model's layer count is checked later (check_skip)."""
+    try:
+        s, e = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S:E (two layer numbers), got {text!r}") from None
+    return s, e
 
 
 def resolve_device(name: str) -> torch.device:
@@ -103,7 +112,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num_samples", type=int, default=1, help="generate this many times (each timed)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
-    p.add_argument("--dtype", default="bfloat16", choices=list(DTYPES))
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                   help="auto: bfloat16 on GPUs, float32 on CPUs (without native bf16 a multi-token bf16 forward is "
+                        "slow on CPU, and S3D's verify forward is one; see BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
@@ -113,7 +124,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="s3d: mask-token drafting by the layer-skipped model (fresh, untrained heads without --s3d); "
                            "skip: the layer-skipped model drafts one token at a time; model: --draft_checkpoint drafts")
     spec.add_argument("--gamma", type=int, default=None, help="tokens drafted per iteration (default: the heads', or 4)")
-    spec.add_argument("--skip", metavar="S:E", default=None,
+    spec.add_argument("--skip", metavar="S:E", type=skip_range, default=None,
                       help="skip layers S..E-1 in the draft (default: the heads' range, or the middle third)")
     spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
     spec.add_argument("--draft_checkpoint", type=Path, help="the small draft model for --draft model")
@@ -127,12 +138,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--draft model needs --draft_checkpoint")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
-    if args.skip is not None:
-        try:
-            args.skip = tuple(int(v) for v in args.skip.split(":"))
-            assert len(args.skip) == 2
-        except (ValueError, AssertionError):
-            p.error(f"--skip takes S:E, two layer numbers, got {args.skip!r}")
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -168,7 +173,6 @@ def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.devi
                 dtype: torch.dtype) -> Optional[Transformer]:
     """Attaches heads (S3D) or loads the draft model; fills in args.skip and args.gamma. Returns the draft model."""
     n_layer = model.config.n_layer
-    middle_third = (n_layer // 3, n_layer - n_layer // 3)  # the default skip range: symmetric middle skipping
     if args.skip is not None:
         args.skip = check_skip(args.skip, n_layer)
     if args.draft == "s3d":
@@ -179,11 +183,11 @@ def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.devi
         else:
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
-            heads = new_heads(model, args.skip or middle_third, args.gamma or 4, args.rank)
+            heads = new_heads(model, args.skip or middle_third(n_layer), args.gamma or 4, args.rank)
         model.set_heads(heads)
         args.gamma = args.gamma or heads.gamma
     elif args.draft == "skip":
-        args.skip = args.skip or middle_third
+        args.skip = args.skip or middle_third(n_layer)
     elif args.draft == "model":
         draft_model, _ = load(args.draft_checkpoint, device, dtype)
         if draft_model.config.vocab_size != model.config.vocab_size:
@@ -223,6 +227,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     t = time.perf_counter()
+    if args.dtype == "auto":
+        args.dtype = "float32" if device.type == "cpu" else "bfloat16"
     model, tokenizer = load(args.checkpoint, device, DTYPES[args.dtype])
     print(f"loaded {model.config.name or args.checkpoint} ({args.dtype}, {device}) in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)

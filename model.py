@@ -171,22 +171,27 @@ class Transformer(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
     def forward(self, idx: Tensor, input_pos: Tensor, skip: Optional[tuple[int, int]] = None,
-                draft: bool = False) -> Tensor:
+                draft: bool = False, mask: Optional[Tensor] = None) -> Tensor:
         """Logits (batch, len(input_pos), vocab) for tokens idx at absolute positions input_pos.
 
-        skip=(s, e) runs layers [0, s) and [e, L) only: the layer-skip draft. draft=True is the S3D draft: idx is
-        (batch, 1), the current token, and the mask embeddings M1..M(g-1) fill the positions after it; the heads'
-        adapters act on the kept layers and skip defaults to the heads' range.
+        skip=(s, e) runs layers [0, s) and [e, L) only: the layer-skip draft. draft=True is the S3D draft: each
+        token of idx (batch, n) starts a draft block and the mask embeddings M1..M(g-1) fill the positions after it,
+        g = len(input_pos) // n (n = 1 when decoding: [cur, M1 .. M(g-1)]; many blocks when training). The heads'
+        adapters act on the kept layers and skip defaults to the heads' range. mask (batch or 1, 1, len(input_pos),
+        keys) replaces the causal mask: training's block mask.
         """
         x = self.tok_embeddings(idx)
         adapters = None
         if draft:
             heads = self.heads
-            masks = heads.mask_embeddings[: input_pos.shape[0] - 1]  # g <= heads.gamma: use the first g-1
-            x = torch.cat([x, masks.to(x.dtype).expand(x.shape[0], -1, -1)], dim=1)
+            bsz, n, dim = x.shape
+            masks = heads.mask_embeddings[: input_pos.shape[0] // n - 1]  # g <= heads.gamma: use the first g-1
+            blocks = torch.cat([x[:, :, None], masks.to(x.dtype).expand(bsz, n, -1, -1)], dim=2)
+            x = blocks.view(bsz, -1, dim)
             skip = heads.skip if skip is None else skip
             adapters = heads.adapters
-        mask = self.causal_mask[None, None, input_pos]
+        if mask is None:
+            mask = self.causal_mask[None, None, input_pos]
         freqs_cis = self.freqs_cis[input_pos]
         for i, layer in enumerate(self.layers):
             if skip is not None and skip[0] <= i < skip[1]:
@@ -318,6 +323,11 @@ class LowRank(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.A), self.B)
+
+
+def middle_third(n_layer: int) -> tuple[int, int]:
+    """The default skip range: the middle third of the layers (symmetric middle skipping worked best in S3D)."""
+    return n_layer // 3, n_layer - n_layer // 3
 
 
 def check_skip(skip: tuple[int, int], n_layer: int) -> tuple[int, int]:

@@ -79,13 +79,15 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, tempera
 def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
     """fn under torch.compile with a full graph. Static shapes on CUDA are also captured as CUDA graphs
     (reduce-overhead); dynamic=True is for prefill, whose length changes with every prompt."""
-    mode = "reduce-overhead" if device_type == "cuda" and not dynamic else None
     if device_type == "cpu":
-        # Freezing folds the weights into the graph and prepacks them for oneDNN: on CPU, a 5-token fp32 forward
-        # then costs about what a 1-token one does (without it, twice as much), which is what verification needs.
-        import torch._inductor.config
+        # Freezing folds the weights into the graph as constants; max-autotune then lets Inductor's own C++ GEMM
+        # (weights prepacked, one micro-kernel per shape) compete with MKL. On a 2-core AVX2 CPU in fp32 that cut a
+        # 1-token step of the 135M model from 41 to 22 ms and a 5-token one from 67 to 33 ms (BENCHMARKS.md).
+        # (Set globally: torch.compile's options= does not reach freezing.)
+        import torch._inductor.config as inductor
 
-        torch._inductor.config.freezing = True
+        inductor.freezing, inductor.max_autotune, inductor.max_autotune_gemm_backends = True, True, "CPP,ATEN"
+    mode = "reduce-overhead" if device_type == "cuda" and not dynamic else None
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
 
 

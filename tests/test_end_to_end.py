@@ -10,7 +10,7 @@ import torch
 import s3d
 from conftest import ROOT
 from generate import load
-from model import ModelArgs, Transformer, new_heads
+from model import ModelArgs, Transformer, load_heads, new_heads
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "What are the three primary colors? Explain briefly.",
@@ -69,6 +69,9 @@ def test_reference_answer_from_design_doc(ours):
 LOSSLESS_PROMPTS = int(os.environ.get("S3D_LOSSLESS_PROMPTS", "3"))
 
 
+SHIPPED_HEADS = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
+
+
 def spec_bench_prompts(tok, n):
     rows = [json.loads(line) for line in (ROOT / "data" / "spec_bench_dev.jsonl").read_text().splitlines()]
     picked = rows[:: max(1, len(rows) // n)][:n]  # spread over the categories
@@ -106,10 +109,13 @@ def lossless_setup(ours):
     return model, tok, prompts, ar
 
 
-@pytest.mark.parametrize("draft", ["s3d", "skip", "model"])
-def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, draft):
+@pytest.mark.parametrize("kind", ["s3d", "s3d-trained", "skip", "model"])
+def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, kind):
     model, tok, prompts, ar_outputs = lossless_setup
-    model.set_heads(new_heads(model, (10, 20), 4, 8) if draft == "s3d" else None)
+    heads = {"s3d": lambda: new_heads(model, (10, 20), 4, 8),
+             "s3d-trained": lambda: load_heads(SHIPPED_HEADS, model.config)}.get(kind, lambda: None)()
+    model.set_heads(heads)
+    draft = kind.removesuffix("-trained")
     draft_model = small_draft_model(model) if draft == "model" else None
     near_ties, taus = [], []
     with torch.no_grad():
@@ -120,8 +126,8 @@ def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, draft):
             if spec.tokens != ar:
                 i = next(i for i, (a, b) in enumerate(zip(spec.tokens, ar)) if a != b)
                 gap = top2_gap(model, prompt + ar, len(prompt) + i)
-                assert gap < 1e-4, f"{draft}: differs from AR at token {i} where the top-2 gap is {gap:.2e}"
+                assert gap < 1e-4, f"{kind}: differs from AR at token {i} where the top-2 gap is {gap:.2e}"
                 near_ties.append((i, gap))
     model.set_heads(None)
-    print(f"\n{draft}: {len(prompts)} prompts, tau {sum(taus) / len(taus):.2f}, near-ties {near_ties or 'none'}")
+    print(f"\n{kind}: {len(prompts)} prompts, tau {sum(taus) / len(taus):.2f}, near-ties {near_ties or 'none'}")
     assert len(near_ties) <= len(prompts) // 10, f"too many near-ties: {near_ties}"

@@ -30,8 +30,9 @@ def assert_one_line_error(proc, pattern):
 
 
 def test_generate_streams_text_and_reports_metrics(default_checkpoint):
-    proc = run("--max_new_tokens", "16", "--dtype", "float32")
+    proc = run("--max_new_tokens", "16")
     assert proc.returncode == 0, proc.stderr
+    assert "(float32, cpu)" in proc.stderr  # --dtype auto on a CPU
     assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
     for metric in ("tokens/s", "time to first token", "peak memory", "bandwidth achieved"):
         assert metric in proc.stderr

@@ -1,0 +1,149 @@
+"""train_heads.py on tiny models: the block-mask training forward equals the real draft step, training lowers the
+loss and leaves the target untouched, batched self-distillation equals one-by-one decoding, and the CLI's errors."""
+import json
+
+import pytest
+import torch
+
+import s3d
+import train_heads
+from model import load_heads, new_heads
+from test_s3d import tiny_model, with_trained_looking_heads
+
+
+def test_block_mask_gives_the_draft_logits_of_the_real_draft_step():
+    model = with_trained_looking_heads(tiny_model(), skip=(2, 4), gamma=4, rank=4)
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 96, (40,))
+    model.setup_caches(1, 64)
+    q, kv = train_heads.target_pass(model, tokens)
+    anchors = torch.tensor([5, 6, 17, 30, 38])
+    batched = train_heads.draft_pass(model, tokens, anchors, 4, kv)
+    with torch.no_grad():
+        for i, p in enumerate(anchors.tolist()):
+            model.setup_caches(1, 64)
+            s3d.prefill(model, tokens[None, :p], torch.arange(p))  # the cache as a decode at position p has it
+            alone = model(tokens[p].view(1, 1), torch.arange(p, p + 4), draft=True)[0]
+            torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
+    # and the target pass is the full model itself
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        full = model(tokens[None], torch.arange(40))[0].log_softmax(-1)
+    torch.testing.assert_close(q, full)
+
+
+def test_block_mask_shape_and_visibility():
+    mask = train_heads.block_mask(6, torch.tensor([2, 4]), 3)[0, 0]
+    assert mask.shape == (6, 12)
+    assert mask[0, :6].tolist() == [True, True, False, False, False, False]  # block at 2 sees positions 0, 1
+    assert mask[2, 6:].tolist() == [True, True, True, False, False, False]  # offset 2 sees its block's 0..2
+    assert mask[3, 6:].tolist() == [False, False, False, True, False, False]  # the next block sees only itself
+
+
+def sequences(n=6, length=30, prompt_len=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"id": f"p{i}", "sample": 0, "prompt_len": prompt_len,
+             "tokens": torch.randint(3, 96, (length,), generator=g).tolist()} for i in range(n)]
+
+
+def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path):
+    model = tiny_model()
+    target = {k: v.clone() for k, v in model.state_dict().items()}
+    # sequences the target itself wrote (greedy), as the real data are
+    model.setup_caches(1, 64)
+    seqs = []
+    for i, prompt in enumerate([[3, 4, 5], [10, 11], [50, 7, 9, 2], [20], [33, 34], [60, 61, 62]]):
+        out = s3d.ar_generate(model, prompt, 24).tokens
+        seqs.append({"id": f"p{i}", "sample": 0, "prompt_len": len(prompt), "tokens": prompt + out})
+    heads = new_heads(model, (2, 4), 3, 4)
+    args = train_heads.parse_args(["--out", str(tmp_path / "h.safetensors"), "--steps", "30", "--lr", "1e-2",
+                                   "--gamma", "3", "--batch_tokens", "96", "--eval_every", "30"])
+    args.offset_weights = [1.0, 1.0, 1.0]
+    model.set_heads(heads)
+    before_rates, before_tau = train_heads.evaluate(model, seqs, 3, 64)
+    cost = train_heads.train(model, heads, seqs, seqs, args)
+    log = [json.loads(line) for line in (tmp_path / "h.log.jsonl").read_text().splitlines()]
+    assert len(log) == 30 and cost["steps"] == 30
+    assert sum(r["loss"] for r in log[-5:]) / 5 < 0.7 * sum(r["loss"] for r in log[:5]) / 5
+    after_rates, after_tau = train_heads.evaluate(model, seqs, 3, 64)
+    assert after_tau > before_tau
+    for k, v in model.state_dict().items():
+        if not k.startswith("heads."):
+            assert torch.equal(v, target[k]), k
+    # the saved file is what generate.py --s3d loads, and it drafts losslessly
+    loaded = load_heads(tmp_path / "h.safetensors", model.config)
+    assert loaded.meta["trained_steps"] == "30"
+    model.set_heads(loaded)
+    for seq in seqs[:3]:
+        prompt = seq["tokens"][: seq["prompt_len"]]
+        assert s3d.speculative_generate(model, prompt, 24).tokens == seq["tokens"][seq["prompt_len"]:]
+
+
+def test_resume_continues_where_it_stopped(tmp_path):
+    def run(steps, resume):
+        model = tiny_model()
+        heads = new_heads(model, (2, 4), 2, 2)
+        args = train_heads.parse_args(["--out", str(tmp_path / "h.safetensors"), "--steps", str(steps),
+                                       "--gamma", "2", "--batch_tokens", "32", "--eval_every", "2"]
+                                      + (["--resume"] if resume else []))
+        args.offset_weights = [1.0, 1.0]
+        train_heads.train(model, heads, sequences(), sequences(2, seed=1), args)
+        return heads
+
+    straight = run(4, False).state_dict()
+    (tmp_path / "h.log.jsonl").unlink()
+    run(2, False)
+    resumed = run(4, True).state_dict()
+    for k in straight:
+        torch.testing.assert_close(resumed[k], straight[k])
+
+
+def test_batched_generation_equals_one_by_one_greedy():
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6, 7], [10, 11], [50, 7, 9]]
+    model.setup_caches(len(prompts) * 2, 64)
+    rows = train_heads.generate_batch(model, prompts, 2, 12, 0.8, eos_ids=set())
+    assert len(rows) == 6 and all(len(r) == 12 for r in rows)
+    for i, prompt in enumerate(prompts):  # row 0 of each prompt is greedy: the plain AR answer despite padding
+        model.setup_caches(1, 64)
+        assert rows[2 * i] == s3d.ar_generate(model, prompt, 12).tokens
+
+
+def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
+    model = tiny_model()
+
+    class Tok:
+        eos_ids = {1}
+
+        def encode(self, text, bos=True):
+            return [3 + ord(c) % 90 for c in text]
+
+        def apply_chat_template(self, messages):
+            return messages[-1]["content"]
+
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i}" * (i + 1)} for i in range(5)]
+    seqs = train_heads.generate_data(model, Tok(), prompts[:3], tmp_path, 2, 8, 0.8, 2, False)
+    assert len(seqs) == 6
+    calls = []
+    real = train_heads.generate_batch
+    monkeypatch.setattr(train_heads, "generate_batch", lambda m, p, *a, **k: calls.append(len(p)) or real(m, p, *a, **k))
+    seqs = train_heads.generate_data(model, Tok(), prompts, tmp_path, 2, 8, 0.8, 2, False)
+    assert len(seqs) == 10 and calls == [2]  # only the two new prompts were answered
+    assert sorted({s["id"] for s in seqs}) == [p["id"] for p in prompts]
+    with pytest.raises(train_heads.UsageError, match="other settings"):
+        train_heads.generate_data(model, Tok(), prompts, tmp_path, 3, 8, 0.8, 2, False)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--gamma", "0"], "--gamma must be at least 1"),
+    (["--offset_weights", "1,1"], "--offset_weights needs 4"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--resume"], "nothing to resume"),
+    (["--skip", "5"], "expected S:E"),
+])
+def test_cli_errors(tmp_path, capsys, flags, message):
+    with pytest.raises(SystemExit) as e:
+        train_heads.main(["--out", str(tmp_path / "h.safetensors"), *flags])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1

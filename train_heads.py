@@ -1,0 +1,417 @@
+"""Training the S3D heads (mask embeddings + low-rank adapters) by self-distillation from the frozen target.
+
+    python train_heads.py --out heads/smollm2-135m-instruct.safetensors    # the embedded default, skip 10:20, g 4
+
+1. Data (generate_data): the target answers data/train_prompts.jsonl through its chat template, one greedy answer
+   and --samples - 1 sampled ones per prompt, several prompts per batch. Each batch's sequences are appended to
+   --data_dir/sequences.jsonl as soon as they exist, so an interrupted run resumes where it stopped.
+2. Training (train): for each sequence the frozen full model runs once, without gradient, and leaves the KV of every
+   position in its cache and its distribution q at every position (target_pass). Then the draft blocks
+   [x_p, M1 .. M(g-1)], one per anchor p, run through the kept layers with the adapters on, in ONE forward
+   (draft_pass): block_mask lets each block see the cached prefix before p and itself causally, which is exactly
+   what draft_s3d sees when decoding. The loss at offset k of the block at p is KL(q_{p+k} || draft), weighted per
+   offset. Only the heads train; the target's weights never change.
+"""
+import argparse
+import json
+import math
+import random
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from tqdm import tqdm
+
+import s3d
+from generate import DEFAULT_CHECKPOINT, ArgumentParser, UsageError, encode_prompt, load, skip_range
+from model import CheckpointError, DraftHeads, Transformer, check_skip, middle_third, new_heads
+from tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parent
+TRAIN_PROMPTS = ROOT / "data" / "train_prompts.jsonl"
+HELDOUT_EVERY = 20  # every 20th prompt is held out: its greedy answer measures acceptance, and it is never trained on
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Self-distilled data
+
+
+def decode_batch(model: Transformer, cur: Tensor, input_pos: Tensor, key_valid: Tensor, greedy_rows: Tensor,
+                 temperature: float) -> Tensor:
+    """One decode step for a batch of left-padded rows: greedy rows take the argmax, the others sample."""
+    mask = model.causal_mask[None, None, input_pos] & key_valid  # padding slots are never attended to
+    logits = model(cur, input_pos, mask=mask)[:, -1]
+    sampled = s3d.sample_from(s3d.logits_to_probs(logits, temperature))
+    return torch.where(greedy_rows, logits.argmax(-1), sampled).view(-1, 1)
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], samples: int, max_new_tokens: int, temperature: float,
+                   eos_ids: set[int], compile: bool = False) -> list[list[int]]:
+    """Answers each prompt `samples` times (the first greedy) in one batch; returns the new tokens of every row,
+    prompt-major, each cut after its first EOS. Prompts are left-padded to a common length: RoPE makes attention
+    depend only on relative positions, so the shift changes nothing but the (masked) padding."""
+    device = model.output.weight.device
+    rows = [p for p in prompts for _ in range(samples)]
+    width = max(map(len, rows))
+    pad = torch.tensor([width - len(r) for r in rows], device=device)
+    idx = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
+    slots = torch.arange(model.max_seq_length, device=device)
+    key_valid = (slots[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    # a padding slot attends to itself only, so that its (unused) state stays finite
+    prefill_mask = model.causal_mask[None, None, :width] & (key_valid | (slots[None, None, :width, None] == slots))
+    logits = model(idx, torch.arange(width, device=device), mask=prefill_mask)[:, -1]
+    greedy_rows = torch.arange(len(rows), device=device) % samples == 0
+    sampled = s3d.sample_from(s3d.logits_to_probs(logits, temperature))
+    cur = torch.where(greedy_rows, logits.argmax(-1), sampled).view(-1, 1)
+    step = s3d.step_fn(decode_batch, model, compile)
+    out = [[] for _ in rows]
+    done = [False] * len(rows)
+    for i in range(max_new_tokens):
+        for r, t in enumerate(cur.view(-1).tolist()):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = t in eos_ids
+        if all(done) or i == max_new_tokens - 1:
+            break
+        cur = step(model, cur.clone(), torch.tensor([width + i], device=device), key_valid, greedy_rows, temperature)
+    return out
+
+
+def read_prompts(path: Path) -> list[dict]:
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, ValueError) as e:
+        raise UsageError(f"cannot read prompts from {path}: {e}") from None
+    if not rows or not all(isinstance(r, dict) and "id" in r and "prompt" in r for r in rows):
+        raise UsageError(f"{path} must hold JSON lines with 'id' and 'prompt'")
+    return rows
+
+
+def read_sequences(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict], data_dir: Path, samples: int,
+                  max_new_tokens: int, temperature: float, prompts_per_batch: int, compile: bool) -> list[dict]:
+    """Makes (or completes) the self-distilled sequences in data_dir/sequences.jsonl and returns all of them."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": model.config.name, "fingerprint": model.config.fingerprint, "samples": samples,
+            "max_new_tokens": max_new_tokens, "temperature": temperature}
+    meta_path, seq_path = data_dir / "meta.json", data_dir / "sequences.jsonl"
+    if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
+        raise UsageError(f"{data_dir} holds data made with other settings ({meta_path.read_text().strip()}); "
+                         "choose another --data_dir")
+    meta_path.write_text(json.dumps(meta) + "\n")
+    done = {s["id"] for s in read_sequences(seq_path)}
+    todo = [(r["id"], encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True))
+            for r in prompts if r["id"] not in done]
+    todo.sort(key=lambda t: len(t[1]))  # similar lengths in a batch: less padding
+    if todo:
+        longest = max(len(t[1]) for t in todo)
+        model.setup_caches(prompts_per_batch * samples, -(-(longest + max_new_tokens) // 64) * 64)
+    bar = tqdm(total=len(todo), desc="self-distillation", unit="prompt", disable=not todo)
+    made, t0 = 0, time.perf_counter()
+    with seq_path.open("a") as f:
+        for b in range(0, len(todo), prompts_per_batch):
+            batch = todo[b:b + prompts_per_batch]
+            # keep the batch shape static (no recompile): fill a short last batch with copies, dropped below
+            padded = [p for _, p in batch] + [batch[-1][1]] * (prompts_per_batch - len(batch))
+            answers = generate_batch(model, padded, samples, max_new_tokens, temperature, tokenizer.eos_ids, compile)
+            for j, (pid, prompt) in enumerate(batch):
+                for k in range(samples):
+                    answer = answers[j * samples + k]
+                    f.write(json.dumps({"id": pid, "sample": k, "prompt_len": len(prompt),
+                                        "tokens": prompt + answer}) + "\n")
+                    made += len(answer)
+            f.flush()
+            bar.update(len(batch))
+            bar.set_postfix(tokens=made, tok_s=f"{made / (time.perf_counter() - t0):.0f}")
+    bar.close()
+    if todo:
+        print(f"self-distillation: {made} answer tokens for {len(todo)} prompts in {(time.perf_counter() - t0) / 60:.1f} min")
+    return read_sequences(seq_path)
+
+
+def split_heldout(sequences: list[dict], prompts: list[dict]) -> tuple[list[dict], list[dict]]:
+    """Training sequences, and the greedy answers of every HELDOUT_EVERY-th prompt (never trained on)."""
+    heldout_ids = {r["id"] for i, r in enumerate(prompts) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1}
+    train = [s for s in sequences if s["id"] not in heldout_ids]
+    heldout = [s for s in sequences if s["id"] in heldout_ids and s["sample"] == 0]
+    return train, heldout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Training that mirrors inference
+
+
+class PrefixKV(torch.nn.Module):
+    """Stands in for a layer's KVCache during draft_pass: keys and values are the frozen target's KV of the whole
+    sequence followed by the draft blocks' own, which block_mask sorts out. Nothing is written anywhere."""
+
+    def __init__(self, k: Tensor, v: Tensor):
+        super().__init__()
+        self.k, self.v = k, v
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+
+
+def block_mask(seq_len: int, anchors: Tensor, gamma: int) -> Tensor:
+    """(1, 1, n*g, seq_len + n*g): offset k of the block at anchor p sees the sequence before p, and offsets 0..k of
+    its own block. That is what the draft at p sees when decoding: the cache up to p - 1, then [cur, M1 .. M(g-1)]."""
+    n = anchors.shape[0]
+    block = torch.arange(n, device=anchors.device).repeat_interleave(gamma)
+    offset = torch.arange(gamma, device=anchors.device).repeat(n)
+    sees_prefix = torch.arange(seq_len, device=anchors.device)[None, :] < anchors[block][:, None]
+    sees_block = (block[:, None] == block[None, :]) & (offset[:, None] >= offset[None, :])
+    return torch.cat([sees_prefix, sees_block], dim=1)[None, None]
+
+
+@torch.no_grad()
+def target_pass(model: Transformer, tokens: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """The frozen full model on one sequence (T,): log-probabilities (T, vocab) and every layer's KV (1, h, T, d)."""
+    seq_len = tokens.shape[0]
+    logits = model(tokens[None], torch.arange(seq_len, device=tokens.device))[0]
+    kv = [(layer.attention.kv_cache.k_cache[:, :, :seq_len].clone(), layer.attention.kv_cache.v_cache[:, :, :seq_len].clone())
+          for layer in model.layers]
+    return logits.float().log_softmax(-1), kv
+
+
+def draft_pass(model: Transformer, tokens: Tensor, anchors: Tensor, gamma: int,
+               kv: list[tuple[Tensor, Tensor]]) -> Tensor:
+    """Draft logits (n, g, vocab) of the blocks [x_p, M1 .. M(g-1)] for every anchor p, in one forward."""
+    seq_len = tokens.shape[0]
+    positions = (anchors[:, None] + torch.arange(gamma, device=anchors.device)).view(-1)
+    caches = [layer.attention.kv_cache for layer in model.layers]
+    try:
+        for layer, (k, v) in zip(model.layers, kv):
+            layer.attention.kv_cache = PrefixKV(k, v)
+        logits = model(tokens[anchors][None], positions, draft=True, mask=block_mask(seq_len, anchors, gamma))
+    finally:
+        for layer, cache in zip(model.layers, caches):
+            layer.attention.kv_cache = cache
+    return logits.view(anchors.shape[0], gamma, -1)
+
+
+def anchors_of(seq: dict) -> Tensor:
+    """Anchor positions p of a sequence: a draft starts at every answer token that has at least one token after it
+    (the first draft of a real decode starts at the first answer token)."""
+    return torch.arange(seq["prompt_len"], len(seq["tokens"]) - 1)
+
+
+def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor, seq_len: int,
+                 offset_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Weighted KL(q || draft) over offsets. Offset k of the block at p predicts the token after p + k, whose
+    target distribution is q at p + k; blocks running past the sequence's end count only up to it.
+    Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax (n, g)."""
+    gamma = draft_logits.shape[1]
+    at = anchors[:, None] + torch.arange(gamma, device=anchors.device)  # (n, g): the position whose q is the target
+    valid = at <= seq_len - 2  # the predicted token exists in the sequence
+    q = target_logprobs[at.clamp_max(seq_len - 1)]  # (n, g, vocab)
+    logp = draft_logits.float().log_softmax(-1)
+    kl = (q.exp() * (q - logp)).sum(-1) * valid  # (n, g)
+    per_offset = kl.sum(0) / valid.sum(0).clamp_min(1)
+    loss = (per_offset * offset_weights).sum() / offset_weights.sum()
+    match = (draft_logits.argmax(-1) == q.argmax(-1)) & valid
+    return loss, per_offset.detach(), match
+
+
+def acceptance_from_matches(matches: list[Tensor]) -> tuple[list[float], float]:
+    """Per-offset acceptance a_k (given offsets before k accepted) and the tau it implies, from greedy sequences:
+    for a greedy answer, the target's argmax at p + k is the sequence's next token, so the draft at offset k would
+    be accepted exactly when it and all before it equal the target's argmax."""
+    runs = torch.cat([m.int().cumprod(1).sum(1) for m in matches])  # accepted drafts per anchor
+    gamma = matches[0].shape[1]
+    rates = s3d.acceptance_rates(runs.tolist(), gamma)
+    return rates, s3d.expected_tokens_per_iteration(rates)
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, sequences: list[dict], gamma: int, max_anchors: int) -> tuple[list[float], float]:
+    """Held-out acceptance per offset and tau, on greedy answers the heads never trained on."""
+    matches = []
+    for seq in sequences:
+        tokens = torch.tensor(seq["tokens"])
+        anchors = anchors_of(seq)[:max_anchors]
+        if len(anchors) == 0:
+            continue
+        q, kv = target_pass(model, tokens)
+        # only blocks that end inside the sequence, so every offset can be judged
+        anchors = anchors[anchors + gamma <= len(tokens) - 1]
+        if len(anchors):
+            matches.append(distill_loss(draft_pass(model, tokens, anchors, gamma, kv), q, anchors, len(tokens),
+                                        torch.ones(gamma))[2])
+    return acceptance_from_matches(matches) if matches else ([0.0] * gamma, 1.0)
+
+
+def learning_rate(step: int, steps: int, lr: float) -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to a tenth."""
+    warmup = max(1, steps // 20)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args) -> dict:
+    """Trains heads (attached to model) on the sequences; returns what it cost. Saves heads + state every eval."""
+    model.set_heads(heads)
+    model.requires_grad_(False)  # the target stays frozen: only the heads' parameters get gradients
+    heads.requires_grad_(True)
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0)
+    state_path = args.out.with_suffix(".train.pt")
+    log_path = args.out.with_suffix(".log.jsonl")
+    step, cursor, seen_tokens, seen_drafts, elapsed = 0, 0, 0, 0, 0.0
+    rng = random.Random(args.seed)
+    order = list(range(len(train_seqs)))
+    rng.shuffle(order)
+    if args.resume:
+        state = torch.load(state_path, weights_only=False)
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        step, cursor, order = state["step"], state["cursor"], state["order"]
+        seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
+    weights = torch.tensor(args.offset_weights)
+    longest = max(len(s["tokens"]) for s in train_seqs + heldout)
+    model.setup_caches(1, longest + args.gamma)
+    bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
+    t0 = time.perf_counter() - elapsed
+    log = log_path.open("a")
+    while step < args.steps:
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args.steps, args.lr)
+        optimizer.zero_grad(set_to_none=True)
+        drafts, losses, kls = 0, [], []
+        while drafts < args.batch_tokens:  # gradient accumulation over sequences
+            seq = train_seqs[order[cursor % len(order)]]
+            cursor += 1
+            anchors = anchors_of(seq)
+            if len(anchors) == 0:
+                continue
+            if len(anchors) > args.batch_tokens // args.gamma:  # a random subset keeps one forward's memory bounded
+                anchors = anchors[torch.randperm(len(anchors), generator=torch.Generator().manual_seed(cursor))
+                                  [: args.batch_tokens // args.gamma]].sort().values
+            tokens = torch.tensor(seq["tokens"])
+            q, kv = target_pass(model, tokens)
+            loss, per_offset, _ = distill_loss(draft_pass(model, tokens, anchors, args.gamma, kv), q, anchors,
+                                               len(tokens), weights)
+            n = len(anchors) * args.gamma
+            (loss * n / args.batch_tokens).backward()
+            drafts += n
+            seen_tokens += len(tokens)
+            losses.append(loss.item())
+            kls.append(per_offset)
+        optimizer.step()
+        step += 1
+        seen_drafts += drafts
+        per_offset = torch.stack(kls).mean(0).tolist()
+        bar.update(1)
+        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", kl=" ".join(f"{k:.2f}" for k in per_offset))
+        record = {"step": step, "loss": sum(losses) / len(losses), "kl_per_offset": per_offset,
+                  "lr": optimizer.param_groups[0]["lr"]}
+        if step % args.eval_every == 0 or step == args.steps:
+            rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
+            record |= {"heldout_acceptance": rates, "heldout_tau": tau}
+            tqdm.write(f"step {step}: loss {record['loss']:.3f}, held-out acceptance per offset "
+                       f"{' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
+            elapsed = time.perf_counter() - t0
+            heads.meta |= {"trained_steps": step, "trained_tokens": seen_tokens, "heldout_tau": round(tau, 3)}
+            heads.save(args.out)
+            torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                        "cursor": cursor, "order": order, "seen_tokens": seen_tokens, "seen_drafts": seen_drafts,
+                        "elapsed": elapsed}, state_path)
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+    bar.close()
+    log.close()
+    return {"steps": step, "sequence_tokens": seen_tokens, "draft_tokens": seen_drafts,
+            "wall_s": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = ArgumentParser(description="Train S3D heads by self-distillation from the frozen target.")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="converted checkpoint folder")
+    p.add_argument("--out", type=Path, required=True, help="heads file to write (safetensors)")
+    p.add_argument("--skip", metavar="S:E", type=skip_range, default=None,
+                   help="layers S..E-1 to skip in the draft (default: the middle third)")
+    p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
+    p.add_argument("--rank", type=int, default=8, help="adapter rank (0: mask embeddings only)")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--batch_tokens", type=int, default=2048, help="draft positions per optimizer step")
+    p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default)")
+    p.add_argument("--resume", action="store_true", help="continue the run saved next to --out")
+    p.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (and saves)")
+    p.add_argument("--eval_anchors", type=int, default=128, help="anchors per held-out sequence")
+    p.add_argument("--prompts", type=Path, default=TRAIN_PROMPTS, help="training prompts (JSON lines: id, prompt)")
+    p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--data_dir", type=Path, default=None, help="where the self-distilled sequences are cached "
+                   "(default: runs/distill-<checkpoint name>)")
+    p.add_argument("--samples", type=int, default=2, help="answers per prompt: one greedy, the rest sampled")
+    p.add_argument("--data_temperature", type=float, default=0.8, help="temperature of the sampled answers")
+    p.add_argument("--data_max_new_tokens", type=int, default=128)
+    p.add_argument("--prompts_per_batch", type=int, default=4)
+    p.add_argument("--compile", action="store_true", help="compile the data generation's decode step")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    args = parse_args(argv)
+    try:
+        torch.manual_seed(args.seed)
+        for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0), ("--steps", args.steps, 1),
+                                   ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
+                                   ("--data_max_new_tokens", args.data_max_new_tokens, 2),
+                                   ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
+            if value < least:
+                raise UsageError(f"{name} must be at least {least}, got {value}")
+        if not args.lr > 0:
+            raise UsageError(f"--lr must be positive, got {args.lr}")
+        args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
+        if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
+            raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
+        if args.resume and not args.out.with_suffix(".train.pt").is_file():
+            raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load(args.checkpoint, torch.device("cpu"), torch.float32)
+        skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
+        prompts = read_prompts(args.prompts)[: args.limit]
+        data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
+        sequences = generate_data(model, tokenizer, prompts, data_dir, args.samples, args.data_max_new_tokens,
+                                  args.data_temperature, args.prompts_per_batch, args.compile)
+        train_seqs, heldout = split_heldout(sequences, prompts)
+        if not train_seqs or not heldout:
+            raise UsageError(f"need at least {HELDOUT_EVERY} prompts (every {HELDOUT_EVERY}th is held out)")
+        print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
+              f"answer tokens; {len(heldout)} held-out greedy answers")
+        heads = new_heads(model, skip, args.gamma, args.rank)
+        model.set_heads(heads)
+        model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
+        rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
+        print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
+        heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
+        cost = train(model, heads, train_seqs, heldout, args)
+    except (UsageError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
+          f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak RSS {cost['peak_rss_gib']:.2f} GiB")
+
+
+if __name__ == "__main__":
+    main()
