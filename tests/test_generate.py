@@ -128,7 +128,7 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
 @pytest.mark.parametrize("args,pattern", [
     (("--draft", "skip", "--skip", "20:10"), "invalid skip range 20:10"),
     (("--draft", "skip", "--skip", "0:30"), "invalid skip range 0:30"),
-    (("--draft", "skip", "--skip", "ten"), "--skip takes S:E"),
+    (("--draft", "skip", "--skip", "ten"), "expected S:E"),
     (("--draft", "s3d", "--gamma", "0"), "--gamma must be at least 1"),
     (("--draft", "model",), "--draft model needs --draft_checkpoint"),
     (("--s3d", "/nonexistent/heads.safetensors"), "cannot read heads file"),
