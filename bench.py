@@ -167,8 +167,8 @@ def bench_speculative(args) -> None:
 
     dtype = DTYPES[args.dtype]
     model, tok = load(args.checkpoint, torch.device("cpu"), dtype)
-    skip = args.skip or middle_third(model.config.n_layer)
-    heads = load_heads(args.heads, model.config) if args.heads else new_heads(model, skip, args.gamma, 8)
+    heads = load_heads(args.heads, model.config) if args.heads else \
+        new_heads(model, args.skip or middle_third(model.config.n_layer), args.gamma, 8)
     model.set_heads(heads)
     categories, texts = zip(*spec_bench_prompts(args.prompts, args.per_category))
     prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])) for text in texts]

@@ -81,9 +81,9 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
     (reduce-overhead); dynamic=True is for prefill, whose length changes with every prompt."""
     if device_type == "cpu":
         # Freezing folds the weights into the graph as constants; max-autotune then lets Inductor's own C++ GEMM
-        # (weights prepacked, one micro-kernel per shape) compete with MKL. On a 2-core AVX2 CPU in fp32 that cut a
-        # 1-token step of the 135M model from 41 to 22 ms and a 5-token one from 67 to 33 ms (BENCHMARKS.md).
-        # (Set globally: torch.compile's options= does not reach freezing.)
+        # (weights prepacked, one micro-kernel per shape) compete with MKL, whose fp32 GEMM for a handful of rows
+        # is slow on a 2-core AVX2 CPU: S3D's draft and verify steps are exactly such shapes (BENCHMARKS.md, section
+        # 2, has their costs). Set globally: torch.compile's options= does not reach freezing.
         import torch._inductor.config as inductor
 
         inductor.freezing, inductor.max_autotune, inductor.max_autotune_gemm_backends = True, True, "CPP,ATEN"

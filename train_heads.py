@@ -16,7 +16,6 @@ import argparse
 import json
 import math
 import random
-import resource
 import sys
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 import s3d
-from generate import DEFAULT_CHECKPOINT, ArgumentParser, UsageError, encode_prompt, load, skip_range
+from generate import DEFAULT_CHECKPOINT, ArgumentParser, UsageError, encode_prompt, load, peak_memory_bytes, skip_range
 from model import CheckpointError, DraftHeads, Transformer, check_skip, middle_third, new_heads
 from tokenizer import Tokenizer
 
@@ -40,13 +39,17 @@ HELDOUT_EVERY = 20  # every 20th prompt is held out: its greedy answer measures 
 # 1. Self-distilled data
 
 
-def decode_batch(model: Transformer, cur: Tensor, input_pos: Tensor, key_valid: Tensor, greedy_rows: Tensor,
-                 temperature: float) -> Tensor:
-    """One decode step for a batch of left-padded rows: greedy rows take the argmax, the others sample."""
-    mask = model.causal_mask[None, None, input_pos] & key_valid  # padding slots are never attended to
-    logits = model(cur, input_pos, mask=mask)[:, -1]
+def next_tokens(logits: Tensor, greedy_rows: Tensor, temperature: float) -> Tensor:
+    """(B, 1) next tokens from (B, vocab) logits: greedy rows take the argmax, the others sample."""
     sampled = s3d.sample_from(s3d.logits_to_probs(logits, temperature))
     return torch.where(greedy_rows, logits.argmax(-1), sampled).view(-1, 1)
+
+
+def decode_batch(model: Transformer, cur: Tensor, input_pos: Tensor, key_valid: Tensor, greedy_rows: Tensor,
+                 temperature: float) -> Tensor:
+    """One decode step for a batch of left-padded rows."""
+    mask = model.causal_mask[None, None, input_pos] & key_valid  # padding slots are never attended to
+    return next_tokens(model(cur, input_pos, mask=mask)[:, -1], greedy_rows, temperature)
 
 
 @torch.no_grad()
@@ -66,8 +69,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], samples: int, m
     prefill_mask = model.causal_mask[None, None, :width] & (key_valid | (slots[None, None, :width, None] == slots))
     logits = model(idx, torch.arange(width, device=device), mask=prefill_mask)[:, -1]
     greedy_rows = torch.arange(len(rows), device=device) % samples == 0
-    sampled = s3d.sample_from(s3d.logits_to_probs(logits, temperature))
-    cur = torch.where(greedy_rows, logits.argmax(-1), sampled).view(-1, 1)
+    cur = next_tokens(logits, greedy_rows, temperature)
     step = s3d.step_fn(decode_batch, model, compile)
     out = [[] for _ in rows]
     done = [False] * len(rows)
@@ -240,14 +242,12 @@ def evaluate(model: Transformer, sequences: list[dict], gamma: int, max_anchors:
     for seq in sequences:
         tokens = torch.tensor(seq["tokens"])
         anchors = anchors_of(seq)[:max_anchors]
+        anchors = anchors[anchors + gamma <= len(tokens) - 1]  # blocks that end inside the sequence: all judged
         if len(anchors) == 0:
             continue
         q, kv = target_pass(model, tokens)
-        # only blocks that end inside the sequence, so every offset can be judged
-        anchors = anchors[anchors + gamma <= len(tokens) - 1]
-        if len(anchors):
-            matches.append(distill_loss(draft_pass(model, tokens, anchors, gamma, kv), q, anchors, len(tokens),
-                                        torch.ones(gamma))[2])
+        matches.append(distill_loss(draft_pass(model, tokens, anchors, gamma, kv), q, anchors, len(tokens),
+                                    torch.ones(gamma))[2])
     return acceptance_from_matches(matches) if matches else ([0.0] * gamma, 1.0)
 
 
@@ -331,11 +331,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     bar.close()
     log.close()
     return {"steps": step, "sequence_tokens": seen_tokens, "draft_tokens": seen_drafts,
-            "wall_s": time.perf_counter() - t0, "peak_rss_gib": peak_rss_gib()}
-
-
-def peak_rss_gib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+            "wall_s": time.perf_counter() - t0, "peak_rss_gib": peak_memory_bytes(torch.device("cpu")) / 2**30}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,10 +396,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
               f"answer tokens; {len(heldout)} held-out greedy answers")
         heads = new_heads(model, skip, args.gamma, args.rank)
-        model.set_heads(heads)
-        model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
-        rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
-        print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
+        if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
+            model.set_heads(heads)
+            model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
+            rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
+            print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
         heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
         cost = train(model, heads, train_seqs, heldout, args)
     except (UsageError, CheckpointError, ValueError) as e:
