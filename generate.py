@@ -93,6 +93,53 @@ class TextStream:
         self.printed = len(text)
 
 
+class DraftView:
+    """--show_drafts: one line per speculative iteration, showing what was drafted and what verification decided,
+    then a histogram of accepted lengths. The text is the same with or without colour, which is used only on a
+    terminal:
+
+       7  2/4  [ The][ robot] x[ was] -> [ had]  ([ a][ brush])
+
+    iteration 7 accepted 2 of its 4 drafts (green); the third was rejected (red) and the target's own token
+    replaced it (yellow); the drafts after a rejection are never checked (dim). When all g are accepted, the
+    target's next token comes free as the bonus: `+ [ it]`."""
+
+    GREEN, RED, YELLOW, DIM, RESET = "\033[32m", "\033[9;31m", "\033[33m", "\033[2m", "\033[0m"
+
+    def __init__(self, tokenizer: Tokenizer, color: bool):
+        self.tokenizer, self.color, self.accepted, self.gamma = tokenizer, color, [], 0
+
+    def piece(self, token: int, style: str) -> str:
+        text = "[" + self.tokenizer.decode([token]).replace("\n", "\\n") + "]"
+        return f"{style}{text}{self.RESET}" if self.color else text
+
+    def first_token(self, token: int) -> None:
+        print(f"{0:4d}  prefill  {self.piece(token, self.YELLOW)}", flush=True)
+
+    def __call__(self, drafts: list[int], n: int, target: int) -> None:
+        self.accepted.append(n)
+        self.gamma = len(drafts)
+        line = "".join(self.piece(t, self.GREEN) for t in drafts[:n])
+        if n == len(drafts):
+            line += " + " + self.piece(target, self.YELLOW)
+        else:
+            line += f" x{self.piece(drafts[n], self.RED)} -> {self.piece(target, self.YELLOW)}"
+            if n + 1 < len(drafts):
+                line += "  (" + "".join(self.piece(t, self.DIM) for t in drafts[n + 1:]) + ")"
+        print(f"{len(self.accepted):4d}  {n}/{len(drafts)}  {line.strip()}", flush=True)
+
+    def histogram(self) -> str:
+        if not self.accepted:
+            return ""
+        counts = [self.accepted.count(k) for k in range(self.gamma + 1)]
+        scale = 40 / max(counts)
+        bar = "\u2588" if self.color else "#"
+        lines = [f"accepted drafts per iteration ({len(self.accepted)} iterations, "
+                 f"tau {s3d.mean_tokens_per_iteration(self.accepted):.2f}):"]
+        lines += [f"{k:4d} | {bar * round(c * scale):<40} {c}" for k, c in enumerate(counts)]
+        return "\n".join(lines)
+
+
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> list[int]:
     if chat:
         return tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False)
@@ -129,6 +176,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
     spec.add_argument("--draft_checkpoint", type=Path, help="the small draft model for --draft model")
     spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
+    spec.add_argument("--show_drafts", action="store_true",
+                      help="show every iteration: accepted drafts (green), the first rejected one (red) and the "
+                           "target's replacement or bonus token (yellow), then a histogram of accepted lengths")
     args = p.parse_args(argv)
     if args.s3d is not None and args.draft not in (None, "s3d"):
         p.error(f"--s3d goes with --draft s3d, not --draft {args.draft}")
@@ -136,6 +186,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.draft = "s3d"
     if args.draft == "model" and args.draft_checkpoint is None:
         p.error("--draft model needs --draft_checkpoint")
+    if args.show_drafts and args.draft is None:
+        p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:
@@ -159,19 +211,25 @@ def check_length(model: Transformer, prompt: list[int], args: argparse.Namespace
 
 
 def run_once(model: Transformer, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
-             stream: bool = True, draft_model: Optional[Transformer] = None, ar: bool = False) -> s3d.Result:
+             stream: bool = True, draft_model: Optional[Transformer] = None, ar: bool = False,
+             view: Optional[DraftView] = None) -> s3d.Result:
+    """One generation; its text streams to stdout (with view, the iterations are shown instead)."""
     check_length(model, prompt, args)
+    text = TextStream(tokenizer, stream and view is None)
+    on_token = text if view is None else lambda t: (text(t), len(text.tokens) == 1 and view.first_token(t))
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_ids=tokenizer.eos_ids,
-                  compile=args.compile, compile_prefill=args.compile_prefill, on_token=TextStream(tokenizer, stream))
+                  compile=args.compile, compile_prefill=args.compile_prefill, on_token=on_token)
     if args.draft is None or ar:
         return s3d.ar_generate(model, prompt, args.max_new_tokens, **common)
     return s3d.speculative_generate(model, prompt, args.max_new_tokens, draft=args.draft, gamma=args.gamma,
-                                    skip=args.skip, draft_model=draft_model, **common)
+                                    skip=args.skip, draft_model=draft_model, on_iteration=view, **common)
 
 
 def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.device,
                 dtype: torch.dtype) -> Optional[Transformer]:
     """Attaches heads (S3D) or loads the draft model; fills in args.skip and args.gamma. Returns the draft model."""
+    if args.draft is None:
+        return None
     n_layer = model.config.n_layer
     if args.skip is not None:
         args.skip = check_skip(args.skip, n_layer)
@@ -186,7 +244,9 @@ def setup_draft(model: Transformer, args: argparse.Namespace, device: torch.devi
             heads = new_heads(model, args.skip or middle_third(n_layer), args.gamma or 4, args.rank)
         model.set_heads(heads)
         args.gamma = args.gamma or heads.gamma
-    elif args.draft == "skip":
+        return None
+    args.gamma = args.gamma or 4
+    if args.draft == "skip":
         args.skip = args.skip or middle_third(n_layer)
     elif args.draft == "model":
         draft_model, _ = load(args.draft_checkpoint, device, dtype)
@@ -257,7 +317,10 @@ def main(argv: Optional[list[str]] = None) -> None:
             messages = (messages if chat and messages[-1]["role"] == "assistant" else []) + [{"role": "user", "content": text}]
         prompt = encode_prompt(tokenizer, messages, chat)
         for _ in range(args.num_samples):
-            result = run_once(model, tokenizer, prompt, args, draft_model=draft_model)
+            view = DraftView(tokenizer, color=sys.stdout.isatty()) if args.show_drafts else None
+            result = run_once(model, tokenizer, prompt, args, draft_model=draft_model, view=view)
+            if view is not None:
+                print(f"\n{tokenizer.decode(result.tokens, skip_special=True)}\n\n{view.histogram()}")
             ar = None
             if args.compare_ar and args.draft is not None:
                 torch.manual_seed(args.seed)

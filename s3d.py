@@ -218,9 +218,12 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
                          draft_model: Optional[Transformer] = None, temperature: float = 0.0,
                          top_k: Optional[int] = None, top_p: Optional[float] = None,
                          eos_ids: set[int] = frozenset(), compile: bool = False, compile_prefill: bool = False,
-                         on_token: Optional[Callable[[int], None]] = None) -> Result:
+                         on_token: Optional[Callable[[int], None]] = None,
+                         on_iteration: Optional[Callable[[list[int], int, int], None]] = None) -> Result:
     """Speculative decoding with one of DRAFT_KINDS; the output is exactly the target's (greedy: token for token;
-    sampling: in distribution). draft="s3d" needs model.heads (gamma defaults to, and may not exceed, theirs)."""
+    sampling: in distribution). draft="s3d" needs model.heads (gamma defaults to, and may not exceed, theirs).
+    on_iteration(drafts, n, target_token) sees every iteration: the g drafts, how many were accepted, and the
+    target's own token after them (the replacement of draft n+1, or the bonus when all g were accepted)."""
     if draft not in DRAFT_KINDS:
         raise ValueError(f"unknown draft kind {draft!r} (choose from {', '.join(DRAFT_KINDS)})")
     if draft == "s3d":
@@ -262,9 +265,11 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             drafter = model if draft == "skip" else draft_model
             drafts, probs = draft_one_by_one(step, drafter, cur, pos, gamma, sampling, skip if draft == "skip" else None)
         n, tokens = verify(model, cur, drafts.clone(), probs, torch.arange(pos, pos + gamma + 1, device=device), **sampling)
-        host = torch.cat([n.view(1), tokens]).tolist()  # the iteration's one host synchronisation
+        host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
         n = host[0]
         accepted.append(n)
+        if on_iteration is not None:
+            on_iteration(host[gamma + 2:], n, host[n + 1])
         done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
         if draft == "model" and n == gamma and not done:  # the draft model never ran on d_g: give it that KV
             step(draft_model, drafts[-1:].view(1, 1).clone(), torch.tensor([pos + gamma], device=device), **sampling)

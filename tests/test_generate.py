@@ -1,7 +1,10 @@
 """generate.py as a user runs it: streaming text and metrics, compiled decoding equal to eager, and a one-line
 error with exit code 2 for each kind of bad input."""
+import contextlib
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +136,63 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "model",), "--draft model needs --draft_checkpoint"),
     (("--s3d", "/nonexistent/heads.safetensors"), "cannot read heads file"),
     (("--s3d", "x.safetensors", "--draft", "skip"), "--s3d goes with --draft s3d"),
+    (("--show_drafts",), "--show_drafts shows speculative iterations"),
 ])
 def test_bad_speculative_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(run(*args), pattern)
+
+
+HEADS = os.path.join(ROOT, "heads", "smollm2-135m-instruct.safetensors")
+ITERATION = re.compile(r"^ *(\d+)  (\d+)/(\d+)  ")
+
+
+def show_drafts_lines(stdout: str) -> list[tuple[int, int]]:
+    """(n, g) of every iteration line that --show_drafts printed, in order."""
+    found = [ITERATION.match(line) for line in stdout.splitlines()]
+    return [(int(m[2]), int(m[3])) for m in found if m]
+
+
+@pytest.mark.parametrize("draft_args,kind", [(("--s3d", HEADS), "s3d"), (("--draft", "skip", "--skip", "8:22"), "skip")])
+def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
+    """--show_drafts prints one line per iteration whose accepted length is the loop's, then the text and a
+    histogram of the same lengths; piped, it has no escape codes."""
+    from model import load_heads
+    from tokenizer import Tokenizer
+
+    prompt_text = "Name three prime numbers."
+    proc = run("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text, "--show_drafts", *draft_args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "\033" not in proc.stdout
+
+    model, tokenizer = load_model(default_checkpoint, "cpu", torch.float32), Tokenizer(default_checkpoint)
+    prompt = tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": prompt_text}]), bos=False)
+    if kind == "s3d":
+        model.set_heads(load_heads(HEADS, model.config))
+    with torch.no_grad():
+        result = s3d.speculative_generate(model, prompt, 24, draft=kind, gamma=4, skip=(8, 22) if kind == "skip" else None,
+                                          eos_ids=tokenizer.eos_ids)
+    assert show_drafts_lines(proc.stdout) == [(n, 4) for n in result.accepted]
+    assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout
+    for k in range(5):
+        assert re.search(rf"^ +{k} \| #* +{result.accepted.count(k)}$", proc.stdout, re.M), proc.stdout
+
+
+def test_show_drafts_colours_only_change_the_colour(default_checkpoint):
+    """On a terminal the same text is printed, with accepted drafts green and the rejected one red."""
+    from generate import DraftView
+    from tokenizer import Tokenizer
+
+    tokenizer = Tokenizer(default_checkpoint)
+    drafts, outputs = tokenizer.encode(" the robot was a", bos=False), {}
+    for color in (False, True):
+        view = DraftView(tokenizer, color)
+        with contextlib.redirect_stdout(io.StringIO()) as out:
+            view(drafts, 2, drafts[0])
+            view(drafts, len(drafts), drafts[1])
+        outputs[color] = out.getvalue()
+    assert "\033" not in outputs[False]
+    assert f"{DraftView.GREEN}[ the]{DraftView.RESET}" in outputs[True]
+    assert f"{DraftView.RED}[ was]{DraftView.RESET}" in outputs[True]
+    assert re.sub(r"\033\[[0-9;]*m", "", outputs[True]) == outputs[False]
+    assert outputs[False].splitlines()[0] == "   1  2/4  [ the][ robot] x[ was] -> [ the]  ([ a])"
+    assert outputs[False].splitlines()[1] == "   2  4/4  [ the][ robot][ was][ a] + [ robot]"
