@@ -1,10 +1,13 @@
 """Benchmarks, written up in BENCHMARKS.md.
 
-    python bench.py --decode        # decode tokens/s: ours eager and compiled, and transformers' generate(), per dtype
-    python bench.py --speculative   # AR vs layer-skip vs S3D drafts: tau, acceptance per position, tokens/s
+    python bench.py --decode            # decode tokens/s: ours eager and compiled, and transformers' generate()
+    python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
+    python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
+    python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
 
-Every run prints the machine, torch version and date with its table, medians of --repeats runs measured in one
-process with the same thread count.
+The evaluation answers Spec-Bench prompts (multi-turn rows turn by turn) with every method in one process, after a
+warm-up, and checks every greedy speculative answer against AR token for token. Every run prints the machine,
+torch version and date with its table.
 """
 import argparse
 import datetime
@@ -14,13 +17,14 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 from tqdm import tqdm
 
 import s3d
-from generate import DEFAULT_CHECKPOINT, DTYPES, load, skip_range
-from model import middle_third
+from generate import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, load, peak_memory_bytes, skip_range
+from model import CheckpointError, middle_third
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -97,20 +101,20 @@ def bench_decode(args) -> None:
     rows = []
     for dtype_name in args.dtypes:
         dtype = DTYPES[dtype_name]
-        model, tok = load(args.checkpoint, torch.device("cpu"), dtype)
+        model, tok = load(args.checkpoint, torch.device(args.device), dtype)
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
         hf = to_transformers(model)
         with torch.no_grad():
-            for name, rate in [("ours, eager", lambda: ours_decode_rate(model, prompt, args.tokens, False)),
-                               ("ours, --compile", lambda: ours_decode_rate(model, prompt, args.tokens, True)),
-                               ("transformers generate()", lambda: hf_decode_rate(hf, prompt, args.tokens))]:
+            for name, rate in [("ours, eager", lambda: ours_decode_rate(model, prompt, args.max_new_tokens, False)),
+                               ("ours, --compile", lambda: ours_decode_rate(model, prompt, args.max_new_tokens, True)),
+                               ("transformers generate()", lambda: hf_decode_rate(hf, prompt, args.max_new_tokens))]:
                 rate()  # warm-up (and compilation) outside the timed runs
                 runs = [rate() for _ in range(args.repeats)]
                 rows.append((dtype_name, name, statistics.median(runs), runs))
                 print(f"{dtype_name:9} {name:24} median {statistics.median(runs):6.1f} tokens/s "
                       f"({', '.join(f'{r:.1f}' for r in runs)})", file=sys.stderr)
         del model, hf
-    print(f"\nDecode speed, {args.tokens} greedy tokens after a chat prompt of {len(prompt)} tokens, "
+    print(f"\nDecode speed, {args.max_new_tokens} greedy tokens after a chat prompt of {len(prompt)} tokens, "
           f"median of {args.repeats} runs. {machine_line()}.\n")
     print("| dtype | engine | tokens/s | vs transformers |\n|---|---|---|---|")
     for dtype_name, name, median, _ in rows:
@@ -118,130 +122,449 @@ def bench_decode(args) -> None:
         print(f"| {dtype_name} | {name} | {median:.1f} | {median / hf_median:.2f}x |")
 
 
-def spec_bench_prompts(path: Path, per_category: int) -> list[tuple[str, str]]:
-    """(category, first turn) for the first per_category rows of each category of a Spec-Bench JSONL file."""
+# ---------------------------------------------------------------------------------------------------------------
+# Spec-Bench-style evaluation: every method answers the same prompts, turn by turn, in one process.
+
+SPECULATIVE = ("s3d", "skip", "model")
+METHODS = ("ar", *SPECULATIVE, "hf")
+
+
+def read_spec_bench(path: Path, limit: Optional[int]) -> list[dict]:
+    """Rows {question_id, category, turns} of a Spec-Bench JSONL file, the first `limit` of each category."""
     rows, seen = [], {}
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        if seen.get(row["category"], 0) < per_category:
-            seen[row["category"]] = seen.get(row["category"], 0) + 1
-            rows.append((row["category"], row["turns"][0]))
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            turns, category = row["turns"], row["category"]
+            assert isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)
+        except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
+            raise UsageError(f"{path}:{number}: not a Spec-Bench row (question_id, category, turns: [str, ...])") from None
+        if limit is None or seen.get(category, 0) < limit:
+            seen[category] = seen.get(category, 0) + 1
+            rows.append({"question_id": row.get("question_id", number), "category": category, "turns": turns})
+    if not rows:
+        raise UsageError(f"{path} has no prompts")
     return rows
 
 
-def speculative_row(label: str, results: list, ar_results: list, gamma: int) -> str:
-    """One markdown row: tau, acceptance per position, tokens/s, speedup over AR on the same prompts, output == AR."""
-    rate = sum(len(r.tokens) - 1 for r in results) / sum(r.decode_time for r in results)
-    ar_rate = sum(len(r.tokens) - 1 for r in ar_results) / sum(r.decode_time for r in ar_results)
-    accepted = [n for r in results for n in r.accepted]
-    tau = f"{s3d.mean_tokens_per_iteration(accepted):.2f}" if accepted else "1"
-    rates = " ".join(f"{a:.2f}" for a in s3d.acceptance_rates(accepted, gamma)) if accepted else "-"
-    same = all(r.tokens == a.tokens for r, a in zip(results, ar_results))
-    return f"| {label} | {tau} | {rates} | {rate:.1f} | {rate / ar_rate:.2f}x | {'yes' if same else 'NO'} |"
+def hf_generate(hf, prompt: list[int], max_new_tokens: int, eos_ids: set[int], temperature: float,
+                top_k: Optional[int], top_p: Optional[float]) -> s3d.Result:
+    """transformers generate() on the same weights, timed like ours: a streamer marks the first new token."""
+    from transformers.generation.streamers import BaseStreamer
+
+    class FirstToken(BaseStreamer):
+        def __init__(self):
+            self.calls, self.first = 0, None
+
+        def put(self, value):  # called once with the prompt, then once per new token
+            self.calls += 1
+            if self.calls == 2:
+                self.first = time.perf_counter()
+
+        def end(self):
+            pass
+
+    streamer = FirstToken()
+    t0 = time.perf_counter()
+    sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or 0, top_p=top_p or 1.0) \
+        if temperature > 0 else dict(do_sample=False)
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, eos_token_id=sorted(eos_ids),
+                      pad_token_id=sorted(eos_ids)[0], streamer=streamer, **sampling)[0, len(prompt):].tolist()
+    t1 = time.perf_counter()
+    first = streamer.first or t1
+    return s3d.Result(out, time_to_first_token=first - t0, decode_time=t1 - first)
 
 
-def step_costs(model, gamma: int, compile: bool, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one AR step, one S3D draft step (g tokens, kept layers) and one verify step (g + 1
-    tokens, all layers), called as the decoding loops call them (so compiled, they are the same compiled code)."""
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak: CUDA's allocator statistics, or the kernel's peak-RSS mark (Linux; elsewhere the
+    process-wide peak stays)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def current_peak_bytes(device: torch.device) -> int:
+    if device.type == "cpu":
+        try:  # VmHWM honours reset_peak_memory, unlike getrusage
+            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+            return int(line.split()[1]) * 1024
+        except (OSError, StopIteration):
+            pass
+    return peak_memory_bytes(device)
+
+
+def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
+    """Figures of one method over some prompts, against AR on the same prompts."""
+    tokens = sum(r["new_tokens"] - 1 for r in records)
+    decode = sum(r["decode_s"] for r in records)
+    ar_rate = sum(r["new_tokens"] - 1 for r in ar_records) / max(1e-9, sum(r["decode_s"] for r in ar_records))
+    accepted = [n for r in records for n in r["accepted"]]
+    rate = tokens / decode if decode > 0 else float("nan")
+    return {"answers": len(records), "new_tokens": sum(r["new_tokens"] for r in records), "tokens_per_s": rate,
+            "speedup": rate / ar_rate, "tau": s3d.mean_tokens_per_iteration(accepted) if accepted else 1.0,
+            "acceptance": s3d.acceptance_rates(accepted, gamma) if accepted else [],
+            "matches_ar": sum(r["matches_ar"] for r in records)}
+
+
+def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Optional[list[dict]] = None) -> dict:
+    """Runs every method over every row, turn by turn; returns per-prompt records and summaries (JSON-ready).
+    Answers are compared with AR's, from this run or, when AR is not among the methods, from reference records."""
+    device, hf = model.output.weight.device, None
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+    def run(method: str, prompt: list[int]) -> s3d.Result:
+        if method == "ar":
+            return s3d.ar_generate(model, prompt, args.max_new_tokens, eos_ids=tok.eos_ids, compile=args.compile,
+                                   **sampling)
+        if method == "hf":
+            return hf_generate(hf, prompt, args.max_new_tokens, tok.eos_ids, **sampling)
+        return s3d.speculative_generate(model, prompt, args.max_new_tokens, draft=method, gamma=args.gamma,
+                                        skip=args.skip, draft_model=draft_model, eos_ids=tok.eos_ids,
+                                        compile=args.compile, **sampling)
+
+    # size the cache for the longest conversation now: growing it later would recompile inside the timed runs
+    longest = max(len(tok.encode(tok.apply_chat_template([{"role": "user", "content": t} for t in r["turns"]])))
+                  + len(r["turns"]) * (args.max_new_tokens + 16) for r in rows)  # + each answer and its markup
+    for m in (model, draft_model):
+        if m is not None:
+            s3d.prepare_cache(m, min(m.config.block_size, longest + args.gamma + 1))
+    reference = reference or []
+    records, peaks = [], {}
+    ar_answers = {(r["question_id"], r["turn"]): r["tokens"] for r in reference}
+    with torch.no_grad():
+        for method in args.methods:
+            if method == "hf":  # built only now, so that the other methods' peak memory does not include it
+                try:
+                    hf = to_transformers(model)
+                except ImportError:
+                    raise UsageError("--methods hf needs transformers (pip install -r requirements-dev.txt)") from None
+            first = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
+            run(method, first)  # warm-up and compilation, outside the timed runs
+            reset_peak_memory(device)
+            for row in tqdm(rows, desc=method, unit="prompt"):
+                messages = []
+                for turn, text in enumerate(row["turns"]):
+                    messages.append({"role": "user", "content": text})
+                    prompt = tok.encode(tok.apply_chat_template(messages))
+                    torch.manual_seed(args.seed)
+                    result = run(method, prompt)
+                    key = (row["question_id"], turn)
+                    if method == "ar":
+                        ar_answers[key] = result.tokens
+                    records.append({"question_id": row["question_id"], "category": row["category"], "turn": turn,
+                                    "method": method, "prompt_tokens": len(prompt), "new_tokens": len(result.tokens),
+                                    "decode_s": result.decode_time, "time_to_first_token_s": result.time_to_first_token,
+                                    "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
+                                    if result.decode_time > 0 else None,
+                                    "iterations": len(result.accepted), "accepted": result.accepted,
+                                    "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
+                                    "matches_ar": result.tokens == ar_answers[key], "tokens": result.tokens})
+                    messages.append({"role": "assistant", "content": tok.decode(result.tokens, skip_special=True)})
+            peaks[method] = current_peak_bytes(device)
+    summary = {}
+    for method in args.methods:
+        mine = [r for r in records if r["method"] == method]
+        ar = [r for r in records + reference if r["method"] == "ar"]
+        figures = summarize(mine, ar, args.gamma)
+        figures["peak_memory_gib"] = peaks[method] / 2**30
+        figures["tokens_per_s_per_gib"] = figures["tokens_per_s"] / figures["peak_memory_gib"]
+        figures["categories"] = {c: summarize([r for r in mine if r["category"] == c],
+                                              [r for r in ar if r["category"] == c], args.gamma)
+                                 for c in dict.fromkeys(r["category"] for r in mine)}
+        summary[method] = figures
+    mismatches = [{k: r[k] for k in ("method", "question_id", "category", "turn")} |
+                  {"first_difference": next((i for i, (a, b) in enumerate(zip(r["tokens"], ar_answers[(r["question_id"], r["turn"])]))
+                                             if a != b), min(len(r["tokens"]), len(ar_answers[(r["question_id"], r["turn"])])))}
+                  for r in records if r["method"] in SPECULATIVE and not r["matches_ar"]]
+    return {"records": records, "summary": summary, "mismatches": mismatches if args.temperature == 0 else []}
+
+
+def method_label(method: str, args) -> str:
+    if method == "s3d":
+        return f"s3d {args.heads.name if args.heads else 'untrained'} {args.skip[0]}:{args.skip[1]}"
+    if method == "skip":
+        return f"skip {args.skip[0]}:{args.skip[1]}"
+    if method == "model":
+        return f"model {args.draft_checkpoint.name}"
+    return {"ar": "ar (ours, compiled)" if args.compile else "ar (ours, eager)", "hf": "transformers generate()"}[method]
+
+
+def table_row(label: str, f: dict) -> str:
+    rates = " ".join(f"{a:.2f}" for a in f["acceptance"]) or "-"
+    return (f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | "
+            f"{f['matches_ar']}/{f['answers']} |")
+
+
+def print_evaluation(result: dict, args, n_rows: int) -> None:
+    turns = sum(1 for r in result["records"] if r["method"] == "ar")
+    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, at most {args.limit} per category) from {args.prompts}, "
+          f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, {args.dtype}, "
+          f"{'compiled' if args.compile else 'eager'}. {machine_line()}.\n")
+    print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
+    print("|---|---|---|---|---|---|---|---|")
+    for method, f in result["summary"].items():
+        print(f"{table_row(method_label(method, args), f)} {f['peak_memory_gib']:.2f} GiB | "
+              f"{f['tokens_per_s_per_gib']:.1f} |")
+    for method, f in result["summary"].items():
+        if method == "ar" or len(f["categories"]) < 2:
+            continue
+        print(f"\nPer category, {method_label(method, args)} against AR on the same prompts:\n")
+        print("| category | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
+        for category, c in f["categories"].items():
+            print(table_row(category, c))
+    for m in result["mismatches"]:
+        print(f"MISMATCH: {m['method']} differs from AR on question {m['question_id']} turn {m['turn']} "
+              f"({m['category']}) from new token {m['first_difference']}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The speed model (design.md section 4): step costs, acceptance, predicted against measured speedup.
+
+
+def step_costs(model, gamma: int, compile: bool, skip: Optional[tuple[int, int]] = None,
+               draft: str = "s3d", repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one AR step, one draft (S3D: one forward of g tokens through the kept layers; skip: g
+    one-token forwards of the skipped model) and one verify step (g + 1 tokens, all layers), called as the decoding
+    loops call them (so compiled, they are the same compiled code)."""
     device = model.output.weight.device
     cur, pos = torch.tensor([[1]], device=device), 64
     drafts = torch.ones(gamma, dtype=torch.long, device=device)
-    calls = {"ar": lambda: s3d.step_fn(s3d.decode_one_token, model, compile)(model, cur.clone(), torch.tensor([pos], device=device)),
-             "draft": lambda: s3d.step_fn(s3d.draft_s3d, model, compile)(model, cur, torch.arange(pos, pos + gamma, device=device)),
+    one_token = s3d.step_fn(s3d.decode_one_token, model, compile)
+    calls = {"ar": lambda: one_token(model, cur.clone(), torch.tensor([pos], device=device)),
+             "draft": lambda: s3d.step_fn(s3d.draft_s3d, model, compile)(model, cur, torch.arange(pos, pos + gamma, device=device))
+             if draft == "s3d" else s3d.draft_one_by_one(one_token, model, cur, pos, gamma, {}, skip),
              "verify": lambda: s3d.step_fn(s3d.verify_step, model, compile)(model, cur, drafts.clone(), None,
                                                                           torch.arange(pos, pos + gamma + 1, device=device))}
     costs = {}
-    for name, call in calls.items():
-        call()
-        times = []
-        for _ in range(repeats):
-            t = time.perf_counter()
+    with torch.no_grad():
+        for name, call in calls.items():
             call()
-            times.append(time.perf_counter() - t)
-        costs[name] = 1000 * statistics.median(times)
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                call()
+                times.append(time.perf_counter() - t)
+            costs[name] = 1000 * statistics.median(times)
     return costs
+
+
+def symmetric_skips(n_layer: int) -> list[tuple[int, int]]:
+    """Middle ranges skipping 2, 4, ... layers up to half the model, centred (the paper's best shape)."""
+    return [((n_layer - k) // 2, (n_layer - k) // 2 + k) for k in range(2, n_layer // 2 + 1, 2)]
+
+
+def profile(args, model, tok, rows: list[dict]) -> list[dict]:
+    """For every (skip range, g) of the grid: cd and cv in AR steps, the acceptance per position and measured speedup
+    on the prompts, and the speed model's prediction."""
+    from model import load_heads, new_heads
+
+    skips = args.skips or symmetric_skips(model.config.n_layer)
+    if args.draft == "skip":
+        configs = [(None, skip) for skip in skips]
+    elif args.heads_files:
+        configs = [(load_heads(h, model.config), h) for h in args.heads_files]
+    else:  # fresh heads: for trying the machinery; their acceptance is that of untrained heads
+        configs = [(new_heads(model, skip, max(args.gammas), 8), None) for skip in skips]
+    base = argparse.Namespace(**{**vars(args), "methods": ["ar"]})
+    ar = evaluate(base, model, tok, rows)
+    points = []
+    for heads, source in configs:
+        skip = heads.skip if heads is not None else source
+        model.set_heads(heads)
+        for g in args.gammas:
+            if heads is not None and g > heads.gamma:
+                continue
+            run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft], "gamma": g, "skip": skip})
+            measured = evaluate(run_args, model, tok, rows, reference=ar["records"])
+            costs = step_costs(model, g, args.compile, skip, args.draft)
+            figures = summarize(measured["records"], ar["records"], g)
+            cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
+            points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
+                           "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g, "cd": cd, "cv": cv,
+                           "step_ms": costs,
+                           "acceptance": figures["acceptance"], "tau": figures["tau"],
+                           "predicted_speedup": s3d.predicted_speedup(figures["acceptance"], cd, cv),
+                           "measured_speedup": figures["speedup"],
+                           "matches_ar": figures["matches_ar"], "answers": figures["answers"]})
+            tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={g}: cd {cd:.2f}, cv {cv:.2f}, tau {figures['tau']:.2f}, "
+                       f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
+    model.set_heads(None)
+    return points
+
+
+def print_profile(points: list[dict], args, n_rows: int) -> None:
+    print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts (at most {args.limit} per category), "
+          f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
+          f"{machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
+          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
+    print("| skip | layers skipped | g | cd | cv | acceptance per position | tau | predicted | measured | output == AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for p in points:
+        print(f"| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {p['cd']:.2f} | {p['cv']:.2f} | "
+              f"{' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} | {p['predicted_speedup']:.2f}x | "
+              f"{p['measured_speedup']:.2f}x | {p['matches_ar']}/{p['answers']} |")
+
+
+def plot(points: list[dict], path: Path, title: str) -> None:
+    """Predicted (dashed) and measured (solid) speedup against the number of skipped layers, one colour per g."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, g in enumerate(sorted({p["gamma"] for p in points})):
+        mine = sorted((p for p in points if p["gamma"] == g), key=lambda p: p["skipped_layers"])
+        x = [p["skipped_layers"] for p in mine]
+        ax.plot(x, [p["measured_speedup"] for p in mine], "o-", color=f"C{i}", label=f"g = {g}, measured")
+        ax.plot(x, [p["predicted_speedup"] for p in mine], "x--", color=f"C{i}", label=f"g = {g}, predicted")
+    ax.axhline(1.0, color="grey", linewidth=0.8)
+    ax.set_xlabel("layers skipped by the draft")
+    ax.set_ylabel("speedup over AR")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def bench_speculative(args) -> None:
     from model import load_heads, new_heads
 
-    dtype = DTYPES[args.dtype]
-    model, tok = load(args.checkpoint, torch.device("cpu"), dtype)
-    heads = load_heads(args.heads, model.config) if args.heads else \
-        new_heads(model, args.skip or middle_third(model.config.n_layer), args.gamma, 8)
-    model.set_heads(heads)
-    categories, texts = zip(*spec_bench_prompts(args.prompts, args.per_category))
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": text}])) for text in texts]
-    skip = args.skip or heads.skip
-    methods = {"ar": lambda p: s3d.ar_generate(model, p, args.tokens, eos_ids=tok.eos_ids, compile=args.compile),
-               f"skip {skip[0]}:{skip[1]}": lambda p: s3d.speculative_generate(
-                   model, p, args.tokens, draft="skip", gamma=args.gamma, skip=skip, eos_ids=tok.eos_ids,
-                   compile=args.compile),
-               f"s3d {args.heads.name if args.heads else 'untrained'} {heads.skip[0]}:{heads.skip[1]}":
-                   lambda p: s3d.speculative_generate(model, p, args.tokens, draft="s3d", gamma=args.gamma,
-                                                      eos_ids=tok.eos_ids, compile=args.compile)}
-    methods = {name: run for name, run in methods.items() if name.split()[0] in args.methods}
-    # size the cache for the longest prompt now: growing it later would recompile inside the timed runs
-    s3d.prepare_cache(model, max(map(len, prompts)) + args.tokens + args.gamma + 1)
-    results = {}
-    with torch.no_grad():
-        for name, run in methods.items():
-            run(prompts[0])  # warm-up and compilation
-            results[name] = [run(p) for p in tqdm(prompts, desc=name, unit="prompt")]
-    ar = results["ar"]
-    print(f"\nSpeculative decoding, {len(prompts)} Spec-Bench prompts ({args.per_category} per category), "
-          f"{args.tokens} greedy tokens, g={args.gamma}, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
-          f"{machine_line()}.\n")
-    print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
-    for name, rs in results.items():
-        print(speculative_row(name, rs, ar, args.gamma))
-    s3d_name = next((n for n in results if n.startswith("s3d")), None)
-    if s3d_name is not None:
-        with torch.no_grad():
-            costs = step_costs(model, args.gamma, args.compile)
-        accepted = [n for r in results[s3d_name] for n in r.accepted]
-        cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
-        predicted = s3d.predicted_speedup(s3d.acceptance_rates(accepted, args.gamma), cd, cv)
-        print(f"\nStep costs (median of 20): AR step {costs['ar']:.1f} ms, S3D draft {costs['draft']:.1f} ms "
-              f"(cd = {cd:.2f}), verify {costs['verify']:.1f} ms (cv = {cv:.2f}). Speed model: "
-              f"E[tau] / (cd + cv) = {predicted:.2f}x predicted from the measured acceptance.")
-    for name, rs in results.items():
-        if name == "ar" or args.per_category < 2:
-            continue
-        print(f"\nPer category, {name} against AR on the same prompts:\n")
-        print("| category | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
-        for category in dict.fromkeys(categories):
-            keep = [i for i, c in enumerate(categories) if c == category]
-            print(speculative_row(category, [rs[i] for i in keep], [ar[i] for i in keep], args.gamma))
+    model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
+    rows = read_spec_bench(args.prompts, args.limit)
+    if args.profile or args.sweep:
+        if args.sweep and not args.skips and args.draft == "s3d" and not args.heads_files:
+            raise UsageError("--sweep --draft s3d needs heads files (--heads A B ..., one per skip range): fresh "
+                             "heads accept almost nothing; or sweep the training-free draft with --draft skip")
+        points = profile(args, model, tok, rows)
+        print_profile(points, args, len(rows))
+        output = {"machine": machine_line(), "args": jsonable(vars(args)), "points": points}
+        if args.sweep:
+            best = max(points, key=lambda p: p["measured_speedup"])
+            output["best"] = best
+            flags = (f"--s3d {best['heads']}" if best["heads"] else f"--draft {best['draft']} --skip "
+                     f"{best['skip'][0]}:{best['skip'][1]}") + f" --gamma {best['gamma']}"
+            print(f"\nBest measured: skip {best['skip'][0]}:{best['skip'][1]}, g = {best['gamma']}, "
+                  f"{best['measured_speedup']:.2f}x (predicted {best['predicted_speedup']:.2f}x): "
+                  f"generate.py {flags}")
+        if args.plot:
+            plot(points, args.plot, f"{args.draft} draft, {model.config.name}; {machine_line()}")
+            print(f"\nplot: {args.plot}", file=sys.stderr)
+    else:
+        draft_model = None
+        if "s3d" in args.methods:
+            heads = load_heads(args.heads, model.config) if args.heads else \
+                new_heads(model, args.skip or middle_third(model.config.n_layer), args.gamma, 8)
+            if args.gamma > heads.gamma:
+                raise UsageError(f"--gamma {args.gamma} exceeds the {heads.gamma} tokens these heads draft")
+            model.set_heads(heads)
+            args.skip = args.skip or heads.skip
+        args.skip = args.skip or middle_third(model.config.n_layer)
+        if "model" in args.methods:
+            if args.draft_checkpoint is None:
+                raise UsageError("--methods model needs --draft_checkpoint")
+            draft_model, _ = load(args.draft_checkpoint, torch.device(args.device), DTYPES[args.dtype])
+        output = evaluate(args, model, tok, rows, draft_model)
+        print_evaluation(output, args, len(rows))
+        output = {"machine": machine_line(), "args": jsonable(vars(args))} | output
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(output, indent=1))
+        print(f"per-prompt figures: {args.json}", file=sys.stderr)
+    if output.get("mismatches"):
+        raise Mismatch(f"{len(output['mismatches'])} speculative answers differ from AR (listed above)")
+
+
+def jsonable(values: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and
+            isinstance(v[0], Path) else v for k, v in values.items()}
+
+
+class UsageError(Exception):
+    """A mistake in the command line or its input: one line, exit code 2."""
+
+
+class Mismatch(Exception):
+    """A greedy speculative answer differed from AR: exit code 1."""
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--decode", action="store_true", help="decode tokens/s table: ours (eager, compiled) vs transformers")
+    p.add_argument("--speculative", action="store_true", help="the Spec-Bench evaluation of --methods (the default)")
+    p.add_argument("--profile", action="store_true", help="the speed model: step costs and acceptance for each "
+                   "--skips range (or --heads file) and --gammas, predicted against measured speedup")
+    p.add_argument("--sweep", action="store_true", help="--profile over a grid of skip ranges and g; prints and saves "
+                   "the best")
+    p.add_argument("--plot", type=Path, metavar="PNG", help="with --profile/--sweep: speedup against skipped layers")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write every per-prompt figure here")
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--max_new_tokens", "--tokens", type=int, default=128, help="new tokens per answer")
+    p.add_argument("--repeats", type=int, default=3, help="for --decode")
+    p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
+    p.add_argument("--limit", "--per_category", type=int, default=1, help="prompts per category")
+    p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS)
+    p.add_argument("--heads", type=Path, nargs="+", default=None,
+                   help="S3D heads file (default: fresh, untrained heads); --profile/--sweep take several")
+    p.add_argument("--skip", type=skip_range, default=None, metavar="S:E",
+                   help="skip range of the layer-skip draft and of fresh heads (default: the heads', or the middle third)")
+    p.add_argument("--draft_checkpoint", type=Path, help="the small draft model of --methods model")
+    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs are then checked against AR)")
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--draft", choices=["s3d", "skip"], default="s3d", help="for --profile/--sweep")
+    p.add_argument("--skips", type=skip_range, nargs="+", metavar="S:E",
+                   help="for --profile/--sweep (default: symmetric middle ranges)")
+    p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    args = p.parse_args(argv)
+    if args.decode + args.speculative + (args.profile or args.sweep) > 1:
+        p.error("choose one of --decode, --speculative (the default), --profile/--sweep")
+    if "ar" not in args.methods:
+        p.error("--methods needs ar: speedups are measured against it")
+    if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
+        p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
+    if args.temperature < 0:
+        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    if args.plot and not (args.profile or args.sweep):
+        p.error("--plot goes with --profile or --sweep")
+    args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
+    args.heads_files = args.heads or []
+    if len(args.heads_files) > 1 and not (args.profile or args.sweep):
+        p.error("several --heads files go with --profile or --sweep")
+    args.heads = args.heads_files[0] if args.heads_files else None
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    return args
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--decode", action="store_true", help="decode tokens/s table: ours (eager, compiled) vs transformers")
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
-    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="for --speculative")
-    p.add_argument("--tokens", type=int, default=128, help="new tokens per timed run")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--speculative", action="store_true", help="AR vs layer-skip vs S3D drafting on Spec-Bench prompts")
-    p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"))
-    p.add_argument("--per_category", type=int, default=1)
-    p.add_argument("--heads", type=Path, default=None, help="S3D heads file (default: fresh, untrained heads)")
-    p.add_argument("--skip", type=skip_range, default=None, metavar="S:E",
-                   help="skip range of the layer-skip draft and of fresh heads (default: the heads', or the middle third)")
-    p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=["ar", "skip", "s3d"])
-    p.add_argument("--gamma", type=int, default=4)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
-    args = p.parse_args(argv)
-    if "ar" not in args.methods:
-        p.error("--methods needs ar: speedups are measured against it")
+    args = parse_args(argv)
+    torch._dynamo.config.cache_size_limit = 64  # a sweep compiles one draft per (skip, g): keep them all compiled
     if args.decode:
         bench_decode(args)
-    elif args.speculative:
-        bench_speculative(args)
     else:
-        p.error("choose a benchmark: --decode or --speculative")
+        bench_speculative(args)
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (CheckpointError, UsageError, ValueError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except Mismatch as e:
+        print(f"bench.py: {e}", file=sys.stderr)
+        sys.exit(1)

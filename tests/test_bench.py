@@ -1,0 +1,125 @@
+"""bench.py on a tiny model and a tiny prompt file: every JSON field, multi-turn rows, the speed model, the sweep's
+plot, and a deliberately wrong speculative answer reported as a mismatch."""
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import bench
+import s3d
+
+ROOT = bench.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, default_checkpoint):
+    """A 4-layer random-weight Llama with the default model's tokenizer and chat template."""
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+    from tests.conftest import hf_tiny_model
+
+    folder = tmp_path_factory.mktemp("tiny")
+    hf_tiny_model("LlamaForCausalLM", vocab_size=49152, num_hidden_layers=4, max_position_embeddings=2048,
+                  eos_token_id=2, bos_token_id=1, pad_token_id=2).save_pretrained(folder / "hf")
+    out = convert_hf_checkpoint(folder / "hf", folder / "ours")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint / name, out / name)
+    return out
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "tiny.jsonl"
+    rows = [{"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now make it sadder."]},
+            {"question_id": 2, "category": "qa", "turns": ["What is a KV cache?"]},
+            {"question_id": 3, "category": "qa", "turns": ["Why is the sky blue?"]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def bench_json(tmp_path, *args):
+    out = tmp_path / "out.json"
+    bench.main(["--no-compile", "--max_new_tokens", "6", "--json", str(out), *args])
+    return json.loads(out.read_text())
+
+
+def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5",
+                        "--methods", "ar", "s3d", "skip", "model", "hf", "--skip", "1:3", "--gamma", "3",
+                        "--draft_checkpoint", str(tiny_checkpoint))
+    assert set(result) == {"machine", "args", "records", "summary", "mismatches"}
+    assert set(result["summary"]) == {"ar", "s3d", "skip", "model", "hf"}
+    # 3 rows, 4 turns (the first row has two), each answered by each method
+    assert len(result["records"]) == 4 * 5
+    assert {(r["question_id"], r["turn"]) for r in result["records"]} == {(1, 0), (1, 1), (2, 0), (3, 0)}
+    for r in result["records"]:
+        assert set(r) == {"question_id", "category", "turn", "method", "prompt_tokens", "new_tokens", "decode_s",
+                          "time_to_first_token_s", "tokens_per_s", "iterations", "accepted", "tau", "matches_ar",
+                          "tokens"}
+        assert 1 <= r["new_tokens"] <= 6
+    second_turn = next(r for r in result["records"] if r["turn"] == 1 and r["method"] == "ar")
+    first_turn = next(r for r in result["records"] if r["question_id"] == 1 and r["turn"] == 0 and r["method"] == "ar")
+    assert second_turn["prompt_tokens"] > first_turn["prompt_tokens"] + first_turn["new_tokens"]  # the answer is in it
+    for method, f in result["summary"].items():
+        assert set(f) >= {"answers", "tokens_per_s", "speedup", "tau", "acceptance", "matches_ar", "peak_memory_gib",
+                          "tokens_per_s_per_gib", "categories"}
+        assert set(f["categories"]) == {"writing", "qa"} and f["peak_memory_gib"] > 0
+        assert f["tokens_per_s_per_gib"] == pytest.approx(f["tokens_per_s"] / f["peak_memory_gib"])
+    for method in ("s3d", "skip", "model"):  # greedy speculative decoding is AR's output, so no mismatch
+        f = result["summary"][method]
+        assert f["matches_ar"] == 4 and len(f["acceptance"]) == 3
+        accepted = [n for r in result["records"] if r["method"] == method for n in r["accepted"]]
+        assert f["tau"] == pytest.approx(s3d.mean_tokens_per_iteration(accepted))
+    assert result["mismatches"] == [] and result["summary"]["ar"]["speedup"] == pytest.approx(1.0)
+
+
+def test_a_wrong_speculative_answer_is_reported(tiny_checkpoint, prompts, tmp_path, monkeypatch, capsys):
+    """Inject a bug: the acceptance rule emits one token the target did not choose."""
+    def wrong_bonus(drafts, target_logits):
+        n, tokens = s3d.accept_greedy.__wrapped__(drafts, target_logits)
+        return n, (tokens + 1) % target_logits.shape[-1]
+
+    wrong_bonus.__wrapped__ = s3d.accept_greedy
+    monkeypatch.setattr(s3d, "accept_greedy", wrong_bonus)
+    with pytest.raises(bench.Mismatch):
+        bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--methods", "ar", "skip",
+                   "--skip", "1:3")
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert {(m["method"], m["question_id"], m["turn"]) for m in result["mismatches"]} == \
+        {("skip", 1, 0), ("skip", 1, 1), ("skip", 2, 0)}  # --limit 1: one row per category, every turn
+    assert all(m["first_difference"] == 1 for m in result["mismatches"])  # the first token after prefill's
+    assert "MISMATCH: skip differs from AR on question 1 turn 0" in capsys.readouterr().err
+
+
+def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path):
+    png = tmp_path / "sweep.png"
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
+                        "--draft", "skip", "--skips", "1:2", "1:3", "--gammas", "1", "2", "--plot", str(png))
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    points = result["points"]
+    assert {(tuple(p["skip"]), p["gamma"]) for p in points} == {((1, 2), 1), ((1, 2), 2), ((1, 3), 1), ((1, 3), 2)}
+    for p in points:
+        assert p["cd"] == pytest.approx(p["step_ms"]["draft"] / p["step_ms"]["ar"])
+        assert p["predicted_speedup"] == pytest.approx(s3d.predicted_speedup(p["acceptance"], p["cd"], p["cv"]))
+        assert p["matches_ar"] == p["answers"] == 3  # --limit 1: 2 rows, 3 turns
+    assert result["best"] == max(points, key=lambda p: p["measured_speedup"])
+
+
+def test_speed_model_by_hand():
+    # a = (0.8, 0.5): E[tau] = 1 + 0.8 + 0.4 = 2.2; costs 0.3 + 1.1 = 1.4 -> 1.5714...
+    assert s3d.predicted_speedup([0.8, 0.5], 0.3, 1.1) == pytest.approx(2.2 / 1.4)
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--methods", "s3d"), "--methods needs ar"),
+    (("--plot", "x.png"), "--plot goes with --profile or --sweep"),
+    (("--limit", "0"), "must be at least 1"),
+    (("--prompts", "README.md"), "not a Spec-Bench row"),
+    (("--methods", "ar", "model"), "--methods model needs --draft_checkpoint"),
+])
+def test_bad_arguments(args, pattern, default_checkpoint):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert pattern in proc.stderr.strip().splitlines()[-1]
