@@ -4,6 +4,7 @@
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
+    python bench.py --formats none int8 --heads H                         # weight formats: perplexity, speed, memory
 
 The evaluation answers Spec-Bench prompts (multi-turn rows turn by turn) with every method in one process, after a
 warm-up, and checks every greedy speculative answer against AR token for token. Every run prints the machine,
@@ -25,6 +26,7 @@ from tqdm import tqdm
 import s3d
 from generate import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, load, peak_memory_bytes, skip_range
 from model import CheckpointError, middle_third
+from quantize import QuantizeError
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -435,10 +437,57 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def bench_formats(args) -> None:
+    """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, in one process."""
+    import gc
+
+    import quantize
+    from model import load_heads
+
+    rows, table = read_spec_bench(args.prompts, args.limit), []
+    for fmt in args.formats:
+        if fmt != "none":
+            quantize.check_supported(fmt, torch.device(args.device), args.groupsize)
+    for fmt in args.formats:
+        model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
+        if fmt != "none":
+            quantize.quantize(model, fmt, args.groupsize)
+        ppl = quantize.perplexity(model, tok.encode(quantize.PERPLEXITY_TEXT.read_text()))
+        model.set_heads(load_heads(args.heads, model.config))
+        args.skip = model.heads.skip
+        result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"]}), model, tok, rows)
+        ar, spec = result["summary"]["ar"], result["summary"]["s3d"]
+        memory = quantize.memory_breakdown(model)
+        table.append({"format": model.quantization or args.dtype, "perplexity": ppl, "memory_bytes": memory,
+                      "ar": ar, "s3d": spec})
+        tqdm.write(f"{table[-1]['format']}: perplexity {ppl:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
+                   f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
+        del model, result
+        gc.collect()
+    print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
+          f"greedy tokens, S3D with {args.heads.name}, activations {args.dtype}, "
+          f"{'compiled' if args.compile else 'eager'}. Perplexity of {quantize.PERPLEXITY_TEXT.name}. {machine_line()}.\n")
+    print("| weights | perplexity | weight memory | AR tokens/s | S3D tokens/s | S3D vs AR | tau | S3D == AR | "
+          "peak memory (AR, S3D) | tokens/s per GiB (AR, S3D) |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in table:
+        ar, spec = r["ar"], r["s3d"]
+        print(f"| {r['format']} | {r['perplexity']:.3f} | {r['memory_bytes']['weights'] / 2**20:.0f} MiB | "
+              f"{ar['tokens_per_s']:.1f} | {spec['tokens_per_s']:.1f} | {spec['speedup']:.2f}x | {spec['tau']:.2f} | "
+              f"{spec['matches_ar']}/{spec['answers']} | {ar['peak_memory_gib']:.2f}, {spec['peak_memory_gib']:.2f} GiB | "
+              f"{ar['tokens_per_s_per_gib']:.1f}, {spec['tokens_per_s_per_gib']:.1f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine_line(), "args": jsonable(vars(args)), "formats": table},
+                                        indent=1))
+
+
 def bench_speculative(args) -> None:
     from model import load_heads, new_heads
 
     model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
+    if args.quantize:
+        import quantize
+
+        quantize.quantize(model, args.quantize, args.groupsize)
     rows = read_spec_bench(args.prompts, args.limit)
     if args.profile or args.sweep:
         if args.sweep and not args.skips and args.draft == "s3d" and not args.heads_files:
@@ -529,6 +578,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skips", type=skip_range, nargs="+", metavar="S:E",
                    help="for --profile/--sweep (default: symmetric middle ranges)")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
+    p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights (torchao, weight-only) first")
+    p.add_argument("--formats", nargs="+", choices=["none", "int8", "int4"], metavar="FORMAT",
+                   help="a table of weight formats (none, int8, int4): perplexity, AR and S3D speed, tau, memory")
+    p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
     if args.decode + args.speculative + (args.profile or args.sweep) > 1:
@@ -547,6 +600,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("several --heads files go with --profile or --sweep")
     args.heads = args.heads_files[0] if args.heads_files else None
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    if args.formats and (args.heads is None or args.profile or args.sweep or args.decode):
+        p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
     return args
 
 
@@ -555,6 +610,8 @@ def main(argv=None) -> None:
     torch._dynamo.config.cache_size_limit = 64  # a sweep compiles one draft per (skip, g): keep them all compiled
     if args.decode:
         bench_decode(args)
+    elif args.formats:
+        bench_formats(args)
     else:
         bench_speculative(args)
 
@@ -562,7 +619,7 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, UsageError, ValueError) as e:
+    except (CheckpointError, UsageError, ValueError, QuantizeError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Mismatch as e:

@@ -14,6 +14,7 @@ from typing import Optional
 
 import torch
 
+import quantize
 import s3d
 from model import CheckpointError, Transformer, check_skip, load_heads, load_model, middle_third, new_heads
 from tokenizer import Tokenizer
@@ -62,10 +63,6 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
         raise CheckpointError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
     return model, Tokenizer(checkpoint)
-
-
-def weight_bytes(model: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -165,6 +162,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
+    p.add_argument("--quantize", choices=quantize.MODES, default=None,
+                   help="weight-only quantization: the checkpoint's file written by quantize.py, else on load "
+                        "(int4: CUDA only)")
+    p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument("--s3d", type=Path, metavar="HEADS", help="S3D with this heads file (implies --draft s3d)")
     spec.add_argument("--draft", choices=s3d.DRAFT_KINDS, default=None,
@@ -266,9 +267,13 @@ def report(result: s3d.Result, model: Transformer, device: torch.device, compile
            gamma: Optional[int] = None, ar: Optional[s3d.Result] = None) -> None:
     n = len(result.tokens)
     tokens_per_s = tokens_per_second(result)
+    memory, peak = quantize.memory_breakdown(model), peak_memory_bytes(device) / 2**30
     lines = [f"{n} tokens, decode {tokens_per_s:.1f} tokens/s, time to first token {result.time_to_first_token * 1000:.0f} ms",
-             f"peak memory {peak_memory_bytes(device) / 2**30:.2f} GiB, weights {weight_bytes(model) / 2**30:.3f} GiB, "
-             f"bandwidth achieved {weight_bytes(model) * tokens_per_s / 1e9:.1f} GB/s"]
+             f"weights {memory['weights'] / 2**30:.3f} GiB ({model.quantization or model.tok_embeddings.weight.dtype}), "
+             f"KV cache {memory['kv_cache'] / 2**30:.3f} GiB, adapters {memory['adapters'] / 2**20:.1f} MiB; "
+             f"peak memory {peak:.2f} GiB ({'allocated' if device.type == 'cuda' else 'resident'}), "
+             f"{tokens_per_s / peak:.1f} tokens/s per GiB",
+             f"bandwidth achieved {memory['weights'] * tokens_per_s / 1e9:.1f} GB/s (weight bytes x tokens/s)"]
     if compile_time is not None:
         lines.append(f"compile time {compile_time:.1f} s")
     if result.accepted:
@@ -289,9 +294,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     t = time.perf_counter()
     if args.dtype == "auto":
         args.dtype = "float32" if device.type == "cpu" else "bfloat16"
+    if args.quantize:
+        quantize.check_supported(args.quantize, device, args.groupsize)
     model, tokenizer = load(args.checkpoint, device, DTYPES[args.dtype])
     print(f"loaded {model.config.name or args.checkpoint} ({args.dtype}, {device}) in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)
+    if args.quantize:
+        t, saved = time.perf_counter(), quantize.quantized_path(args.checkpoint, args.quantize, args.groupsize)
+        if saved.is_file():
+            quantize.load_quantized(model, saved)
+        else:
+            quantize.quantize(model, args.quantize, args.groupsize)
+        print(f"{model.quantization} weights {'from ' + str(saved) if saved.is_file() else 'quantized on load'} "
+              f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
@@ -335,7 +350,7 @@ def main(argv: Optional[list[str]] = None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, UsageError, ValueError) as e:
+    except (CheckpointError, UsageError, ValueError, quantize.QuantizeError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

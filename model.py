@@ -152,6 +152,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
         self.heads: Optional[DraftHeads] = None  # S3D draft adapters, attached by set_heads()
+        self.quantization: Optional[str] = None  # set by quantize.py: "int8", "int4 (groupsize 128)"
         self.max_seq_length = -1
         self.register_buffer("freqs_cis", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)

@@ -123,3 +123,21 @@ def test_bad_arguments(args, pattern, default_checkpoint):
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert pattern in proc.stderr.strip().splitlines()[-1]
+
+
+def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
+    """--formats: one row per format from one command; int8 shrinks the weights, S3D stays equal to AR."""
+    from model import load_model, new_heads
+
+    heads = tmp_path / "heads.safetensors"
+    new_heads(load_model(tiny_checkpoint), (1, 3), 3, 4).save(heads)
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--formats", "none",
+                        "int8", "--heads", str(heads), "--gamma", "3")
+    none, int8 = result["formats"]
+    assert (none["format"], int8["format"]) == ("float32", "int8")
+    assert int8["memory_bytes"]["weights"] < none["memory_bytes"]["weights"]
+    for row in (none, int8):
+        assert row["perplexity"] > 1 and row["s3d"]["matches_ar"] == row["s3d"]["answers"] == 3
+        assert row["ar"]["peak_memory_gib"] > 0 and row["s3d"]["tau"] >= 1
+    table = capsys.readouterr().out
+    assert "| float32 |" in table and "| int8 |" in table
