@@ -311,7 +311,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             # Inductor keeps int8 weights packed only next to bfloat16 activations; with float32 ones, freezing
             # folds the dequantized weights into float32 constants (see BENCHMARKS.md, weight formats)
             print("note: compiled on a CPU with float32 activations, the int8 weights are unpacked to float32 "
-                  "constants: no memory or speed gain (--dtype bfloat16 keeps them int8)", file=sys.stderr)
+                  "constants: no memory or speed gain (BENCHMARKS.md, section 5)", file=sys.stderr)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
