@@ -24,9 +24,10 @@ import torch
 from tqdm import tqdm
 
 import s3d
-from generate import DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, load, peak_memory_bytes, skip_range
+import quantize
+from generate import (DEFAULT_CHECKPOINT, DTYPES, ArgumentParser, UsageError, load, peak_memory_bytes,
+                      reset_peak_memory, skip_range)
 from model import CheckpointError, middle_third
-from quantize import QuantizeError
 
 PROMPT = "Write a short story about a robot who learns to paint."
 
@@ -179,28 +180,6 @@ def hf_generate(hf, prompt: list[int], max_new_tokens: int, eos_ids: set[int], t
     return s3d.Result(out, time_to_first_token=first - t0, decode_time=t1 - first)
 
 
-def reset_peak_memory(device: torch.device) -> None:
-    """Starts a new peak: CUDA's allocator statistics, or the kernel's peak-RSS mark (Linux; elsewhere the
-    process-wide peak stays)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def current_peak_bytes(device: torch.device) -> int:
-    if device.type == "cpu":
-        try:  # VmHWM honours reset_peak_memory, unlike getrusage
-            line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
-            return int(line.split()[1]) * 1024
-        except (OSError, StopIteration):
-            pass
-    return peak_memory_bytes(device)
-
-
 def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
     """Figures of one method over some prompts, against AR on the same prompts."""
     tokens = sum(r["new_tokens"] - 1 for r in records)
@@ -268,7 +247,7 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                                     "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
                                     "matches_ar": result.tokens == ar_answers[key], "tokens": result.tokens})
                     messages.append({"role": "assistant", "content": tok.decode(result.tokens, skip_special=True)})
-            peaks[method] = current_peak_bytes(device)
+            peaks[method] = peak_memory_bytes(device)
     summary = {}
     for method in args.methods:
         mine = [r for r in records if r["method"] == method]
@@ -281,10 +260,14 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                                  for c in dict.fromkeys(r["category"] for r in mine)}
         summary[method] = figures
     mismatches = [{k: r[k] for k in ("method", "question_id", "category", "turn")} |
-                  {"first_difference": next((i for i, (a, b) in enumerate(zip(r["tokens"], ar_answers[(r["question_id"], r["turn"])]))
-                                             if a != b), min(len(r["tokens"]), len(ar_answers[(r["question_id"], r["turn"])])))}
+                  {"first_difference": first_difference(r["tokens"], ar_answers[(r["question_id"], r["turn"])])}
                   for r in records if r["method"] in SPECULATIVE and not r["matches_ar"]]
     return {"records": records, "summary": summary, "mismatches": mismatches if args.temperature == 0 else []}
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where a and b differ (the shorter length if one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 def method_label(method: str, args) -> str:
@@ -384,9 +367,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
             if heads is not None and g > heads.gamma:
                 continue
             run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft], "gamma": g, "skip": skip})
-            measured = evaluate(run_args, model, tok, rows, reference=ar["records"])
+            figures = evaluate(run_args, model, tok, rows, reference=ar["records"])["summary"][args.draft]
             costs = step_costs(model, g, args.compile, skip, args.draft)
-            figures = summarize(measured["records"], ar["records"], g)
             cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
             points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                            "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g, "cd": cd, "cv": cv,
@@ -441,7 +423,6 @@ def bench_formats(args) -> None:
     """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, in one process."""
     import gc
 
-    import quantize
     from model import load_heads
 
     rows, table = read_spec_bench(args.prompts, args.limit), []
@@ -485,8 +466,6 @@ def bench_speculative(args) -> None:
 
     model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
     if args.quantize:
-        import quantize
-
         quantize.quantize(model, args.quantize, args.groupsize)
     rows = read_spec_bench(args.prompts, args.limit)
     if args.profile or args.sweep:
@@ -535,10 +514,6 @@ def bench_speculative(args) -> None:
 def jsonable(values: dict) -> dict:
     return {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and
             isinstance(v[0], Path) else v for k, v in values.items()}
-
-
-class UsageError(Exception):
-    """A mistake in the command line or its input: one line, exit code 2."""
 
 
 class Mismatch(Exception):
@@ -619,7 +594,7 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (CheckpointError, UsageError, ValueError, QuantizeError) as e:
+    except (CheckpointError, UsageError, ValueError, quantize.QuantizeError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     except Mismatch as e:

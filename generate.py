@@ -66,10 +66,27 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """CUDA: the most memory PyTorch allocated; CPU: the process's peak resident set."""
+    """CUDA: the most memory PyTorch allocated; CPU: the process's peak resident set (since the last
+    reset_peak_memory, on Linux)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    try:  # the kernel's high-water mark, which reset_peak_memory can reset (getrusage's cannot)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak for peak_memory_bytes: CUDA's allocator statistics, or the kernel's peak-RSS mark (Linux;
+    elsewhere the process-wide peak stays)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 class TextStream:
@@ -217,7 +234,12 @@ def run_once(model: Transformer, tokenizer: Tokenizer, prompt: list[int], args: 
     """One generation; its text streams to stdout (with view, the iterations are shown instead)."""
     check_length(model, prompt, args)
     text = TextStream(tokenizer, stream and view is None)
-    on_token = text if view is None else lambda t: (text(t), len(text.tokens) == 1 and view.first_token(t))
+
+    def on_token(token: int) -> None:
+        text(token)
+        if view is not None and len(text.tokens) == 1:  # prefill's token, before any iteration
+            view.first_token(token)
+
     common = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, eos_ids=tokenizer.eos_ids,
                   compile=args.compile, compile_prefill=args.compile_prefill, on_token=on_token)
     if args.draft is None or ar:
@@ -303,9 +325,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         t, saved = time.perf_counter(), quantize.quantized_path(args.checkpoint, args.quantize, args.groupsize)
         if saved.is_file():
             quantize.load_quantized(model, saved)
+            source = f"from {saved}"
         else:
             quantize.quantize(model, args.quantize, args.groupsize)
-        print(f"{model.quantization} weights {'from ' + str(saved) if saved.is_file() else 'quantized on load'} "
+            source = "quantized on load"
+        print(f"{model.quantization} weights {source} "
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
         if args.compile and device.type == "cpu" and args.dtype == "float32":
             # Inductor keeps int8 weights packed only next to bfloat16 activations; with float32 ones, freezing

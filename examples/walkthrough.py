@@ -46,7 +46,7 @@ def main(argv=None) -> None:
           f"layers: {sum(t.numel() for t in heads.parameters()):,} parameters in all")
 
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": args.prompt}], chat=bool(tokenizer.chat_template))
-    model.setup_caches(1, 256 * (1 + (len(prompt) + (g + 1) * args.iterations) // 256))
+    s3d.prepare_cache(model, len(prompt) + (g + 1) * args.iterations)
     print(f"\n1. Prefill: the prompt, {len(prompt)} tokens, through all layers fills the KV cache "
           f"{tuple(model.layers[0].attention.kv_cache.k_cache.shape)} (batch, kv heads, positions, head dim) per layer")
     prompt_t = torch.tensor([prompt])
