@@ -121,6 +121,7 @@ def emit(out: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int],
     return False
 
 
+@torch.no_grad()  # inference: no autograd graph (it would keep every step's activations alive through the KV cache)
 def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
                 top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids: set[int] = frozenset(),
                 compile: bool = False, compile_prefill: bool = False,
@@ -213,6 +214,7 @@ def verify_step(model: Transformer, cur: Tensor, drafts: Tensor, draft_probs: Op
 DRAFT_KINDS = ("s3d", "skip", "model")
 
 
+@torch.no_grad()
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, draft: str = "s3d",
                          gamma: Optional[int] = None, skip: Optional[tuple[int, int]] = None,
                          draft_model: Optional[Transformer] = None, temperature: float = 0.0,

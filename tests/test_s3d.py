@@ -83,6 +83,22 @@ def test_eos_inside_an_accepted_block_ends_generation_there():
 # Sampling: the distribution of the first 3 tokens under speculative sampling equals AR sampling's, computed exactly.
 
 
+@pytest.mark.parametrize("draft", [None, "s3d", "skip"])
+def test_generation_records_no_autograd_graph(draft):
+    """Called with gradients on and trainable weights (as generate.py does), decoding must not build a graph: the
+    KV cache would chain every step's graph together and keep each step's activations (with int8 weights, each
+    step's dequantized weights: 200 MB a token on the default) alive until the cache is freed."""
+    model = with_trained_looking_heads(tiny_model())
+    model.requires_grad_(True)
+    assert torch.is_grad_enabled()
+    if draft is None:
+        s3d.ar_generate(model, PROMPTS[0], 12)
+    else:
+        s3d.speculative_generate(model, PROMPTS[0], 12, draft=draft, skip=(1, 5), gamma=3)
+    cache = model.layers[0].attention.kv_cache
+    assert not cache.k_cache.requires_grad and cache.k_cache.grad_fn is None and cache.v_cache.grad_fn is None
+
+
 def exact_first_tokens_distribution(model, prompt, n_tokens, temperature, top_k):
     """P(x1..xn) for AR sampling, by enumerating every prefix (the vocabulary is tiny)."""
     vocab = model.config.vocab_size
