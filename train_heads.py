@@ -355,6 +355,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval_anchors", type=int, default=128, help="anchors per held-out sequence")
     p.add_argument("--prompts", type=Path, default=TRAIN_PROMPTS, help="training prompts (JSON lines: id, prompt)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--train_sequences", type=int, default=None, metavar="N",
+                   help="train on N of the training sequences, drawn at random (data-size experiments; the held-out "
+                        "answers stay the same)")
     p.add_argument("--data_dir", type=Path, default=None, help="where the self-distilled sequences are cached "
                    "(default: runs/distill-<checkpoint name>)")
     p.add_argument("--samples", type=int, default=2, help="answers per prompt: one greedy, the rest sampled")
@@ -376,6 +379,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                    ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
             if value < least:
                 raise UsageError(f"{name} must be at least {least}, got {value}")
+        if args.train_sequences is not None and args.train_sequences < 1:
+            raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
         if not args.lr > 0:
             raise UsageError(f"--lr must be positive, got {args.lr}")
         args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
@@ -393,6 +398,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         train_seqs, heldout = split_heldout(sequences, prompts)
         if not train_seqs or not heldout:
             raise UsageError(f"need at least {HELDOUT_EVERY} prompts (every {HELDOUT_EVERY}th is held out)")
+        if args.train_sequences is not None:
+            if args.train_sequences > len(train_seqs):
+                raise UsageError(f"--train_sequences: there are only {len(train_seqs)} training sequences")
+            train_seqs = random.Random(args.seed).sample(train_seqs, args.train_sequences)
         print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
               f"answer tokens; {len(heldout)} held-out greedy answers")
         heads = new_heads(model, skip, args.gamma, args.rank)

@@ -140,6 +140,7 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     (["--lr", "0"], "--lr must be positive"),
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
+    (["--train_sequences", "0"], "--train_sequences must be at least 1"),
 ])
 def test_cli_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
