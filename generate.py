@@ -174,8 +174,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on GPUs, float32 on CPUs (without native bf16 a multi-token bf16 forward is "
-                        "slow on CPU, and S3D's verify forward is one; see BENCHMARKS.md)")
+                   help="auto: bfloat16 on GPUs and for --quantize, else float32 on CPUs (without native bf16 a "
+                        "multi-token bf16 forward is slow on CPU, and S3D's verify forward is one; see BENCHMARKS.md)")
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
@@ -314,15 +314,16 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = resolve_device(args.device)
     torch.manual_seed(args.seed)
     t = time.perf_counter()
-    if args.dtype == "auto":
-        args.dtype = "float32" if device.type == "cpu" else "bfloat16"
+    if args.dtype == "auto":  # int8 weights on a CPU too: Inductor's int8 GEMM takes bfloat16 activations
+        args.dtype = "float32" if device.type == "cpu" and not args.quantize else "bfloat16"
     if args.quantize:
         quantize.check_supported(args.quantize, device, args.groupsize)
     model, tokenizer = load(args.checkpoint, device, DTYPES[args.dtype])
     print(f"loaded {model.config.name or args.checkpoint} ({args.dtype}, {device}) in {time.perf_counter() - t:.1f} s",
           file=sys.stderr)
     if args.quantize:
-        t, saved = time.perf_counter(), quantize.quantized_path(args.checkpoint, args.quantize, args.groupsize)
+        t = time.perf_counter()
+        saved = quantize.quantized_path(args.checkpoint, args.quantize, args.groupsize, DTYPES[args.dtype])
         if saved.is_file():
             quantize.load_quantized(model, saved)
             source = f"from {saved}"
@@ -331,11 +332,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             source = "quantized on load"
         print(f"{model.quantization} weights {source} "
               f"in {time.perf_counter() - t:.1f} s", file=sys.stderr)
-        if args.compile and device.type == "cpu" and args.dtype == "float32":
-            # Inductor keeps int8 weights packed only next to bfloat16 activations; with float32 ones, freezing
-            # folds the dequantized weights into float32 constants (see BENCHMARKS.md, weight formats)
-            print("note: compiled on a CPU with float32 activations, the int8 weights are unpacked to float32 "
-                  "constants: no memory or speed gain (BENCHMARKS.md, section 5)", file=sys.stderr)
+        if device.type == "cpu" and args.dtype == "float32":  # quantize.py's docstring says why
+            print("note: int8 weights with float32 activations on a CPU are slow (eager) or unpacked to float32 "
+                  "(compiled); the default --dtype for --quantize is bfloat16", file=sys.stderr)
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")

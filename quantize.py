@@ -5,6 +5,10 @@
     python generate.py --quantize int8 --compile         # loads that file, or quantizes on load if there is none
     python quantize.py --perplexity --modes none int8    # perplexity of data/perplexity.txt per format
 
+Activations are bfloat16 by default: Inductor turns `x @ w_int8.to(bfloat16) * scale` into its weight-only int8
+GEMM, which reads one byte per weight; with float32 activations, freezing folds the dequantized weights back into
+float32 constants, and eager PyTorch's float32 int8 kernel is slow, so float32 gains nothing (BENCHMARKS.md, 5).
+
 What stays in high precision, and why: the S3D draft adapters (small, and trained in float); the token embeddings
 (a lookup, not a matmul); a tied output head (quantizing it would keep a second copy of the embedding). The draft
 and the verify forward run on the same quantized weights, so S3D's output is exactly the quantized model's.
@@ -68,13 +72,17 @@ def quantize(model: Transformer, mode: str, groupsize: int = 128) -> Transformer
     return model
 
 
-def quantized_path(folder: Path, mode: str, groupsize: int = 128) -> Path:
-    return Path(folder) / (f"model-{mode}.pt" if mode == "int8" else f"model-{mode}-g{groupsize}.pt")
+def quantized_path(folder: Path, mode: str, groupsize: int = 128, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """model-int8.pt, model-int4-g128.pt; a name ends in the activations' dtype unless it is bfloat16, since the
+    scales and the float weights are stored in that dtype."""
+    name = f"model-{mode}" + ("" if mode == "int8" else f"-g{groupsize}")
+    return Path(folder) / (name + ("" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch.")) + ".pt")
 
 
 def save_quantized(model: Transformer, path: Path) -> None:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    torch.save({"quantization": model.quantization, "fingerprint": model.config.fingerprint, "state_dict": state}, path)
+    torch.save({"quantization": model.quantization, "fingerprint": model.config.fingerprint,
+                "dtype": str(model.tok_embeddings.weight.dtype), "state_dict": state}, path)
 
 
 def load_quantized(model: Transformer, path: Path) -> Transformer:
@@ -85,6 +93,9 @@ def load_quantized(model: Transformer, path: Path) -> Transformer:
         raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
     if saved.get("fingerprint") != model.config.fingerprint:
         raise CheckpointError(f"{path} was quantized from other weights than {model.config.name or 'this checkpoint'}")
+    if saved.get("dtype") != str(model.tok_embeddings.weight.dtype):
+        raise CheckpointError(f"{path} holds weights for {saved.get('dtype')} activations, not "
+                              f"{model.tok_embeddings.weight.dtype}: quantize again with that --dtype")
     model.load_state_dict(saved["state_dict"], assign=True, strict=False)
     if model.config.tie_embeddings:
         model.output.weight = model.tok_embeddings.weight
@@ -131,8 +142,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--mode", choices=MODES, help="write a quantized copy of the weights next to the checkpoint's")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None,
-                   help="activations' dtype (default: float32 on CPU, bfloat16 on CUDA; int4 needs bfloat16)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
+                   help="activations' dtype: bfloat16, the one Inductor's int8 kernels take (int4 needs it too)")
     p.add_argument("--perplexity", action="store_true", help="perplexity of --text under each of --modes")
     p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", *MODES])
     p.add_argument("--text", type=Path, default=PERPLEXITY_TEXT)
@@ -140,13 +151,13 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.mode is None and not args.perplexity:
         p.error("choose --mode int8|int4 (write a quantized checkpoint) or --perplexity")
     device = torch.device(args.device)
-    dtype = DTYPES[args.dtype or ("bfloat16" if device.type == "cuda" else "float32")]
+    dtype = DTYPES[args.dtype]
     if args.mode is not None:
         check_supported(args.mode, device, args.groupsize)
         model, _ = load(args.checkpoint, device, dtype)
         t = time.perf_counter()
         quantize(model, args.mode, args.groupsize)
-        out = quantized_path(args.checkpoint, args.mode, args.groupsize)
+        out = quantized_path(args.checkpoint, args.mode, args.groupsize, dtype)
         save_quantized(model, out)
         print(f"{model.quantization} in {time.perf_counter() - t:.1f} s: {out} "
               f"({out.stat().st_size / 2**20:.0f} MiB; weights {memory_breakdown(model)['weights'] / 2**20:.0f} MiB)")
