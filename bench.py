@@ -13,6 +13,7 @@ torch version and date with its table.
 import argparse
 import datetime
 import json
+import math
 import platform
 import statistics
 import sys
@@ -130,6 +131,11 @@ def bench_decode(args) -> None:
 
 SPECULATIVE = ("s3d", "skip", "model")
 METHODS = ("ar", *SPECULATIVE, "hf")
+# A greedy speculative answer may leave AR's only where the target's two best logits are within a few rounding
+# steps (ulps) of its dtype: a tie that a 1-token forward (AR) and a (g+1)-token forward (verify) round differently.
+# float32 hardly ever meets one; bfloat16 (8 significant bits, rounded after every layer) does every few hundred
+# tokens. A wider gap is a wrong token: a bug.
+TIE_ULPS = 4
 
 
 def read_spec_bench(path: Path, limit: Optional[int]) -> list[dict]:
@@ -190,7 +196,24 @@ def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
     return {"answers": len(records), "new_tokens": sum(r["new_tokens"] for r in records), "tokens_per_s": rate,
             "speedup": rate / ar_rate, "tau": s3d.mean_tokens_per_iteration(accepted) if accepted else 1.0,
             "acceptance": s3d.acceptance_rates(accepted, gamma) if accepted else [],
-            "matches_ar": sum(r["matches_ar"] for r in records)}
+            "matches_ar": sum(r["matches_ar"] for r in records), "ties": sum(map(is_tie, records))}
+
+
+def is_tie(record: dict) -> bool:
+    return record["gap_ulps"] is not None and record["gap_ulps"] <= TIE_ULPS
+
+
+def gap_in_ulps(model, prompt: list[int], ar_tokens: list[int], i: int, other: int) -> Optional[float]:
+    """How far apart the target's logits for AR's token i and for `other` are, in rounding steps of the model's
+    dtype at their size, from one forward of the prompt and AR's answer before token i."""
+    if i >= len(ar_tokens):
+        return None
+    tokens, device = prompt + ar_tokens[:i], model.output.weight.device
+    s3d.prepare_cache(model, len(tokens))
+    logits = model(torch.tensor([tokens], device=device), torch.arange(len(tokens), device=device))[0, -1].float()
+    a, b = logits[ar_tokens[i]].item(), logits[other].item()
+    ulp = torch.finfo(model.tok_embeddings.weight.dtype).eps * 2.0 ** math.floor(math.log2(max(abs(a), abs(b), 1e-30)))
+    return abs(a - b) / ulp
 
 
 def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Optional[list[dict]] = None) -> dict:
@@ -238,6 +261,10 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                     key = (row["question_id"], turn)
                     if method == "ar":
                         ar_answers[key] = result.tokens
+                    ar_tokens = ar_answers[key]
+                    i = first_difference(result.tokens, ar_tokens) if result.tokens != ar_tokens else None
+                    gap = None if i is None or method not in SPECULATIVE or args.temperature > 0 or i >= len(result.tokens) \
+                        else gap_in_ulps(model, prompt, ar_tokens, i, result.tokens[i])
                     records.append({"question_id": row["question_id"], "category": row["category"], "turn": turn,
                                     "method": method, "prompt_tokens": len(prompt), "new_tokens": len(result.tokens),
                                     "decode_s": result.decode_time, "time_to_first_token_s": result.time_to_first_token,
@@ -245,8 +272,12 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                                     if result.decode_time > 0 else None,
                                     "iterations": len(result.accepted), "accepted": result.accepted,
                                     "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
-                                    "matches_ar": result.tokens == ar_answers[key], "tokens": result.tokens})
-                    messages.append({"role": "assistant", "content": tok.decode(result.tokens, skip_special=True)})
+                                    "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
+                                    "tokens": result.tokens})
+                    # greedy: the conversation goes on from AR's answer, so every turn is compared on AR's prompt
+                    # (after a tie, a method's own answer would make all its later turns differ)
+                    reply = ar_tokens if args.temperature == 0 else result.tokens
+                    messages.append({"role": "assistant", "content": tok.decode(reply, skip_special=True)})
             peaks[method] = peak_memory_bytes(device)
     summary = {}
     for method in args.methods:
@@ -259,9 +290,8 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                                               [r for r in ar if r["category"] == c], args.gamma)
                                  for c in dict.fromkeys(r["category"] for r in mine)}
         summary[method] = figures
-    mismatches = [{k: r[k] for k in ("method", "question_id", "category", "turn")} |
-                  {"first_difference": first_difference(r["tokens"], ar_answers[(r["question_id"], r["turn"])])}
-                  for r in records if r["method"] in SPECULATIVE and not r["matches_ar"]]
+    mismatches = [{k: r[k] for k in ("method", "question_id", "category", "turn", "first_difference", "gap_ulps")}
+                  for r in records if r["method"] in SPECULATIVE and not r["matches_ar"] and not is_tie(r)]
     return {"records": records, "summary": summary, "mismatches": mismatches if args.temperature == 0 else []}
 
 
@@ -283,7 +313,12 @@ def method_label(method: str, args) -> str:
 def table_row(label: str, f: dict) -> str:
     rates = " ".join(f"{a:.2f}" for a in f["acceptance"]) or "-"
     return (f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | "
-            f"{f['matches_ar']}/{f['answers']} |")
+            f"{same_as_ar(f)} |")
+
+
+def same_as_ar(f: dict) -> str:
+    """'19/19', or '4/19 + 15 ties' when some answers left AR's at a tie (TIE_ULPS)."""
+    return f"{f['matches_ar']}/{f['answers']}" + (f" + {f['ties']} ties" if f.get("ties") else "")
 
 
 def print_evaluation(result: dict, args, n_rows: int) -> None:
@@ -304,9 +339,19 @@ def print_evaluation(result: dict, args, n_rows: int) -> None:
         print("| category | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
         for category, c in f["categories"].items():
             print(table_row(category, c))
-    for m in result["mismatches"]:
+    report_mismatches(result["records"], result["mismatches"], args.dtype)
+
+
+def report_mismatches(records: list[dict], mismatches: list[dict], dtype: str) -> None:
+    ties = [r for r in records if is_tie(r)]
+    if ties:
+        print(f"{len(ties)} greedy speculative answers left AR's at a tie: the target's two logits within "
+              f"{max(r['gap_ulps'] for r in ties):.0f} rounding steps of {dtype} (the limit is {TIE_ULPS})",
+              file=sys.stderr)
+    for m in mismatches:
+        gap = "" if m["gap_ulps"] is None else f", where the target's logits are {m['gap_ulps']:.0f} ulps apart"
         print(f"MISMATCH: {m['method']} differs from AR on question {m['question_id']} turn {m['turn']} "
-              f"({m['category']}) from new token {m['first_difference']}", file=sys.stderr)
+              f"({m['category']}) from new token {m['first_difference']}{gap}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,7 +412,9 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
             if heads is not None and g > heads.gamma:
                 continue
             run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft], "gamma": g, "skip": skip})
-            figures = evaluate(run_args, model, tok, rows, reference=ar["records"])["summary"][args.draft]
+            result = evaluate(run_args, model, tok, rows, reference=ar["records"])
+            figures = result["summary"][args.draft]
+            report_mismatches(result["records"], result["mismatches"], args.dtype)
             costs = step_costs(model, g, args.compile, skip, args.draft)
             cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
             points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
@@ -376,7 +423,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                            "acceptance": figures["acceptance"], "tau": figures["tau"],
                            "predicted_speedup": s3d.predicted_speedup(figures["acceptance"], cd, cv),
                            "measured_speedup": figures["speedup"],
-                           "matches_ar": figures["matches_ar"], "answers": figures["answers"]})
+                           "matches_ar": figures["matches_ar"], "ties": figures["ties"], "answers": figures["answers"],
+                           "mismatches": result["mismatches"]})
             tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={g}: cd {cd:.2f}, cv {cv:.2f}, tau {figures['tau']:.2f}, "
                        f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
     model.set_heads(None)
@@ -393,7 +441,7 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
     for p in points:
         print(f"| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {p['cd']:.2f} | {p['cv']:.2f} | "
               f"{' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} | {p['predicted_speedup']:.2f}x | "
-              f"{p['measured_speedup']:.2f}x | {p['matches_ar']}/{p['answers']} |")
+              f"{p['measured_speedup']:.2f}x | {same_as_ar(p)} |")
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -425,7 +473,7 @@ def bench_formats(args) -> None:
 
     from model import load_heads
 
-    rows, table = read_spec_bench(args.prompts, args.limit), []
+    rows, table, mismatches = read_spec_bench(args.prompts, args.limit), [], []
     for fmt in args.formats:
         if fmt != "none":
             quantize.check_supported(fmt, torch.device(args.device), args.groupsize)
@@ -438,12 +486,15 @@ def bench_formats(args) -> None:
         args.skip = model.heads.skip
         result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"]}), model, tok, rows)
         ar, spec = result["summary"]["ar"], result["summary"]["s3d"]
+        report_mismatches(result["records"], result["mismatches"], args.dtype)
+        mismatches += result["mismatches"]
         memory = quantize.memory_breakdown(model)
         table.append({"format": model.quantization or args.dtype, "perplexity": ppl, "memory_bytes": memory,
                       "ar": ar, "s3d": spec})
         tqdm.write(f"{table[-1]['format']}: perplexity {ppl:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
         del model, result
+        torch._dynamo.reset()  # the compiled steps hold the frozen weights of this format: free them before the next
         gc.collect()
     print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
           f"greedy tokens, S3D with {args.heads.name}, activations {args.dtype}, "
@@ -454,11 +505,13 @@ def bench_formats(args) -> None:
         ar, spec = r["ar"], r["s3d"]
         print(f"| {r['format']} | {r['perplexity']:.3f} | {r['memory_bytes']['weights'] / 2**20:.0f} MiB | "
               f"{ar['tokens_per_s']:.1f} | {spec['tokens_per_s']:.1f} | {spec['speedup']:.2f}x | {spec['tau']:.2f} | "
-              f"{spec['matches_ar']}/{spec['answers']} | {ar['peak_memory_gib']:.2f}, {spec['peak_memory_gib']:.2f} GiB | "
+              f"{same_as_ar(spec)} | {ar['peak_memory_gib']:.2f}, {spec['peak_memory_gib']:.2f} GiB | "
               f"{ar['tokens_per_s_per_gib']:.1f}, {spec['tokens_per_s_per_gib']:.1f} |")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine_line(), "args": jsonable(vars(args)), "formats": table},
-                                        indent=1))
+        args.json.write_text(json.dumps({"machine": machine_line(), "args": jsonable(vars(args)), "formats": table,
+                                         "mismatches": mismatches}, indent=1))
+    if mismatches:
+        raise Mismatch(f"{len(mismatches)} speculative answers differ from AR (listed above)")
 
 
 def bench_speculative(args) -> None:
@@ -474,7 +527,8 @@ def bench_speculative(args) -> None:
                              "heads accept almost nothing; or sweep the training-free draft with --draft skip")
         points = profile(args, model, tok, rows)
         print_profile(points, args, len(rows))
-        output = {"machine": machine_line(), "args": jsonable(vars(args)), "points": points}
+        output = {"machine": machine_line(), "args": jsonable(vars(args)), "points": points,
+                  "mismatches": [m for p in points for m in p["mismatches"]]}
         if args.sweep:
             best = max(points, key=lambda p: p["measured_speedup"])
             output["best"] = best
@@ -533,7 +587,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
-    p.add_argument("--dtype", default=None, choices=list(DTYPES), help="default: float32 on CPU, bfloat16 on CUDA")
+    p.add_argument("--dtype", default=None, choices=list(DTYPES),
+                   help="default: bfloat16 on CUDA and for --quantize or --formats, else float32 (as generate.py)")
     p.add_argument("--max_new_tokens", "--tokens", type=int, default=128, help="new tokens per answer")
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
@@ -574,7 +629,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.heads_files) > 1 and not (args.profile or args.sweep):
         p.error("several --heads files go with --profile or --sweep")
     args.heads = args.heads_files[0] if args.heads_files else None
-    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") or args.quantize or args.formats
+                                else "float32")
     if args.formats and (args.heads is None or args.profile or args.sweep or args.decode):
         p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
     return args

@@ -56,7 +56,7 @@ def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
     for r in result["records"]:
         assert set(r) == {"question_id", "category", "turn", "method", "prompt_tokens", "new_tokens", "decode_s",
                           "time_to_first_token_s", "tokens_per_s", "iterations", "accepted", "tau", "matches_ar",
-                          "tokens"}
+                          "first_difference", "gap_ulps", "tokens"}
         assert 1 <= r["new_tokens"] <= 6
     second_turn = next(r for r in result["records"] if r["turn"] == 1 and r["method"] == "ar")
     first_turn = next(r for r in result["records"] if r["question_id"] == 1 and r["turn"] == 0 and r["method"] == "ar")
@@ -89,7 +89,29 @@ def test_a_wrong_speculative_answer_is_reported(tiny_checkpoint, prompts, tmp_pa
     assert {(m["method"], m["question_id"], m["turn"]) for m in result["mismatches"]} == \
         {("skip", 1, 0), ("skip", 1, 1), ("skip", 2, 0)}  # --limit 1: one row per category, every turn
     assert all(m["first_difference"] == 1 for m in result["mismatches"])  # the first token after prefill's
+    assert all(m["gap_ulps"] > bench.TIE_ULPS for m in result["mismatches"])  # a wrong token is not excused as a tie
     assert "MISMATCH: skip differs from AR on question 1 turn 0" in capsys.readouterr().err
+
+
+def test_gap_in_ulps_counts_rounding_steps(tiny_checkpoint):
+    """The tie rule's measure: 0 for AR's own token; for the runner-up, the logit gap over float32's spacing at
+    that size (torch.nextafter, an independent computation of the rounding step)."""
+    import torch
+
+    from model import load_model
+
+    model = load_model(tiny_checkpoint)
+    prompt = [1, 504, 2014, 30, 905]
+    with torch.no_grad():
+        ar = s3d.ar_generate(model, prompt, 3).tokens
+        assert bench.gap_in_ulps(model, prompt, ar, 1, ar[1]) == 0
+        logits = model(torch.tensor([prompt + ar[:1]]), torch.arange(len(prompt) + 1))[0, -1]
+        top = logits.topk(2)
+        assert top.indices[0] == ar[1]
+        step = (torch.nextafter(top.values[0], torch.tensor(float("inf"))) - top.values[0]).item()
+        gap = bench.gap_in_ulps(model, prompt, ar, 1, top.indices[1].item())
+    assert gap == pytest.approx((top.values[0] - top.values[1]).item() / step, rel=1e-3)
+    assert bench.gap_in_ulps(model, prompt, ar, len(ar), 0) is None  # past AR's answer: nothing to compare
 
 
 def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path):
