@@ -4,7 +4,7 @@
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
-    python bench.py --formats none int8 --heads H                         # weight formats: perplexity, speed, memory
+    python bench.py --formats float32 bfloat16 int8 --heads H             # weight formats: perplexity, speed, memory
 
 The evaluation answers Spec-Bench prompts (multi-turn rows turn by turn) with every method in one process, after a
 warm-up, and checks every greedy speculative answer against AR token for token. Every run prints the machine,
@@ -475,21 +475,23 @@ def bench_formats(args) -> None:
 
     rows, table, mismatches = read_spec_bench(args.prompts, args.limit), [], []
     for fmt in args.formats:
-        if fmt != "none":
+        if fmt in quantize.MODES:
             quantize.check_supported(fmt, torch.device(args.device), args.groupsize)
     for fmt in args.formats:
-        model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
-        if fmt != "none":
+        dtype = fmt if fmt in DTYPES else args.dtype
+        model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[dtype])
+        if fmt in quantize.MODES:
             quantize.quantize(model, fmt, args.groupsize)
         ppl = quantize.perplexity(model, tok.encode(quantize.PERPLEXITY_TEXT.read_text()))
         model.set_heads(load_heads(args.heads, model.config))
         args.skip = model.heads.skip
-        result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"]}), model, tok, rows)
+        result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"], "dtype": dtype}), model, tok, rows)
         ar, spec = result["summary"]["ar"], result["summary"]["s3d"]
-        report_mismatches(result["records"], result["mismatches"], args.dtype)
+        report_mismatches(result["records"], result["mismatches"], dtype)
         mismatches += result["mismatches"]
         memory = quantize.memory_breakdown(model)
-        table.append({"format": model.quantization or args.dtype, "perplexity": ppl, "memory_bytes": memory,
+        table.append({"format": f"{model.quantization} ({dtype} activations)" if model.quantization else dtype,
+                      "dtype": dtype, "perplexity": ppl, "memory_bytes": memory,
                       "ar": ar, "s3d": spec})
         tqdm.write(f"{table[-1]['format']}: perplexity {ppl:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
@@ -497,7 +499,7 @@ def bench_formats(args) -> None:
         torch._dynamo.reset()  # the compiled steps hold the frozen weights of this format: free them before the next
         gc.collect()
     print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
-          f"greedy tokens, S3D with {args.heads.name}, activations {args.dtype}, "
+          f"greedy tokens, S3D with {args.heads.name}, "
           f"{'compiled' if args.compile else 'eager'}. Perplexity of {quantize.PERPLEXITY_TEXT.name}. {machine_line()}.\n")
     print("| weights | perplexity | weight memory | AR tokens/s | S3D tokens/s | S3D vs AR | tau | S3D == AR | "
           "peak memory (AR, S3D) | tokens/s per GiB (AR, S3D) |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -609,8 +611,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="for --profile/--sweep (default: symmetric middle ranges)")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
     p.add_argument("--quantize", choices=["int8", "int4"], help="quantize the weights (torchao, weight-only) first")
-    p.add_argument("--formats", nargs="+", choices=["none", "int8", "int4"], metavar="FORMAT",
-                   help="a table of weight formats (none, int8, int4): perplexity, AR and S3D speed, tau, memory")
+    p.add_argument("--formats", nargs="+", choices=["none", *DTYPES, *quantize.MODES], metavar="FORMAT",
+                   help="a table of weight formats: float32, bfloat16, float16 (unquantized in that dtype), none "
+                        "(unquantized, in --dtype), int8, int4 (activations in --dtype): perplexity, AR and S3D speed, "
+                        "tau, memory")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)

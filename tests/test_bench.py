@@ -153,13 +153,13 @@ def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
 
     heads = tmp_path / "heads.safetensors"
     new_heads(load_model(tiny_checkpoint), (1, 3), 3, 4).save(heads)
-    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--formats", "none",
-                        "int8", "--heads", str(heads), "--gamma", "3")
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--formats", "float32",
+                        "int8", "--dtype", "float32", "--heads", str(heads), "--gamma", "3")
     none, int8 = result["formats"]
-    assert (none["format"], int8["format"]) == ("float32", "int8")
+    assert (none["format"], int8["format"]) == ("float32", "int8 (float32 activations)")
     assert int8["memory_bytes"]["weights"] < none["memory_bytes"]["weights"]
     for row in (none, int8):
         assert row["perplexity"] > 1 and row["s3d"]["matches_ar"] == row["s3d"]["answers"] == 3
         assert row["ar"]["peak_memory_gib"] > 0 and row["s3d"]["tau"] >= 1
     table = capsys.readouterr().out
-    assert "| float32 |" in table and "| int8 |" in table
+    assert "| float32 |" in table and "| int8 (float32 activations) |" in table
