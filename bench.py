@@ -11,7 +11,9 @@ warm-up, and checks every greedy speculative answer against AR token for token. 
 torch version and date with its table.
 """
 import argparse
+import ctypes
 import datetime
+import gc
 import json
 import math
 import platform
@@ -248,8 +250,10 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
                     hf = to_transformers(model)
                 except ImportError:
                     raise UsageError("--methods hf needs transformers (pip install -r requirements-dev.txt)") from None
+            release_compiled()
             first = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
             run(method, first)  # warm-up and compilation, outside the timed runs
+            return_freed_memory()
             reset_peak_memory(device)
             for row in tqdm(rows, desc=method, unit="prompt"):
                 messages = []
@@ -293,6 +297,22 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
     mismatches = [{k: r[k] for k in ("method", "question_id", "category", "turn", "first_difference", "gap_ulps")}
                   for r in records if r["method"] in SPECULATIVE and not r["matches_ar"] and not is_tie(r)]
     return {"records": records, "summary": summary, "mismatches": mismatches if args.temperature == 0 else []}
+
+
+def release_compiled() -> None:
+    """Frees the compiled steps of the method before (on a CPU each holds its own frozen, prepacked copy of the
+    weights) and hands the freed memory back to the system, so that the next method's peak memory is its own."""
+    torch._dynamo.reset()
+    s3d.compiled.cache_clear()
+    return_freed_memory()
+
+
+def return_freed_memory() -> None:
+    """Collects garbage (such as what compilation leaves) and, on Linux, returns the freed heap to the system: peak
+    memory is the resident set, which freed memory otherwise stays in."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def first_difference(a: list[int], b: list[int]) -> int:
@@ -469,8 +489,6 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
 def bench_formats(args) -> None:
     """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, in one process."""
-    import gc
-
     from model import load_heads
 
     rows, table, mismatches = read_spec_bench(args.prompts, args.limit), [], []
@@ -496,8 +514,7 @@ def bench_formats(args) -> None:
         tqdm.write(f"{table[-1]['format']}: perplexity {ppl:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
         del model, result
-        torch._dynamo.reset()  # the compiled steps hold the frozen weights of this format: free them before the next
-        gc.collect()
+        release_compiled()
     print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
           f"greedy tokens, S3D with {args.heads.name}, "
           f"{'compiled' if args.compile else 'eager'}. Perplexity of {quantize.PERPLEXITY_TEXT.name}. {machine_line()}.\n")
