@@ -161,10 +161,11 @@ class Transformer(nn.Module):
         """Allocates the KV caches and the RoPE table for sequences up to max_seq_length tokens."""
         if max_seq_length > self.config.block_size:
             raise ValueError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
-        c, dtype = self.config, self.output.weight.dtype
-        device = self.output.weight.device
-        if not dtype.is_floating_point:  # quantized weights: keep the cache in the activations' dtype
-            dtype = self.tok_embeddings.weight.dtype
+        c, device = self.config, self.output.weight.device
+        # the cache (and so attention) in the activations' dtype (the output weight may be quantized), except on a
+        # CPU: there attention runs in float32, since without native bf16 its bf16 kernel is several times slower
+        # over a long cache (BENCHMARKS.md, section 5)
+        dtype = torch.float32 if device.type == "cpu" else self.tok_embeddings.weight.dtype
         self.max_seq_length = max_seq_length
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
@@ -247,11 +248,13 @@ class Attention(nn.Module):
         q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(bsz, seqlen, self.n_local_heads, self.head_dim)))
-        k, v = self.kv_cache.update(input_pos, k, v)
+        cache_dtype = self.kv_cache.k_cache.dtype
+        k, v = self.kv_cache.update(input_pos, k.to(cache_dtype), v.to(cache_dtype))
         # Attend over the whole static cache; the causal mask row of each position hides everything after it,
         # including stale entries a previous speculative iteration left behind.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_local_heads)
-        y = y.transpose(1, 2).reshape(bsz, seqlen, q_size)
+        y = F.scaled_dot_product_attention(q.to(cache_dtype), k, v, attn_mask=mask,
+                                           enable_gqa=self.n_head != self.n_local_heads)
+        y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)
         return linear(self.wo, y, adapters, "wo")
 
 
