@@ -136,8 +136,8 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        self.k_cache.index_copy_(2, input_pos, k.to(self.k_cache.dtype))
+        self.v_cache.index_copy_(2, input_pos, v.to(self.v_cache.dtype))
         return self.k_cache, self.v_cache
 
 
@@ -248,11 +248,10 @@ class Attention(nn.Module):
         q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(bsz, seqlen, self.n_local_heads, self.head_dim)))
-        cache_dtype = self.kv_cache.k_cache.dtype
-        k, v = self.kv_cache.update(input_pos, k.to(cache_dtype), v.to(cache_dtype))
+        k, v = self.kv_cache.update(input_pos, k, v)  # in the cache's dtype, which attention then runs in
         # Attend over the whole static cache; the causal mask row of each position hides everything after it,
         # including stale entries a previous speculative iteration left behind.
-        y = F.scaled_dot_product_attention(q.to(cache_dtype), k, v, attn_mask=mask,
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
                                            enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)
         return linear(self.wo, y, adapters, "wo")
