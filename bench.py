@@ -244,13 +244,14 @@ def evaluate(args, model, tok, rows: list[dict], draft_model=None, reference: Op
     records, peaks = [], {}
     ar_answers = {(r["question_id"], r["turn"]): r["tokens"] for r in reference}
     with torch.no_grad():
-        for method in args.methods:
+        for n, method in enumerate(args.methods):
             if method == "hf":  # built only now, so that the other methods' peak memory does not include it
                 try:
                     hf = to_transformers(model)
                 except ImportError:
                     raise UsageError("--methods hf needs transformers (pip install -r requirements-dev.txt)") from None
-            release_compiled()
+            if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
+                release_compiled()
             first = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
             run(method, first)  # warm-up and compilation, outside the timed runs
             return_freed_memory()
