@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch._inductor.codecache import PyCodeCache
 from tqdm import tqdm
 
 import s3d
@@ -305,6 +306,11 @@ def release_compiled() -> None:
     weights) and hands the freed memory back to the system, so that the next method's peak memory is its own."""
     torch._dynamo.reset()
     s3d.compiled.cache_clear()
+    # Inductor keeps each compiled graph's generated module, whose globals hold the frozen weights, in its code
+    # cache and in sys.modules; dynamo's reset leaves them there.
+    PyCodeCache.cache_clear()
+    for name in [m for m in sys.modules if m.startswith("torch._inductor.runtime.compile_tasks.")]:
+        del sys.modules[name]
     return_freed_memory()
 
 

@@ -128,6 +128,25 @@ def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompt
     assert result["best"] == max(points, key=lambda p: p["measured_speedup"])
 
 
+def test_release_compiled_frees_the_generated_code_and_its_frozen_weights():
+    """Each method's peak memory must be its own: the compiled steps of the method before, whose generated modules
+    hold frozen copies of the weights, are gone after release_compiled."""
+    import gc
+    import weakref
+
+    import torch
+
+    linear = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        s3d.compiled(linear, "cpu")(torch.randn(1, 64))
+    generated = [weakref.ref(m) for name, m in sys.modules.items()
+                 if name.startswith("torch._inductor.runtime.compile_tasks.")]
+    assert generated, "Inductor registers its generated modules under this name: the release would miss them"
+    bench.release_compiled()
+    gc.collect()
+    assert all(ref() is None for ref in generated)
+
+
 def test_speed_model_by_hand():
     # a = (0.8, 0.5): E[tau] = 1 + 0.8 + 0.4 = 2.2; costs 0.3 + 1.1 = 1.4 -> 1.5714...
     assert s3d.predicted_speedup([0.8, 0.5], 0.3, 1.1) == pytest.approx(2.2 / 1.4)
