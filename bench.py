@@ -16,10 +16,13 @@ import datetime
 import gc
 import json
 import math
+import multiprocessing
+import os
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
 
@@ -494,34 +497,41 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def bench_formats(args) -> None:
-    """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, in one process."""
+def format_row(args, fmt: str, rows: list[dict]) -> tuple[dict, list[dict]]:
+    """One format's row of the --formats table and its mismatches (run in a process of its own)."""
     from model import load_heads
 
+    dtype = fmt if fmt in DTYPES else args.dtype
+    model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[dtype])
+    if fmt in quantize.MODES:
+        quantize.quantize(model, fmt, args.groupsize)
+    ppl = quantize.perplexity(model, tok.encode(quantize.PERPLEXITY_TEXT.read_text()))
+    model.set_heads(load_heads(args.heads, model.config))
+    args.skip = model.heads.skip
+    result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"], "dtype": dtype}), model, tok, rows)
+    report_mismatches(result["records"], result["mismatches"], dtype)
+    row = {"format": f"{model.quantization} ({dtype} activations)" if model.quantization else dtype, "dtype": dtype,
+           "perplexity": ppl, "memory_bytes": quantize.memory_breakdown(model), "process": os.getpid(),
+           "ar": result["summary"]["ar"], "s3d": result["summary"]["s3d"]}
+    return row, result["mismatches"]
+
+
+def bench_formats(args) -> None:
+    """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, from one command. Each
+    format runs in a fresh process: a process does not hand all the memory it used back to the system, so a
+    format's peak memory would include what the formats before it left resident (BENCHMARKS.md, section 5)."""
     rows, table, mismatches = read_spec_bench(args.prompts, args.limit), [], []
     for fmt in args.formats:
         if fmt in quantize.MODES:
             quantize.check_supported(fmt, torch.device(args.device), args.groupsize)
     for fmt in args.formats:
-        dtype = fmt if fmt in DTYPES else args.dtype
-        model, tok = load(args.checkpoint, torch.device(args.device), DTYPES[dtype])
-        if fmt in quantize.MODES:
-            quantize.quantize(model, fmt, args.groupsize)
-        ppl = quantize.perplexity(model, tok.encode(quantize.PERPLEXITY_TEXT.read_text()))
-        model.set_heads(load_heads(args.heads, model.config))
-        args.skip = model.heads.skip
-        result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"], "dtype": dtype}), model, tok, rows)
-        ar, spec = result["summary"]["ar"], result["summary"]["s3d"]
-        report_mismatches(result["records"], result["mismatches"], dtype)
-        mismatches += result["mismatches"]
-        memory = quantize.memory_breakdown(model)
-        table.append({"format": f"{model.quantization} ({dtype} activations)" if model.quantization else dtype,
-                      "dtype": dtype, "perplexity": ppl, "memory_bytes": memory,
-                      "ar": ar, "s3d": spec})
-        tqdm.write(f"{table[-1]['format']}: perplexity {ppl:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as fresh_process:
+            row, row_mismatches = fresh_process.submit(format_row, args, fmt, rows).result()
+        table.append(row)
+        mismatches += row_mismatches
+        ar, spec = row["ar"], row["s3d"]
+        tqdm.write(f"{row['format']}: perplexity {row['perplexity']:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
-        del model, result
-        release_compiled()
     print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
           f"greedy tokens, S3D with {args.heads.name}, "
           f"{'compiled' if args.compile else 'eager'}. Perplexity of {quantize.PERPLEXITY_TEXT.name}. {machine_line()}.\n")

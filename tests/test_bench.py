@@ -1,6 +1,7 @@
 """bench.py on a tiny model and a tiny prompt file: every JSON field, multi-turn rows, the speed model, the sweep's
 plot, and a deliberately wrong speculative answer reported as a mismatch."""
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -175,6 +176,8 @@ def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--formats", "float32",
                         "int8", "--dtype", "float32", "--heads", str(heads), "--gamma", "3")
     none, int8 = result["formats"]
+    # each format in a fresh process, so that its peak memory holds nothing of the formats before it
+    assert len({none["process"], int8["process"], os.getpid()}) == 3
     assert (none["format"], int8["format"]) == ("float32", "int8 (float32 activations)")
     assert int8["memory_bytes"]["weights"] < none["memory_bytes"]["weights"]
     for row in (none, int8):
