@@ -507,8 +507,8 @@ def format_row(args, fmt: str, rows: list[dict]) -> tuple[dict, list[dict]]:
         quantize.quantize(model, fmt, args.groupsize)
     ppl = quantize.perplexity(model, tok.encode(quantize.PERPLEXITY_TEXT.read_text()))
     model.set_heads(load_heads(args.heads, model.config))
-    args.skip = model.heads.skip
-    result = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"], "dtype": dtype}), model, tok, rows)
+    run_args = argparse.Namespace(**{**vars(args), "methods": ["ar", "s3d"], "dtype": dtype, "skip": model.heads.skip})
+    result = evaluate(run_args, model, tok, rows)
     report_mismatches(result["records"], result["mismatches"], dtype)
     row = {"format": f"{model.quantization} ({dtype} activations)" if model.quantization else dtype, "dtype": dtype,
            "perplexity": ppl, "memory_bytes": quantize.memory_breakdown(model), "process": os.getpid(),
