@@ -1,14 +1,11 @@
-"""The transformer: ModelArgs, the static KV cache, a Llama-family Transformer whose forward can skip a block of
-middle layers (the S3D draft path), and the S3D draft adapters (mask embeddings + low-rank adapters).
+"""The transformer: ModelArgs, the static KV cache and a Llama-family Transformer whose forward can skip a block of
+middle layers and switch on the S3D draft adapters (heads.py): the draft path (docs/design.md, section 2).
 
 Covers Llama 2/3/3.1/3.2, Mistral, Qwen2/2.5, Phi-3 and SmolLM2: they differ only in the fields of ModelArgs.
-Weights use gpt-fast's names and the interleaved RoPE layout (see scripts/convert_hf_checkpoint.py).
+Weights use gpt-fast's names and the interleaved RoPE layout (scripts/hf_format.py converts them).
 """
-import hashlib
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -16,9 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-class CheckpointError(Exception):
-    """A checkpoint or heads file that cannot be used; the message is meant for the user."""
+# The transformers architectures whose checkpoints we run (scripts/hf_format.py says what each sets).
+ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Phi3ForCausalLM")
 
 
 @dataclass
@@ -45,81 +41,6 @@ class ModelArgs:
             self.n_local_heads = self.n_head
         if self.head_dim == -1:
             self.head_dim = self.dim // self.n_head
-
-    @classmethod
-    def from_hf_config(cls, config: dict, name: str = "") -> "ModelArgs":
-        """Reads a transformers config.json; raises CheckpointError for what we do not support."""
-        archs = config.get("architectures") or [config.get("model_type", "?")]
-        arch = archs[0]
-        if arch not in HF_ARCHITECTURES:
-            raise CheckpointError(f"unknown architecture {arch!r} in config.json (supported: {', '.join(HF_ARCHITECTURES)})")
-        for key in ("mlp_bias", "attention_bias") if arch != "Qwen2ForCausalLM" else ("mlp_bias",):
-            if config.get(key):
-                raise CheckpointError(f"{arch} with {key}=true is not supported")
-        # transformers 5 writes rope_parameters (theta and scaling together); older checkpoints rope_theta/rope_scaling
-        rope = config.get("rope_parameters") or {**(config.get("rope_scaling") or {}), "rope_theta": config.get("rope_theta", 10000.0)}
-        partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
-        if partial != 1.0:
-            raise CheckpointError(f"{arch} with partial_rotary_factor={partial} is not supported")
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "llama3"):
-            raise CheckpointError(f"rope scaling type {kind!r} is not supported (only 'llama3')")
-        scaling = {k: rope[k] for k in ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")} \
-            if kind == "llama3" else None
-        block_size = config.get("max_position_embeddings", 2048)
-        window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
-        if window:  # beyond the window the model attends differently; cap the context rather than be wrong
-            block_size = min(block_size, window)
-        n_head = config["num_attention_heads"]
-        return cls(
-            architecture=arch,
-            block_size=block_size,
-            vocab_size=config["vocab_size"],
-            n_layer=config["num_hidden_layers"],
-            n_head=n_head,
-            n_local_heads=config.get("num_key_value_heads") or n_head,
-            dim=config["hidden_size"],
-            intermediate_size=config["intermediate_size"],
-            head_dim=config.get("head_dim") or config["hidden_size"] // n_head,
-            rope_base=rope.get("rope_theta") or 10000.0,
-            rope_scaling=scaling,
-            norm_eps=config.get("rms_norm_eps", 1e-5),
-            tie_embeddings=config.get("tie_word_embeddings", False),
-            name=name,
-            **HF_ARCHITECTURES[arch],
-        )
-
-    @classmethod
-    def from_json(cls, path: Path) -> "ModelArgs":
-        """Reads our own config.json, as written by the conversion scripts."""
-        try:
-            config = json.loads(Path(path).read_text())
-        except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read {path}: {e}") from None
-        if not isinstance(config, dict):
-            raise CheckpointError(f"{path} is not a JSON object")
-        if "architectures" in config:  # a transformers folder that was never converted
-            raise CheckpointError(f"{path} is a transformers config; convert it first with scripts/convert_hf_checkpoint.py")
-        if config.get("architecture") not in HF_ARCHITECTURES:
-            raise CheckpointError(f"unknown architecture {config.get('architecture')!r} in {path} "
-                                  f"(supported: {', '.join(HF_ARCHITECTURES)})")
-        known = {f.name for f in fields(cls)}
-        unknown = set(config) - known
-        if unknown:
-            raise CheckpointError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-        return cls(**config)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-
-# The transformers architectures we load, and what each sets beyond the keys all of them share.
-HF_ARCHITECTURES = {
-    "LlamaForCausalLM": {},  # Llama 2/3/3.1/3.2, SmolLM2
-    "MistralForCausalLM": {},
-    "Qwen2ForCausalLM": {"attn_bias": True},
-    "Phi3ForCausalLM": {},  # fused qkv_proj / gate_up_proj are split at conversion
-}
 
 
 class KVCache(nn.Module):
@@ -151,7 +72,7 @@ class Transformer(nn.Module):
         self.output = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
-        self.heads: Optional[DraftHeads] = None  # S3D draft adapters, attached by set_heads()
+        self.heads: Optional[nn.Module] = None  # the S3D draft adapters (heads.DraftHeads), attached by set_heads()
         self.quantization: Optional[str] = None  # set by quantize.py: "int8", "int4 (groupsize 128)"
         self.max_seq_length = -1
         self.register_buffer("freqs_cis", torch.empty(0), persistent=False)
@@ -203,7 +124,7 @@ class Transformer(nn.Module):
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
         return self.output(self.norm(x))
 
-    def set_heads(self, heads: Optional["DraftHeads"]) -> None:
+    def set_heads(self, heads: Optional[nn.Module]) -> None:
         """Attaches S3D draft adapters; they change the draft forward only, never the full one."""
         if heads is not None:
             heads.check_fits(self.config)
@@ -310,175 +231,3 @@ def apply_rotary_emb(x: Tensor, freqs_cis: Tensor) -> Tensor:
         xshaped[..., 1] * freqs_cis[..., 0] + xshaped[..., 0] * freqs_cis[..., 1],
     ], -1)
     return x_out.flatten(3).type_as(x)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# S3D draft adapters ("heads")
-
-
-class LowRank(nn.Module):
-    """x -> B(A(x)): a rank-r correction to one linear map of a kept layer, used in the draft forward only."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int):
-        super().__init__()
-        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
-        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: an untrained adapter changes nothing
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(F.linear(x, self.A), self.B)
-
-
-def middle_third(n_layer: int) -> tuple[int, int]:
-    """The default skip range: the middle third of the layers (symmetric middle skipping worked best in S3D)."""
-    return n_layer // 3, n_layer - n_layer // 3
-
-
-def check_skip(skip: tuple[int, int], n_layer: int) -> tuple[int, int]:
-    """Validates a draft skip range [s, e); ValueError with a message for the user otherwise."""
-    s, e = skip
-    if not (0 <= s < e <= n_layer) or (s == 0 and e == n_layer):
-        raise ValueError(f"invalid skip range {s}:{e} for a model of {n_layer} layers "
-                         f"(need 0 <= s < e <= {n_layer}, keeping at least one layer)")
-    return s, e
-
-
-class DraftHeads(nn.Module):
-    """Everything S3D adds to the target: g-1 mask embeddings and low-rank adapters on the kept layers.
-
-    meta records what the heads belong to (base_model, base_fingerprint) and how they were trained.
-    """
-
-    def __init__(self, config: ModelArgs, skip: tuple[int, int], gamma: int, rank: int, meta: Optional[dict] = None):
-        super().__init__()
-        if gamma < 1:
-            raise ValueError(f"gamma must be at least 1, got {gamma}")
-        if rank < 0:
-            raise ValueError(f"rank must be at least 0, got {rank}")
-        self.skip = check_skip(tuple(skip), config.n_layer)
-        self.gamma, self.rank = gamma, rank
-        self.meta = dict(meta or {})
-        # Mi starts as a small random vector, distinct per offset; training moves it where it helps.
-        self.mask_embeddings = nn.Parameter(torch.randn(gamma - 1, config.dim) * 0.02)
-        qkv = (config.n_head + 2 * config.n_local_heads) * config.head_dim
-        shapes = {"wqkv": (config.dim, qkv), "wo": (config.n_head * config.head_dim, config.dim),
-                  "w1": (config.dim, config.intermediate_size), "w3": (config.dim, config.intermediate_size),
-                  "w2": (config.intermediate_size, config.dim)}
-        s, e = self.skip
-        self.adapters = nn.ModuleDict({
-            str(i): nn.ModuleDict({name: LowRank(fan_in, fan_out, rank) for name, (fan_in, fan_out) in shapes.items()})
-            for i in range(config.n_layer) if not s <= i < e
-        }) if rank > 0 else None
-
-    def check_fits(self, config: ModelArgs) -> None:
-        base, fingerprint = self.meta.get("base_model", ""), self.meta.get("base_fingerprint", "")
-        if fingerprint and config.fingerprint and fingerprint != config.fingerprint:
-            raise CheckpointError(f"these heads were trained for {base or 'another model'} (fingerprint "
-                                  f"{fingerprint[:12]}), not for {config.name or 'this model'} "
-                                  f"(fingerprint {config.fingerprint[:12]})")
-        if self.mask_embeddings.shape[1] != config.dim or self.skip[1] > config.n_layer:
-            raise CheckpointError(f"these heads (dim {self.mask_embeddings.shape[1]}, skip {self.skip[0]}:{self.skip[1]}) "
-                                  f"do not fit a model of dim {config.dim} and {config.n_layer} layers")
-
-    def save(self, path: Path) -> None:
-        from safetensors.torch import save_file
-
-        metadata = {"format": "s3d-heads", "skip": f"{self.skip[0]}:{self.skip[1]}", "gamma": str(self.gamma),
-                    "rank": str(self.rank), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
-        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata=metadata)
-
-
-def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int) -> DraftHeads:
-    """Fresh (untrained) heads for this model: they work, with low acceptance."""
-    c = model.config
-    heads = DraftHeads(c, skip, gamma, rank, meta={"base_model": c.name, "base_fingerprint": c.fingerprint})
-    return heads.to(device=model.tok_embeddings.weight.device)
-
-
-def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
-    """Loads a heads file and checks it was made for this model; CheckpointError otherwise."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for unreadable files
-        raise CheckpointError(f"cannot read heads file {path}: {e}") from None
-    if meta.pop("format", None) != "s3d-heads":
-        raise CheckpointError(f"{path} is not an S3D heads file (no 's3d-heads' metadata)")
-    s, e = (int(v) for v in meta.pop("skip").split(":"))
-    gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
-    if e > config.n_layer:
-        raise CheckpointError(f"heads {path} skip layers {s}:{e}, but the model has {config.n_layer} layers")
-    heads = DraftHeads(config, (s, e), gamma, rank, meta)
-    heads.check_fits(config)
-    try:
-        heads.load_state_dict(tensors)
-    except RuntimeError as err:
-        raise CheckpointError(f"heads {path} do not fit this model: {str(err).splitlines()[-1].strip()}") from None
-    return heads
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Checkpoints: a folder with model.safetensors and config.json (ours), plus tokenizer files.
-
-
-def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
-    """A short hash of the weights, so a heads file can tell which model it was trained for."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().float().contiguous()
-        h.update(name.encode())
-        h.update(t.flatten()[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a sample is enough to tell apart
-    return h.hexdigest()[:32]
-
-
-def save_checkpoint(state_dict: dict[str, Tensor], config: ModelArgs, folder: Path) -> None:
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    config.fingerprint = weights_fingerprint(state_dict)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(config.to_json() + "\n")
-
-
-def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
-    """Loads a converted checkpoint folder; CheckpointError (a one-line message) for anything wrong with it."""
-    from safetensors import safe_open
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise CheckpointError(f"checkpoint folder {folder} does not exist")
-    for needed in ("config.json", "model.safetensors"):
-        if not (folder / needed).is_file():
-            raise CheckpointError(f"{folder} has no {needed}; is it a converted checkpoint? "
-                                  "(see scripts/convert_hf_checkpoint.py and scripts/convert_gguf.py)")
-    config = ModelArgs.from_json(folder / "config.json")
-    with torch.device("meta"):
-        model = Transformer(config)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    state_dict = {}
-    try:
-        with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                state_dict[name] = f.get_tensor(name)
-    except Exception as e:  # truncated or corrupt files raise SafetensorError, OSError or others
-        raise CheckpointError(f"cannot read {folder / 'model.safetensors'} (truncated or corrupt?): {e}") from None
-    if config.tie_embeddings:
-        expected.pop("output.weight", None)
-    missing = sorted(set(expected) - set(state_dict))
-    extra = sorted(set(state_dict) - set(expected))
-    if missing or extra:
-        raise CheckpointError(f"{folder / 'model.safetensors'} does not match config.json: "
-                              f"missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, shape in expected.items():
-        if state_dict[name].shape != shape:
-            raise CheckpointError(f"{name} has shape {tuple(state_dict[name].shape)} in the weights, "
-                                  f"{tuple(shape)} in config.json")
-    model.load_state_dict(state_dict, assign=True, strict=False)
-    model.freqs_cis, model.causal_mask = torch.empty(0), torch.empty(0, dtype=torch.bool)  # made by setup_caches
-    if config.tie_embeddings:
-        model.output.weight = model.tok_embeddings.weight
-    return model.to(device=device, dtype=dtype).eval()

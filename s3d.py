@@ -1,6 +1,6 @@
 """Decoding: plain autoregressive (AR) and S3D speculative decoding, sharing one KV cache and one sampler.
 
-One S3D iteration (design.md section 2), with `cur` the last accepted token at position p, not yet in the cache:
+One S3D iteration (docs/design.md, section 2), with `cur` the last accepted token at position p, not yet cached:
 
   1. draft_s3d:   one forward of [cur, M1 .. M(g-1)] through the kept layers, adapters on -> drafts d1 .. dg
   2. verify_step: one forward of [cur, d1 .. dg] through all layers -> target distributions q0 .. qg, and
@@ -8,11 +8,13 @@ One S3D iteration (design.md section 2), with `cur` the last accepted token at p
   3. advance p by the tokens added. Nothing is rolled back: what the draft wrote into the cache beyond p is
      overwritten by the verify forward or by the next iteration, and the causal mask never lets anyone see it.
 
-The baselines use the same verify and acceptance: draft_skip (the layer-skipped model drafts one token at a time,
-Draft & Verify style, no adapters) and draft_small_model (a separate small model with its own cache, as in
-gpt-fast). The speed model (predicted_speedup) is at the end.
+The baselines use the same verify and acceptance and differ only in their draft function, chosen once before the
+loop (DRAFTERS): the layer-skipped model drafting one token at a time (Draft & Verify style, no adapters) and a
+separate small draft model (as in gpt-fast). The speed model (predicted_speedup) is at the end.
 """
 import functools
+import gc
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
@@ -20,23 +22,33 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from heads import check_gamma
 from model import Transformer
 
 # ---------------------------------------------------------------------------------------------------------------
-# Sampling. Temperature 0 is greedy; top-k and top-p apply identically to draft and target distributions, which is
-# what keeps sampled speculative decoding exactly distributed as AR sampling with the same settings.
+# Sampling. Temperature, top-k and top-p apply identically to draft and target distributions, which is what keeps
+# sampled speculative decoding exactly distributed as AR sampling with the same settings.
 
 
-def logits_to_probs(logits: Tensor, temperature: float = 1.0, top_k: Optional[int] = None,
-                    top_p: Optional[float] = None) -> Tensor:
-    logits = logits.float() / max(temperature, 1e-5)
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 is greedy
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+
+
+GREEDY = Sampling()
+
+
+def logits_to_probs(logits: Tensor, sampling: Sampling) -> Tensor:
+    logits = logits.float() / max(sampling.temperature, 1e-5)
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
+    if sampling.top_p is not None and sampling.top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = cumulative - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        drop_sorted = cumulative - sorted_logits.softmax(-1) >= sampling.top_p  # keep the smallest prefix reaching top_p
         logits = logits.masked_fill(drop_sorted.scatter(-1, order, drop_sorted), float("-inf"))
     return logits.softmax(-1)
 
@@ -46,12 +58,11 @@ def sample_from(probs: Tensor) -> Tensor:
     return torch.argmax(probs / torch.empty_like(probs).exponential_(1), dim=-1)
 
 
-def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None,
-           top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+def sample(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Optional[Tensor]]:
     """Tokens for each row of logits, and the distribution they were drawn from (None when greedy)."""
-    if temperature == 0:
+    if sampling.temperature == 0:
         return logits.argmax(-1), None
-    probs = logits_to_probs(logits, temperature, top_k, top_p)
+    probs = logits_to_probs(logits, sampling)
     return sample_from(probs), probs
 
 
@@ -59,20 +70,20 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: Optional[int] = None
 # AR decoding
 
 
-def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, temperature: float = 0.0,
-            top_k: Optional[int] = None, top_p: Optional[float] = None) -> Tensor:
-    """Runs the prompt (1, T) through the model, filling the cache; returns the first new token, shape (1, 1)."""
-    logits = model(prompt, input_pos)
-    return sample(logits[:, -1], temperature, top_k, top_p)[0].view(1, 1)
+def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
+            mask: Optional[Tensor] = None) -> Tensor:
+    """Runs the prompts (B, T) through the model, filling the cache; returns the first new tokens, shape (B, 1)."""
+    logits = model(prompt, input_pos, mask=mask)
+    return sample(logits[:, -1], sampling)[0].view(-1, 1)
 
 
-def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float = 0.0,
-                     top_k: Optional[int] = None, top_p: Optional[float] = None,
-                     skip: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
-    """One step of AR decoding (or of the layer-skip draft, with skip): the next token (1, 1) and its distribution."""
-    logits = model(cur, input_pos, skip=skip)
-    token, probs = sample(logits[:, -1], temperature, top_k, top_p)
-    return token.view(1, 1), probs
+def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
+                     skip: Optional[tuple[int, int]] = None,
+                     mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
+    """One step of AR decoding (or of the layer-skip draft, with skip): the next tokens (B, 1), their distributions."""
+    logits = model(cur, input_pos, skip=skip, mask=mask)
+    token, probs = sample(logits[:, -1], sampling)
+    return token.view(-1, 1), probs
 
 
 @functools.cache
@@ -93,6 +104,20 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
 
 def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = False) -> Callable:
     return compiled(fn, model.output.weight.device.type, dynamic) if compile else fn
+
+
+def release_compiled() -> None:
+    """Frees every compiled step (on a CPU each holds its own frozen, prepacked copy of the weights)."""
+    from torch._inductor.codecache import PyCodeCache
+
+    torch._dynamo.reset()
+    compiled.cache_clear()
+    # Inductor keeps each compiled graph's generated module, whose globals hold the frozen weights, in its code
+    # cache and in sys.modules; dynamo's reset leaves them there.
+    PyCodeCache.cache_clear()
+    for name in [m for m in sys.modules if m.startswith("torch._inductor.runtime.compile_tasks.")]:
+        del sys.modules[name]
+    gc.collect()
 
 
 def prepare_cache(model: Transformer, length: int) -> None:
@@ -122,52 +147,123 @@ def emit(out: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int],
 
 
 @torch.no_grad()  # inference: no autograd graph (it would keep every step's activations alive through the KV cache)
-def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, temperature: float = 0.0,
-                top_k: Optional[int] = None, top_p: Optional[float] = None, eos_ids: set[int] = frozenset(),
-                compile: bool = False, compile_prefill: bool = False,
+def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, sampling: Sampling = GREEDY,
+                eos_ids: set[int] = frozenset(), compile: bool = False, compile_prefill: bool = False,
                 on_token: Optional[Callable[[int], None]] = None) -> Result:
     """Plain autoregressive decoding: one forward of one token per new token."""
     device = model.output.weight.device
     prepare_cache(model, len(prompt) + max_new_tokens + 1)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
     run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
     step = step_fn(decode_one_token, model, compile)
     t0 = time.perf_counter()
-    cur = run_prefill(model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), **sampling)
+    cur = run_prefill(model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), sampling)
     out: list[int] = []
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos = len(prompt)
     while not done:
-        cur, _ = step(model, cur.clone(), torch.tensor([pos], device=device), **sampling)
+        cur, _ = step(model, cur.clone(), torch.tensor([pos], device=device), sampling)
         done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)  # the one host sync of the step
         pos += 1
     return Result(out, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
+
+
+@torch.no_grad()
+def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling = GREEDY,
+                   eos_ids: set[int] = frozenset(), compile: bool = False) -> list[list[int]]:
+    """AR decoding of many prompts at once (the cache must have a row for each); the new tokens of each, cut after
+    its first EOS. Prompts are left-padded to a common length: RoPE makes attention depend only on relative
+    positions, so the shift changes nothing but the padding, which the mask hides."""
+    device = model.output.weight.device
+    width = max(map(len, prompts))
+    pad = torch.tensor([width - len(p) for p in prompts], device=device)
+    idx = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    slots = torch.arange(model.max_seq_length, device=device)
+    key_valid = (slots[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    # a padding slot attends to itself only, so that its (unused) state stays finite
+    prefill_mask = model.causal_mask[None, None, :width] & (key_valid | (slots[None, None, :width, None] == slots))
+    cur = prefill(model, idx, torch.arange(width, device=device), sampling, prefill_mask)
+    step = step_fn(decode_one_token, model, compile)
+    out, done = [[] for _ in prompts], [False] * len(prompts)
+    for i in range(max_new_tokens):
+        for r, t in enumerate(cur.view(-1).tolist()):
+            if not done[r]:
+                out[r].append(t)
+                done[r] = t in eos_ids
+        if all(done) or i == max_new_tokens - 1:
+            break
+        input_pos = torch.tensor([width + i], device=device)
+        cur, _ = step(model, cur.clone(), input_pos, sampling, mask=model.causal_mask[None, None, input_pos] & key_valid)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Speculative decoding: draft, verify, accept.
 
 
-def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor, temperature: float = 0.0,
-              top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[Tensor, Optional[Tensor]]:
+def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor,
+              sampling: Sampling = GREEDY) -> tuple[Tensor, Optional[Tensor]]:
     """S3D draft: one forward of [cur, M1 .. M(g-1)] at positions p .. p+g-1 through the kept layers with the
     adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once."""
     logits = model(cur, input_pos, draft=True)[0]  # (g, vocab)
-    return sample(logits, temperature, top_k, top_p)
+    return sample(logits, sampling)
 
 
-def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, gamma: int,
-                     sampling: dict, skip: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
+def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, gamma: int, sampling: Sampling,
+                     skip: Optional[tuple[int, int]] = None) -> tuple[Tensor, Optional[Tensor]]:
     """Drafts gamma tokens autoregressively: the training-free layer-skip draft (model = the target, with skip) or
     a separate small draft model (skip=None). Returns drafts (g,) and their distributions (g, vocab) or None."""
-    device = cur.device
     tokens, probs = [], []
     for i in range(gamma):
-        cur, p = step(model, cur.clone(), torch.tensor([pos + i], device=device), skip=skip, **sampling)
+        cur, p = step(model, cur.clone(), torch.tensor([pos + i], device=cur.device), sampling, skip)
         tokens.append(cur.view(1))
         probs.append(p)
     return torch.cat(tokens), None if probs[0] is None else torch.cat(probs)
+
+
+@dataclass
+class Draft:
+    """What drafts gamma tokens per iteration: kind "s3d" (the target's heads), "skip" (the target with layers
+    skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary)."""
+    kind: str = "s3d"
+    gamma: int = 4
+    skip: Optional[tuple[int, int]] = None
+    model: Optional[Transformer] = None
+
+
+# A drafter maps (cur (1, 1), its position p) to drafts (g,) and their distributions (g, vocab), or None for greedy.
+Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
+
+
+def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
+    step = step_fn(draft_s3d, model, compile)
+    return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling)
+
+
+def skip_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
+    step = step_fn(decode_one_token, model, compile)
+    return lambda cur, pos: draft_one_by_one(step, model, cur, pos, draft.gamma, sampling, draft.skip)
+
+
+def model_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
+    """The small model keeps its own cache of the same tokens, starting with the prompt (prefill_fn fills it). When
+    all g drafts were accepted it never ran on d_g, so the next call first gives it that token's KV."""
+    small = draft.model
+    step = step_fn(decode_one_token, small, compile)
+    prefill_fn(small)
+    last: dict = {}
+
+    def drafter(cur: Tensor, pos: int) -> tuple[Tensor, Optional[Tensor]]:
+        if last and pos == last["pos"] + draft.gamma + 1:
+            step(small, last["drafts"][-1:].view(1, 1).clone(), torch.tensor([pos - 1], device=cur.device), sampling)
+        drafts, probs = draft_one_by_one(step, small, cur, pos, draft.gamma, sampling)
+        last.update(pos=pos, drafts=drafts)
+        return drafts, probs
+
+    return drafter
+
+
+DRAFTERS = {"s3d": s3d_drafter, "skip": skip_drafter, "model": model_drafter}
 
 
 def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -201,87 +297,68 @@ def accept_sampling(drafts: Tensor, draft_probs: Optional[Tensor], target_probs:
 
 
 def verify_step(model: Transformer, cur: Tensor, drafts: Tensor, draft_probs: Optional[Tensor], input_pos: Tensor,
-                temperature: float = 0.0, top_k: Optional[int] = None,
-                top_p: Optional[float] = None) -> tuple[Tensor, Tensor]:
+                sampling: Sampling = GREEDY) -> tuple[Tensor, Tensor]:
     """One forward of [cur, d1 .. dg] at positions p .. p+g through all layers, adapters off, then acceptance.
     It writes the true KV of those positions over whatever the draft left there."""
     logits = model(torch.cat([cur.view(1, 1), drafts.view(1, -1)], dim=1), input_pos)[0]  # (g+1, vocab)
-    if temperature == 0:
+    if sampling.temperature == 0:
         return accept_greedy(drafts, logits)
-    return accept_sampling(drafts, draft_probs, logits_to_probs(logits, temperature, top_k, top_p))
+    return accept_sampling(drafts, draft_probs, logits_to_probs(logits, sampling))
 
 
-DRAFT_KINDS = ("s3d", "skip", "model")
+def check_draft(model: Transformer, draft: Draft) -> None:
+    if draft.kind not in DRAFTERS:
+        raise ValueError(f"unknown draft kind {draft.kind!r} (choose from {', '.join(DRAFTERS)})")
+    if draft.kind == "s3d" and model.heads is None:
+        raise ValueError("S3D drafting needs draft heads: load a heads file or make fresh ones")
+    check_gamma(draft.gamma, model.heads if draft.kind == "s3d" else None)
+    if draft.kind == "skip" and draft.skip is None:
+        raise ValueError("the layer-skip draft needs a skip range")
+    if draft.kind == "model" and (draft.model is None or draft.model.config.vocab_size != model.config.vocab_size):
+        raise ValueError("the model draft needs a draft model with the target's vocabulary")
 
 
 @torch.no_grad()
-def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, draft: str = "s3d",
-                         gamma: Optional[int] = None, skip: Optional[tuple[int, int]] = None,
-                         draft_model: Optional[Transformer] = None, temperature: float = 0.0,
-                         top_k: Optional[int] = None, top_p: Optional[float] = None,
-                         eos_ids: set[int] = frozenset(), compile: bool = False, compile_prefill: bool = False,
-                         on_token: Optional[Callable[[int], None]] = None,
+def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, draft: Draft, *,
+                         sampling: Sampling = GREEDY, eos_ids: set[int] = frozenset(), compile: bool = False,
+                         compile_prefill: bool = False, on_token: Optional[Callable[[int], None]] = None,
                          on_iteration: Optional[Callable[[list[int], int, int], None]] = None) -> Result:
-    """Speculative decoding with one of DRAFT_KINDS; the output is exactly the target's (greedy: token for token;
-    sampling: in distribution). draft="s3d" needs model.heads (gamma defaults to, and may not exceed, theirs).
-    on_iteration(drafts, n, target_token) sees every iteration: the g drafts, how many were accepted, and the
-    target's own token after them (the replacement of draft n+1, or the bonus when all g were accepted)."""
-    if draft not in DRAFT_KINDS:
-        raise ValueError(f"unknown draft kind {draft!r} (choose from {', '.join(DRAFT_KINDS)})")
-    if draft == "s3d":
-        if model.heads is None:
-            raise ValueError("S3D drafting needs draft heads: load a heads file or make fresh ones")
-        gamma = gamma or model.heads.gamma
-        if gamma > model.heads.gamma:
-            raise ValueError(f"gamma {gamma} exceeds the heads' {model.heads.gamma} (they have {model.heads.gamma - 1} mask embeddings)")
-    if draft == "skip" and skip is None:
-        raise ValueError("the layer-skip draft needs a skip range")
-    if draft == "model" and (draft_model is None or draft_model.config.vocab_size != model.config.vocab_size):
-        raise ValueError("the model draft needs a draft model with the target's vocabulary")
-    gamma = gamma or 4
-    if gamma < 1:
-        raise ValueError(f"gamma must be at least 1, got {gamma}")
-    device = model.output.weight.device
-    prepare_cache(model, len(prompt) + max_new_tokens + gamma + 1)
-    if draft_model is not None:
-        prepare_cache(draft_model, len(prompt) + max_new_tokens + gamma + 1)
-    sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p)
+    """Speculative decoding; the output is exactly the target's (greedy: token for token; sampling: in
+    distribution). on_iteration(drafts, n, target_token) sees every iteration: the g drafts, how many were
+    accepted, and the target's own token after them (the replacement of draft n+1, or the bonus when all g were
+    accepted)."""
+    check_draft(model, draft)
+    gamma, device = draft.gamma, model.output.weight.device
+    for m in (model, draft.model):
+        if m is not None:
+            prepare_cache(m, len(prompt) + max_new_tokens + gamma + 1)
     run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
     verify = step_fn(verify_step, model, compile)
-    draft_fn = step_fn(draft_s3d, model, compile)
-    step = step_fn(decode_one_token, model, compile)
 
     t0 = time.perf_counter()
     prompt_t, prompt_pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
-    cur = run_prefill(model, prompt_t, prompt_pos, **sampling)
-    if draft == "model":  # the draft model keeps its own cache of the same tokens
-        run_prefill(draft_model, prompt_t, prompt_pos)
+    cur = run_prefill(model, prompt_t, prompt_pos, sampling)
+    drafter = DRAFTERS[draft.kind](model, draft, sampling, compile, lambda m: run_prefill(m, prompt_t, prompt_pos))
     out: list[int] = []
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos, accepted = len(prompt), []
     while not done:
-        if draft == "s3d":
-            drafts, probs = draft_fn(model, cur, torch.arange(pos, pos + gamma, device=device), **sampling)
-        else:
-            drafter = model if draft == "skip" else draft_model
-            drafts, probs = draft_one_by_one(step, drafter, cur, pos, gamma, sampling, skip if draft == "skip" else None)
-        n, tokens = verify(model, cur, drafts.clone(), probs, torch.arange(pos, pos + gamma + 1, device=device), **sampling)
+        drafts, probs = drafter(cur, pos)
+        n, tokens = verify(model, cur, drafts.clone(), probs, torch.arange(pos, pos + gamma + 1, device=device), sampling)
         host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
         n = host[0]
         accepted.append(n)
         if on_iteration is not None:
             on_iteration(host[gamma + 2:], n, host[n + 1])
         done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
-        if draft == "model" and n == gamma and not done:  # the draft model never ran on d_g: give it that KV
-            step(draft_model, drafts[-1:].view(1, 1).clone(), torch.tensor([pos + gamma], device=device), **sampling)
         cur = tokens[n].view(1, 1).clone()
         pos += n + 1
     return Result(out, accepted, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
 
 
 def acceptance_rates(accepted: list[int], gamma: int) -> list[float]:
-    """a_i: how often draft i was accepted among iterations whose drafts 1..i-1 all were (design.md section 4)."""
+    """a_i: how often draft i was accepted among iterations whose drafts 1..i-1 all were (docs/design.md, 4)."""
     reached = [sum(n >= i for n in accepted) for i in range(gamma + 1)]  # reached[i]: drafts 1..i accepted
     return [reached[i] / reached[i - 1] if reached[i - 1] else 0.0 for i in range(1, gamma + 1)]
 
@@ -292,7 +369,7 @@ def mean_tokens_per_iteration(accepted: list[int]) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Speed model (design.md section 4): costs in units of one AR decode step.
+# Speed model (docs/design.md, section 4): costs in units of one AR decode step.
 
 
 def expected_tokens_per_iteration(acceptance: list[float]) -> float:

@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from model import CheckpointError
+from checkpoint import CheckpointError, UsageError
 
 
 class Tokenizer:
@@ -104,12 +104,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Renders messages ({"role", "content"}) with the checkpoint's Jinja chat template, as transformers does."""
         if not self.chat_template:
-            raise ValueError("this checkpoint has no chat template; use --no-chat")
+            raise UsageError("this checkpoint has no chat template; use --no-chat")
         import jinja2
         from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
-            raise ValueError(f"chat template: {message}")
+            raise CheckpointError(f"chat template: {message}")
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
@@ -119,4 +119,4 @@ class Tokenizer:
                 messages=messages, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "")
         except jinja2.TemplateError as e:
-            raise ValueError(f"chat template: {e}") from None
+            raise CheckpointError(f"chat template: {e}") from None

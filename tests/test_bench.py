@@ -2,7 +2,6 @@
 plot, and a deliberately wrong speculative answer reported as a mismatch."""
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -10,23 +9,9 @@ import pytest
 
 import bench
 import s3d
+import spec_bench
 
 ROOT = bench.Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory, default_checkpoint):
-    """A 4-layer random-weight Llama with the default model's tokenizer and chat template."""
-    from scripts.convert_hf_checkpoint import convert_hf_checkpoint
-    from tests.conftest import hf_tiny_model
-
-    folder = tmp_path_factory.mktemp("tiny")
-    hf_tiny_model("LlamaForCausalLM", vocab_size=49152, num_hidden_layers=4, max_position_embeddings=2048,
-                  eos_token_id=2, bos_token_id=1, pad_token_id=2).save_pretrained(folder / "hf")
-    out = convert_hf_checkpoint(folder / "hf", folder / "ours")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(default_checkpoint / name, out / name)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -83,36 +68,16 @@ def test_a_wrong_speculative_answer_is_reported(tiny_checkpoint, prompts, tmp_pa
 
     wrong_bonus.__wrapped__ = s3d.accept_greedy
     monkeypatch.setattr(s3d, "accept_greedy", wrong_bonus)
-    with pytest.raises(bench.Mismatch):
+    with pytest.raises(SystemExit) as exit:  # bench.py exits with code 1 on a mismatch
         bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--methods", "ar", "skip",
                    "--skip", "1:3")
+    assert exit.value.code == 1
     result = json.loads((tmp_path / "out.json").read_text())
     assert {(m["method"], m["question_id"], m["turn"]) for m in result["mismatches"]} == \
         {("skip", 1, 0), ("skip", 1, 1), ("skip", 2, 0)}  # --limit 1: one row per category, every turn
     assert all(m["first_difference"] == 1 for m in result["mismatches"])  # the first token after prefill's
-    assert all(m["gap_ulps"] > bench.TIE_ULPS for m in result["mismatches"])  # a wrong token is not excused as a tie
+    assert all(m["gap_ulps"] > spec_bench.TIE_ULPS for m in result["mismatches"])  # a wrong token is not excused as a tie
     assert "MISMATCH: skip differs from AR on question 1 turn 0" in capsys.readouterr().err
-
-
-def test_gap_in_ulps_counts_rounding_steps(tiny_checkpoint):
-    """The tie rule's measure: 0 for AR's own token; for the runner-up, the logit gap over float32's spacing at
-    that size (torch.nextafter, an independent computation of the rounding step)."""
-    import torch
-
-    from model import load_model
-
-    model = load_model(tiny_checkpoint)
-    prompt = [1, 504, 2014, 30, 905]
-    with torch.no_grad():
-        ar = s3d.ar_generate(model, prompt, 3).tokens
-        assert bench.gap_in_ulps(model, prompt, ar, 1, ar[1]) == 0
-        logits = model(torch.tensor([prompt + ar[:1]]), torch.arange(len(prompt) + 1))[0, -1]
-        top = logits.topk(2)
-        assert top.indices[0] == ar[1]
-        step = (torch.nextafter(top.values[0], torch.tensor(float("inf"))) - top.values[0]).item()
-        gap = bench.gap_in_ulps(model, prompt, ar, 1, top.indices[1].item())
-    assert gap == pytest.approx((top.values[0] - top.values[1]).item() / step, rel=1e-3)
-    assert bench.gap_in_ulps(model, prompt, ar, len(ar), 0) is None  # past AR's answer: nothing to compare
 
 
 def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path):
@@ -129,25 +94,6 @@ def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompt
     assert result["best"] == max(points, key=lambda p: p["measured_speedup"])
 
 
-def test_release_compiled_frees_the_generated_code_and_its_frozen_weights():
-    """Each method's peak memory must be its own: the compiled steps of the method before, whose generated modules
-    hold frozen copies of the weights, are gone after release_compiled."""
-    import gc
-    import weakref
-
-    import torch
-
-    linear = torch.nn.Linear(64, 64)
-    with torch.no_grad():
-        s3d.compiled(linear, "cpu")(torch.randn(1, 64))
-    generated = [weakref.ref(m) for name, m in sys.modules.items()
-                 if name.startswith("torch._inductor.runtime.compile_tasks.")]
-    assert generated, "Inductor registers its generated modules under this name: the release would miss them"
-    bench.release_compiled()
-    gc.collect()
-    assert all(ref() is None for ref in generated)
-
-
 def test_speed_model_by_hand():
     # a = (0.8, 0.5): E[tau] = 1 + 0.8 + 0.4 = 2.2; costs 0.3 + 1.1 = 1.4 -> 1.5714...
     assert s3d.predicted_speedup([0.8, 0.5], 0.3, 1.1) == pytest.approx(2.2 / 1.4)
@@ -158,7 +104,7 @@ def test_speed_model_by_hand():
     (("--plot", "x.png"), "--plot goes with --profile or --sweep"),
     (("--limit", "0"), "must be at least 1"),
     (("--prompts", "README.md"), "not a Spec-Bench row"),
-    (("--methods", "ar", "model"), "--methods model needs --draft_checkpoint"),
+    (("--methods", "ar", "model"), "the model draft needs --draft_checkpoint"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", *args], capture_output=True,
@@ -169,7 +115,8 @@ def test_bad_arguments(args, pattern, default_checkpoint):
 
 def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
     """--formats: one row per format from one command; int8 shrinks the weights, S3D stays equal to AR."""
-    from model import load_model, new_heads
+    from checkpoint import load_model
+    from heads import new_heads
 
     heads = tmp_path / "heads.safetensors"
     new_heads(load_model(tiny_checkpoint), (1, 3), 3, 4).save(heads)

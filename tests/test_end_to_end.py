@@ -9,8 +9,9 @@ import torch
 
 import s3d
 from conftest import ROOT
-from generate import load
-from model import ModelArgs, Transformer, load_heads, new_heads
+from cli import load
+from heads import load_heads, new_heads
+from model import ModelArgs, Transformer
 
 PROMPTS = ["Write a short story about a robot who learns to paint.",
            "What are the three primary colors? Explain briefly.",
@@ -121,8 +122,8 @@ def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, kind):
     near_ties, taus = [], []
     with torch.no_grad():
         for prompt, ar in zip(prompts, ar_outputs):
-            spec = s3d.speculative_generate(model, prompt, 128, draft=draft, gamma=4, skip=(10, 20),
-                                            draft_model=draft_model, eos_ids=tok.eos_ids)
+            spec = s3d.speculative_generate(model, prompt, 128, s3d.Draft(draft, 4, (10, 20), draft_model),
+                                            eos_ids=tok.eos_ids)
             taus.append(s3d.mean_tokens_per_iteration(spec.accepted))
             if spec.tokens != ar:
                 i = next(i for i, (a, b) in enumerate(zip(spec.tokens, ar)) if a != b)

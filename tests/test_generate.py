@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import s3d
-from model import load_model
+from checkpoint import load_model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,14 +118,14 @@ def test_speculative_cli_reports_tau_and_matches_ar(default_checkpoint):
 
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     model = load_model(default_checkpoint, "cpu", torch.float32)
-    from model import new_heads
+    from heads import new_heads
 
     new_heads(model, (8, 22), 3, 4).save(tmp_path / "heads.safetensors")
     proc = run("--max_new_tokens", "16", "--dtype", "float32", "--s3d", str(tmp_path / "heads.safetensors"))
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
     assert_one_line_error(run("--s3d", str(tmp_path / "heads.safetensors"), "--gamma", "5"),
-                          "--gamma 5 exceeds the 3 tokens these heads draft")
+                          "gamma 5 exceeds the 3 tokens these heads draft")
 
 
 @pytest.mark.parametrize("args,pattern", [
@@ -133,7 +133,7 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "skip", "--skip", "0:30"), "invalid skip range 0:30"),
     (("--draft", "skip", "--skip", "ten"), "expected S:E"),
     (("--draft", "s3d", "--gamma", "0"), "--gamma must be at least 1"),
-    (("--draft", "model",), "--draft model needs --draft_checkpoint"),
+    (("--draft", "model",), "the model draft needs --draft_checkpoint"),
     (("--s3d", "/nonexistent/heads.safetensors"), "cannot read heads file"),
     (("--s3d", "x.safetensors", "--draft", "skip"), "--s3d goes with --draft s3d"),
     (("--show_drafts",), "--show_drafts shows speculative iterations"),
@@ -156,7 +156,7 @@ def show_drafts_lines(stdout: str) -> list[tuple[int, int]]:
 def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     """--show_drafts prints one line per iteration whose accepted length is the loop's, then the text and a
     histogram of the same lengths; piped, it has no escape codes."""
-    from model import load_heads
+    from heads import load_heads
     from tokenizer import Tokenizer
 
     prompt_text = "Name three prime numbers."
@@ -169,7 +169,7 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     if kind == "s3d":
         model.set_heads(load_heads(HEADS, model.config))
     with torch.no_grad():
-        result = s3d.speculative_generate(model, prompt, 24, draft=kind, gamma=4, skip=(8, 22) if kind == "skip" else None,
+        result = s3d.speculative_generate(model, prompt, 24, s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None),
                                           eos_ids=tokenizer.eos_ids)
     assert show_drafts_lines(proc.stdout) == [(n, 4) for n in result.accepted]
     assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout

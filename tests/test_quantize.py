@@ -1,4 +1,5 @@
-"""quantize.py: int8 weight-only layers stay close to the float ones, a quantized checkpoint round-trips, S3D on a
+"""Quantization (checkpoint.py's torchao calls and the quantize.py program): int8 weight-only layers stay close to
+the float ones, a quantized checkpoint round-trips, S3D on a
 quantized model is exactly that model's AR output, and unsupported formats or devices give one-line errors."""
 import subprocess
 import sys
@@ -6,9 +7,11 @@ import sys
 import pytest
 import torch
 
-import quantize
+import checkpoint
 import s3d
-from model import load_heads, load_model, new_heads
+import spec_bench
+from checkpoint import load_model
+from heads import load_heads, new_heads
 from tests.conftest import ROOT
 
 HEADS = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
@@ -28,7 +31,7 @@ def test_int8_linear_stays_within_one_percent(dtype):
     reference = model.layers[0](x).float()
     from torchao.quantization import Int8WeightOnlyConfig, quantize_
 
-    quantize_(model, Int8WeightOnlyConfig(), filter_fn=quantize.quantized_layers(model))
+    quantize_(model, Int8WeightOnlyConfig(), filter_fn=checkpoint.quantized_layers(model))
     assert type(model.layers[0].weight).__name__ == "Int8Tensor" and type(model.output.weight) is torch.nn.Parameter
     error = ((model.layers[0](x).float() - reference).norm() / reference.norm()).item()
     assert 0 < error < 0.01
@@ -37,16 +40,16 @@ def test_int8_linear_stays_within_one_percent(dtype):
 def test_quantized_checkpoint_roundtrip_and_memory(convert_tiny, tmp_path):
     _, folder = convert_tiny("LlamaForCausalLM", tie_word_embeddings=True)
     model = load_model(folder)
-    before = quantize.memory_breakdown(model)["weights"]
-    quantize.quantize(model, "int8")
-    path = quantize.quantized_path(folder, "int8", dtype=torch.float32)
-    assert path.name == "model-int8-float32.pt" and quantize.quantized_path(folder, "int8").name == "model-int8.pt"
-    quantize.save_quantized(model, path)
+    before = checkpoint.memory_breakdown(model)["weights"]
+    checkpoint.quantize(model, "int8")
+    path = checkpoint.quantized_path(folder, "int8", dtype=torch.float32)
+    assert path.name == "model-int8-float32.pt" and checkpoint.quantized_path(folder, "int8").name == "model-int8.pt"
+    checkpoint.save_quantized(model, path)
     # the blocks' linear maps are now 1 byte per weight plus a scale per row; embeddings (tied output) stay float32
     linear = sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers.") and n.endswith(".weight")
                  and p.dim() == 2)
-    assert quantize.memory_breakdown(model)["weights"] < before - 2.5 * linear
-    loaded = quantize.load_quantized(load_model(folder), path)
+    assert checkpoint.memory_breakdown(model)["weights"] < before - 2.5 * linear
+    loaded = checkpoint.load_quantized(load_model(folder), path)
     prompt, pos = torch.tensor([list(range(3, 20))]), torch.arange(17)
     for m in (model, loaded):
         m.setup_caches(1, 32)
@@ -54,15 +57,15 @@ def test_quantized_checkpoint_roundtrip_and_memory(convert_tiny, tmp_path):
         assert torch.equal(model(prompt, pos), loaded(prompt, pos))
     assert loaded.quantization == "int8" and loaded.output.weight is loaded.tok_embeddings.weight
     _, other = convert_tiny("MistralForCausalLM")
-    with pytest.raises(quantize.CheckpointError, match="quantized from other weights"):
-        quantize.load_quantized(load_model(other), path)
-    with pytest.raises(quantize.CheckpointError, match="holds weights for torch.float32 activations, not torch.bfloat16"):
-        quantize.load_quantized(load_model(folder, dtype=torch.bfloat16), path)
+    with pytest.raises(checkpoint.CheckpointError, match="quantized from other weights"):
+        checkpoint.load_quantized(load_model(other), path)
+    with pytest.raises(checkpoint.CheckpointError, match="holds weights for torch.float32 activations, not torch.bfloat16"):
+        checkpoint.load_quantized(load_model(folder, dtype=torch.bfloat16), path)
 
 
 def test_compiled_int8_equals_eager(convert_tiny):
     _, folder = convert_tiny("LlamaForCausalLM")
-    model = quantize.quantize(load_model(folder), "int8")
+    model = checkpoint.quantize(load_model(folder), "int8")
     prompt = list(range(3, 15))
     with torch.no_grad():
         eager = s3d.ar_generate(model, prompt, 12).tokens
@@ -75,7 +78,7 @@ def test_compiled_int8_with_bfloat16_activations_runs_on_int8_weights(convert_ti
     from torch._dynamo.utils import counters
 
     _, folder = convert_tiny("LlamaForCausalLM")
-    model = quantize.quantize(load_model(folder, dtype=torch.bfloat16), "int8")
+    model = checkpoint.quantize(load_model(folder, dtype=torch.bfloat16), "int8")
     model.setup_caches(1, 32)
 
     def forward(model, tokens, input_pos):
@@ -95,13 +98,12 @@ def test_compiled_int8_with_bfloat16_activations_runs_on_int8_weights(convert_ti
 def test_s3d_on_the_quantized_default_is_its_ar_output(default_checkpoint, dtype):
     """Draft and verify share the int8 weights and the adapters stay float: greedy S3D == greedy AR of the same
     quantized model, with the shipped heads, and the heads really draft (some are accepted). With bfloat16
-    activations, up to ties: where S3D leaves AR's answer, the target's two logits are within bench.TIE_ULPS
+    activations, up to ties: where S3D leaves AR's answer, the target's two logits are within spec_bench.TIE_ULPS
     rounding steps (a 1-token and a 5-token forward round differently)."""
-    import bench
     from tokenizer import Tokenizer
 
     tok = Tokenizer(default_checkpoint)
-    model = quantize.quantize(load_model(default_checkpoint, dtype=dtype), "int8")
+    model = checkpoint.quantize(load_model(default_checkpoint, dtype=dtype), "int8")
     model.set_heads(load_heads(HEADS, model.config))
     assert type(model.heads.mask_embeddings) is torch.nn.Parameter  # not quantized
     assert all(type(p) is torch.nn.Parameter for p in model.heads.parameters())
@@ -110,21 +112,21 @@ def test_s3d_on_the_quantized_default_is_its_ar_output(default_checkpoint, dtype
         prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": text}]))
         with torch.no_grad():
             ar = s3d.ar_generate(model, prompt, 48, eos_ids=tok.eos_ids).tokens
-            spec = s3d.speculative_generate(model, prompt, 48, draft="s3d", eos_ids=tok.eos_ids)
+            spec = s3d.speculative_generate(model, prompt, 48, s3d.Draft("s3d", 4), eos_ids=tok.eos_ids)
             if dtype == torch.float32 or spec.tokens == ar:
                 assert spec.tokens == ar
             else:
-                i = bench.first_difference(spec.tokens, ar)
-                assert bench.gap_in_ulps(model, prompt, ar, i, spec.tokens[i]) <= bench.TIE_ULPS
+                i = spec_bench.first_difference(spec.tokens, ar)
+                assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec.tokens[i]) <= spec_bench.TIE_ULPS
         accepted += spec.accepted
     assert sum(accepted) > 0
 
 
 def test_int4_on_cpu_names_the_alternative():
-    with pytest.raises(quantize.QuantizeError, match="on a CPU use --quantize int8"):
-        quantize.check_supported("int4", torch.device("cpu"))
-    with pytest.raises(quantize.QuantizeError, match="unknown quantization 'int3'"):
-        quantize.check_supported("int3", torch.device("cpu"))
+    with pytest.raises(checkpoint.UsageError, match="on a CPU use --quantize int8"):
+        checkpoint.check_quantization("int4", torch.device("cpu"))
+    with pytest.raises(checkpoint.UsageError, match="unknown quantization 'int3'"):
+        checkpoint.check_quantization("int3", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("script,args,pattern", [
@@ -144,11 +146,11 @@ def test_cli_errors(script, args, pattern, default_checkpoint):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_s3d_on_a_quantized_model_on_cuda(convert_tiny, mode):
     _, folder = convert_tiny("LlamaForCausalLM", hidden_size=256, intermediate_size=512, num_attention_heads=4)
-    model = quantize.quantize(load_model(folder, "cuda", torch.bfloat16), mode, groupsize=32)
+    model = checkpoint.quantize(load_model(folder, "cuda", torch.bfloat16), mode, groupsize=32)
     model.set_heads(new_heads(model, (2, 4), 3, 4))
     prompt = list(range(3, 20))
     with torch.no_grad():
         ar = s3d.ar_generate(model, prompt, 24).tokens
         for compile in (False, True):
-            assert s3d.speculative_generate(model, prompt, 24, draft="s3d", compile=compile).tokens == ar
-            assert s3d.speculative_generate(model, prompt, 24, draft="skip", skip=(2, 4), compile=compile).tokens == ar
+            assert s3d.speculative_generate(model, prompt, 24, s3d.Draft("s3d", 3), compile=compile).tokens == ar
+            assert s3d.speculative_generate(model, prompt, 24, s3d.Draft("skip", 3, (2, 4)), compile=compile).tokens == ar

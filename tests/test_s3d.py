@@ -2,12 +2,14 @@
 kind and g, with exact EOS and max_new_tokens handling, no recompilation and one host sync per iteration."""
 import itertools
 import math
+import sys
 
 import pytest
 import torch
 
 import s3d
-from model import CheckpointError, DraftHeads, ModelArgs, Transformer, load_heads, load_model, new_heads
+from heads import new_heads
+from model import ModelArgs, Transformer
 
 
 def tiny_model(vocab=96, n_layer=6, dim=64, seed=0, scale=1.0) -> Transformer:
@@ -42,8 +44,7 @@ def test_greedy_is_token_for_token_ar(draft, gamma):
     with torch.no_grad():
         for prompt in PROMPTS:
             ar = s3d.ar_generate(model, prompt, 40).tokens
-            spec = s3d.speculative_generate(model, prompt, 40, draft=draft, gamma=gamma, skip=(1, 5),
-                                            draft_model=draft_model)
+            spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft(draft, gamma, (1, 5), draft_model))
             assert spec.tokens == ar
             assert len(ar) == 40 and sum(n + 1 for n in spec.accepted) >= 39
 
@@ -53,7 +54,7 @@ def test_greedy_accepts_everything_when_the_draft_is_the_target():
     model = tiny_model()
     draft_model = tiny_model()
     with torch.no_grad():
-        spec = s3d.speculative_generate(model, PROMPTS[0], 41, draft="model", gamma=4, draft_model=draft_model)
+        spec = s3d.speculative_generate(model, PROMPTS[0], 41, s3d.Draft("model", 4, model=draft_model))
     assert spec.accepted[:-1] == [4] * (len(spec.accepted) - 1) and len(spec.accepted) == 8
 
 
@@ -63,7 +64,7 @@ def test_max_new_tokens_truncates_exactly(draft):
     with torch.no_grad():
         ar = s3d.ar_generate(model, PROMPTS[2], 30).tokens
         for k in range(1, 13):
-            assert s3d.speculative_generate(model, PROMPTS[2], k, draft=draft, skip=(2, 4)).tokens == ar[:k]
+            assert s3d.speculative_generate(model, PROMPTS[2], k, s3d.Draft(draft, 4, (2, 4))).tokens == ar[:k]
 
 
 def test_eos_inside_an_accepted_block_ends_generation_there():
@@ -73,7 +74,7 @@ def test_eos_inside_an_accepted_block_ends_generation_there():
         ar = s3d.ar_generate(model, PROMPTS[2], 30).tokens
         for eos in set(ar[1:12]):
             expected = ar[:ar.index(eos) + 1]
-            spec = s3d.speculative_generate(model, PROMPTS[2], 30, draft="model", gamma=4, draft_model=draft_model,
+            spec = s3d.speculative_generate(model, PROMPTS[2], 30, s3d.Draft("model", 4, model=draft_model),
                                             eos_ids={eos})
             assert spec.tokens == expected
             assert s3d.ar_generate(model, PROMPTS[2], 30, eos_ids={eos}).tokens == expected
@@ -94,7 +95,7 @@ def test_generation_records_no_autograd_graph(draft):
     if draft is None:
         s3d.ar_generate(model, PROMPTS[0], 12)
     else:
-        s3d.speculative_generate(model, PROMPTS[0], 12, draft=draft, skip=(1, 5), gamma=3)
+        s3d.speculative_generate(model, PROMPTS[0], 12, s3d.Draft(draft, 3, (1, 5)))
     cache = model.layers[0].attention.kv_cache
     assert not cache.k_cache.requires_grad and cache.k_cache.grad_fn is None and cache.v_cache.grad_fn is None
 
@@ -107,7 +108,7 @@ def exact_first_tokens_distribution(model, prompt, n_tokens, temperature, top_k)
         model.setup_caches(1, 64)
         for seq in itertools.product(range(vocab), repeat=n_tokens - 1):
             tokens = torch.tensor([prompt + list(seq)])
-            probs = s3d.logits_to_probs(model(tokens, torch.arange(tokens.shape[1]))[0], temperature, top_k)
+            probs = s3d.logits_to_probs(model(tokens, torch.arange(tokens.shape[1]))[0], s3d.Sampling(temperature, top_k))
             p_prefix = math.prod(probs[len(prompt) - 1 + i, t].item() for i, t in enumerate(seq))
             for last in range(vocab):
                 dist[seq + (last,)] = p_prefix * probs[-1, last].item()
@@ -136,7 +137,8 @@ def speculative_samples(model, prompt, n_samples, temperature, top_k, gamma=3):
     torch.manual_seed(0)
     with torch.no_grad():
         for _ in range(n_samples):
-            r = s3d.speculative_generate(model, prompt, 3, draft="s3d", gamma=gamma, temperature=temperature, top_k=top_k)
+            r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", gamma),
+                                         sampling=s3d.Sampling(temperature, top_k))
             counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
     return counts
 
@@ -188,54 +190,11 @@ def test_acceptance_rule_on_known_distributions():
         assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Heads: they never touch the target; files carry their identity.
-
-
-def test_heads_leave_the_target_unchanged(tmp_path):
-    model = tiny_model()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    tokens = torch.tensor([PROMPTS[2]])
-    with torch.no_grad():
-        model.setup_caches(1, 64)
-        plain = model(tokens, torch.arange(30))
-        with_trained_looking_heads(model).heads.save(tmp_path / "h.safetensors")
-        model.set_heads(load_heads(tmp_path / "h.safetensors", model.config))
-        after = model(tokens, torch.arange(30))
-        drafted = model(tokens[:, :1], torch.arange(4), draft=True)
-    assert torch.equal(plain, after), "the full forward must be bit-identical with heads attached"
-    assert not torch.equal(drafted[0, 0], plain[0, 0]), "the draft forward should differ"
-    state = model.state_dict()
-    assert all(torch.equal(state[k], v) for k, v in before.items())
-    extra = sum(p.numel() for p in model.heads.parameters())
-    assert extra == sum(p.numel() for p in model.parameters()) - sum(v.numel() for v in before.values())
-
-
-def test_heads_roundtrip_and_identity_checks(tmp_path):
-    model = with_trained_looking_heads(tiny_model(), skip=(1, 4), gamma=3, rank=2)
-    model.config.fingerprint = "a" * 32
-    model.heads.meta["base_fingerprint"] = "a" * 32
-    model.heads.save(tmp_path / "h.safetensors")
-    loaded = load_heads(tmp_path / "h.safetensors", model.config)
-    assert (loaded.skip, loaded.gamma, loaded.rank) == ((1, 4), 3, 2)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.heads.state_dict().values()))
-    other = tiny_model(seed=3)
-    other.config.fingerprint = "b" * 32
-    with pytest.raises(CheckpointError, match="trained for tiny-0"):
-        load_heads(tmp_path / "h.safetensors", other.config)
-    wide = tiny_model(dim=32)
-    with pytest.raises(CheckpointError, match="do not fit"):
-        load_heads(tmp_path / "h.safetensors", wide.config)
-    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="cannot read heads file"):
-        load_heads(tmp_path / "bad.safetensors", model.config)
-
-
 def test_untrained_heads_work_with_low_acceptance():
     model = tiny_model()
     model.set_heads(new_heads(model, (2, 4), 4, 8))
     with torch.no_grad():
-        r = s3d.speculative_generate(model, PROMPTS[0], 40)
+        r = s3d.speculative_generate(model, PROMPTS[0], 40, s3d.Draft("s3d", 4))
     assert r.tokens == s3d.ar_generate(model, PROMPTS[0], 40).tokens
     assert s3d.mean_tokens_per_iteration(r.accepted) < 2.5
 
@@ -243,16 +202,12 @@ def test_untrained_heads_work_with_low_acceptance():
 def test_errors():
     model = tiny_model()
     with pytest.raises(ValueError, match="needs draft heads"):
-        s3d.speculative_generate(model, [1, 2], 4)
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("s3d", 4))
     model.set_heads(new_heads(model, (2, 4), 3, 2))
     with pytest.raises(ValueError, match="gamma 4 exceeds"):
-        s3d.speculative_generate(model, [1, 2], 4, gamma=4)
-    with pytest.raises(ValueError, match="invalid skip range 4:2"):
-        DraftHeads(model.config, (4, 2), 3, 2)
-    with pytest.raises(ValueError, match="invalid skip range 0:6"):
-        DraftHeads(model.config, (0, 6), 3, 2)
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("s3d", 4))
     with pytest.raises(ValueError, match="vocabulary"):
-        s3d.speculative_generate(model, [1, 2], 4, draft="model", draft_model=tiny_model(vocab=50))
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("model", 3, model=tiny_model(vocab=50)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -265,12 +220,12 @@ def test_compiled_loop_is_lossless_and_never_recompiles(draft):
 
     model = with_trained_looking_heads(tiny_model())
     with torch.no_grad():
-        warm = s3d.speculative_generate(model, PROMPTS[0], 20, draft=draft, skip=(2, 4), compile=True)
+        warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft(draft, 4, (2, 4)), compile=True)
         assert warm.tokens == s3d.ar_generate(model, PROMPTS[0], 20).tokens
         torch._dynamo.config.error_on_recompile = True
         try:
             for prompt in PROMPTS[1:]:
-                spec = s3d.speculative_generate(model, prompt, 25, draft=draft, skip=(2, 4), compile=True)
+                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft(draft, 4, (2, 4)), compile=True)
                 assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
         finally:
             torch._dynamo.config.error_on_recompile = False
@@ -288,8 +243,22 @@ def test_one_host_sync_per_iteration(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     model = with_trained_looking_heads(tiny_model())
     with torch.no_grad():
-        r = s3d.speculative_generate(model, PROMPTS[0], 30)
+        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4))
     assert calls["n"] == len(r.accepted) + 1  # + the first token, sampled by prefill
+
+
+def test_batched_generation_equals_one_by_one_greedy():
+    """Left-padded rows of different lengths decode as each would alone; sampled rows run to the same length."""
+    model = tiny_model()
+    prompts = [[3, 4, 5, 6, 7], [10, 11], [50, 7, 9]]
+    model.setup_caches(len(prompts), 64)
+    rows = s3d.generate_batch(model, prompts, 12)
+    for prompt, row in zip(prompts, rows):
+        model.setup_caches(1, 64)
+        assert row == s3d.ar_generate(model, prompt, 12).tokens
+    model.setup_caches(2 * len(prompts), 64)
+    sampled = s3d.generate_batch(model, prompts * 2, 12, s3d.Sampling(0.8))
+    assert len(sampled) == 6 and all(len(r) == 12 for r in sampled) and sampled != rows * 2
 
 
 def test_speed_model_matches_a_hand_computation():
@@ -299,3 +268,20 @@ def test_speed_model_matches_a_hand_computation():
     assert s3d.predicted_speedup(acceptance, draft_cost, verify_cost) == pytest.approx(tau / 1.7)
     assert s3d.acceptance_rates([0, 4, 2, 1], 4) == pytest.approx([0.75, 2 / 3, 0.5, 1.0])
     assert s3d.mean_tokens_per_iteration([0, 4, 2, 1]) == pytest.approx(2.75)
+
+
+def test_release_compiled_frees_the_generated_code_and_its_frozen_weights():
+    """Each method's peak memory must be its own: the compiled steps of the method before, whose generated modules
+    hold frozen copies of the weights, are gone after release_compiled."""
+    import gc
+    import weakref
+
+    linear = torch.nn.Linear(64, 64)
+    with torch.no_grad():
+        s3d.compiled(linear, "cpu")(torch.randn(1, 64))
+    generated = [weakref.ref(m) for name, m in sys.modules.items()
+                 if name.startswith("torch._inductor.runtime.compile_tasks.")]
+    assert generated, "Inductor registers its generated modules under this name: the release would miss them"
+    s3d.release_compiled()
+    gc.collect()
+    assert all(ref() is None for ref in generated)

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from model import CheckpointError
+from checkpoint import CheckpointError
 from tokenizer import Tokenizer
 
 TEXT = ["The quick brown fox jumps over the lazy dog.", "Speculative decoding drafts tokens and verifies them.",

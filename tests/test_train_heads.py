@@ -7,7 +7,7 @@ import torch
 
 import s3d
 import train_heads
-from model import load_heads, new_heads
+from heads import load_heads, new_heads
 from test_s3d import tiny_model, with_trained_looking_heads
 
 
@@ -76,7 +76,7 @@ def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path):
     model.set_heads(loaded)
     for seq in seqs[:3]:
         prompt = seq["tokens"][: seq["prompt_len"]]
-        assert s3d.speculative_generate(model, prompt, 24).tokens == seq["tokens"][seq["prompt_len"]:]
+        assert s3d.speculative_generate(model, prompt, 24, s3d.Draft("s3d", 3)).tokens == seq["tokens"][seq["prompt_len"]:]
 
 
 def test_resume_continues_where_it_stopped(tmp_path):
@@ -98,17 +98,6 @@ def test_resume_continues_where_it_stopped(tmp_path):
         torch.testing.assert_close(resumed[k], straight[k])
 
 
-def test_batched_generation_equals_one_by_one_greedy():
-    model = tiny_model()
-    prompts = [[3, 4, 5, 6, 7], [10, 11], [50, 7, 9]]
-    model.setup_caches(len(prompts) * 2, 64)
-    rows = train_heads.generate_batch(model, prompts, 2, 12, 0.8, eos_ids=set())
-    assert len(rows) == 6 and all(len(r) == 12 for r in rows)
-    for i, prompt in enumerate(prompts):  # row 0 of each prompt is greedy: the plain AR answer despite padding
-        model.setup_caches(1, 64)
-        assert rows[2 * i] == s3d.ar_generate(model, prompt, 12).tokens
-
-
 def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     model = tiny_model()
 
@@ -125,10 +114,12 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     seqs = train_heads.generate_data(model, Tok(), prompts[:3], tmp_path, 2, 8, 0.8, 2, False)
     assert len(seqs) == 6
     calls = []
-    real = train_heads.generate_batch
-    monkeypatch.setattr(train_heads, "generate_batch", lambda m, p, *a, **k: calls.append(len(p)) or real(m, p, *a, **k))
+    real = s3d.generate_batch
+    monkeypatch.setattr(s3d, "generate_batch", lambda m, p, *a, **k: calls.append(set(map(tuple, p))) or real(m, p, *a, **k))
     seqs = train_heads.generate_data(model, Tok(), prompts, tmp_path, 2, 8, 0.8, 2, False)
-    assert len(seqs) == 10 and calls == [2]  # only the two new prompts were answered
+    # only the two new prompts were answered: one batch of their greedy answers, one of their sampled ones
+    new = {tuple(Tok().encode(p["prompt"])) for p in prompts[3:]}
+    assert len(seqs) == 10 and calls == [new, new]
     assert sorted({s["id"] for s in seqs}) == [p["id"] for p in prompts]
     with pytest.raises(train_heads.UsageError, match="other settings"):
         train_heads.generate_data(model, Tok(), prompts, tmp_path, 3, 8, 0.8, 2, False)

@@ -1,0 +1,197 @@
+"""Checkpoints: a folder with model.safetensors and config.json (ours), plus tokenizer files; weight fingerprints;
+torchao weight-only quantization and the quantized checkpoints quantize.py writes; memory accounting. Also the
+error that every check of what a user gives raises (UsageError), which the programs print as one line.
+"""
+import hashlib
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from model import ARCHITECTURES, ModelArgs, Transformer
+
+
+class UsageError(ValueError):
+    """A mistake in what the user gave (a flag, a value, a file): the programs print it as one line and exit 2."""
+
+
+class CheckpointError(UsageError):
+    """A checkpoint, heads or quantized file that cannot be used."""
+
+
+def read_config(path: Path) -> ModelArgs:
+    """Reads our own config.json, as the conversion scripts write it."""
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    if "architectures" in config:  # a transformers folder that was never converted
+        raise CheckpointError(f"{path} is a transformers config; convert it first with scripts/convert_hf_checkpoint.py")
+    if config.get("architecture") not in ARCHITECTURES:
+        raise CheckpointError(f"unknown architecture {config.get('architecture')!r} in {path} "
+                              f"(supported: {', '.join(ARCHITECTURES)})")
+    unknown = set(config) - {f.name for f in fields(ModelArgs)}
+    if unknown:
+        raise CheckpointError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
+    return ModelArgs(**config)
+
+
+def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
+    """A short hash of the weights, so a heads file can tell which model it was trained for."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().float().contiguous()
+        h.update(name.encode())
+        h.update(t.flatten()[:: max(1, t.numel() // 4096)].numpy().tobytes())  # a sample is enough to tell apart
+    return h.hexdigest()[:32]
+
+
+def save_checkpoint(state_dict: dict[str, Tensor], config: ModelArgs, folder: Path) -> None:
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config.fingerprint = weights_fingerprint(state_dict)
+    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+
+
+def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
+    """Loads a converted checkpoint folder; CheckpointError (a one-line message) for anything wrong with it."""
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder {folder} does not exist")
+    for needed in ("config.json", "model.safetensors"):
+        if not (folder / needed).is_file():
+            raise CheckpointError(f"{folder} has no {needed}; is it a converted checkpoint? "
+                                  "(see scripts/convert_hf_checkpoint.py and scripts/convert_gguf.py)")
+    config = read_config(folder / "config.json")
+    with torch.device("meta"):
+        model = Transformer(config)
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = {}
+    try:
+        with safe_open(str(folder / "model.safetensors"), framework="pt", device="cpu") as f:
+            for name in f.keys():
+                state_dict[name] = f.get_tensor(name)
+    except Exception as e:  # truncated or corrupt files raise SafetensorError, OSError or others
+        raise CheckpointError(f"cannot read {folder / 'model.safetensors'} (truncated or corrupt?): {e}") from None
+    if config.tie_embeddings:
+        expected.pop("output.weight", None)
+    missing = sorted(set(expected) - set(state_dict))
+    extra = sorted(set(state_dict) - set(expected))
+    if missing or extra:
+        raise CheckpointError(f"{folder / 'model.safetensors'} does not match config.json: "
+                              f"missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, shape in expected.items():
+        if state_dict[name].shape != shape:
+            raise CheckpointError(f"{name} has shape {tuple(state_dict[name].shape)} in the weights, "
+                                  f"{tuple(shape)} in config.json")
+    model.load_state_dict(state_dict, assign=True, strict=False)
+    model.freqs_cis, model.causal_mask = torch.empty(0), torch.empty(0, dtype=torch.bool)  # made by setup_caches
+    if config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    return model.to(device=device, dtype=dtype).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Weight-only quantization (torchao). What stays in high precision, and why: the S3D draft adapters (small, and
+# trained in float); the token embeddings (a lookup, not a matmul); a tied output head (quantizing it would keep a
+# second copy of the embedding). Draft and verify run on the same quantized weights, so S3D's output is exactly
+# the quantized model's.
+
+QUANTIZATIONS = ("int8", "int4")
+
+
+def check_quantization(mode: str, device: torch.device, groupsize: int = 128) -> None:
+    if mode not in QUANTIZATIONS:
+        raise UsageError(f"unknown quantization {mode!r} (choose from {', '.join(QUANTIZATIONS)})")
+    if mode == "int4" and device.type != "cuda":
+        import torchao
+
+        raise UsageError(f"int4 weight-only needs a CUDA GPU: torchao {torchao.__version__} has no CPU int4 kernel; "
+                         "on a CPU use --quantize int8")
+    if mode == "int4" and groupsize not in (32, 64, 128, 256):
+        raise UsageError(f"--groupsize must be 32, 64, 128 or 256 for int4, got {groupsize}")
+
+
+def quantized_layers(model: Transformer) -> Callable[[nn.Module, str], bool]:
+    """The filter for torchao's quantize_: the blocks' linear maps, and the output head unless it is tied."""
+    tied = model.output.weight is model.tok_embeddings.weight
+
+    def keep(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and (name.startswith("layers.") or (name == "output" and not tied))
+
+    return keep
+
+
+def quantize(model: Transformer, mode: str, groupsize: int = 128) -> Transformer:
+    """Quantizes model's weights in place (heads are left alone: attach them before or after)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+    check_quantization(mode, model.tok_embeddings.weight.device, groupsize)
+    if mode == "int4" and model.tok_embeddings.weight.dtype != torch.bfloat16:
+        raise UsageError("int4 runs in bfloat16: add --dtype bfloat16")
+    heads, model.heads = model.heads, None  # never quantize the draft adapters
+    config = Int8WeightOnlyConfig() if mode == "int8" else \
+        Int4WeightOnlyConfig(group_size=groupsize, int4_packing_format="tile_packed_to_4d")
+    quantize_(model, config, filter_fn=quantized_layers(model))
+    model.heads = heads
+    model.quantization = mode if mode == "int8" else f"int4 (groupsize {groupsize})"
+    return model
+
+
+def quantized_path(folder: Path, mode: str, groupsize: int = 128, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """model-int8.pt, model-int4-g128.pt; a name ends in the activations' dtype unless it is bfloat16, since the
+    scales and the float weights are stored in that dtype."""
+    name = f"model-{mode}" + ("" if mode == "int8" else f"-g{groupsize}")
+    return Path(folder) / (name + ("" if dtype == torch.bfloat16 else "-" + str(dtype).removeprefix("torch.")) + ".pt")
+
+
+def save_quantized(model: Transformer, path: Path) -> None:
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
+    torch.save({"quantization": model.quantization, "fingerprint": model.config.fingerprint,
+                "dtype": str(model.tok_embeddings.weight.dtype), "state_dict": state}, path)
+
+
+def load_quantized(model: Transformer, path: Path) -> Transformer:
+    """Replaces model's weights by those of a file written by save_quantized (for the same base model)."""
+    try:
+        saved = torch.load(path, map_location=model.tok_embeddings.weight.device, weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+    if saved.get("fingerprint") != model.config.fingerprint:
+        raise CheckpointError(f"{path} was quantized from other weights than {model.config.name or 'this checkpoint'}")
+    if saved.get("dtype") != str(model.tok_embeddings.weight.dtype):
+        raise CheckpointError(f"{path} holds weights for {saved.get('dtype')} activations, not "
+                              f"{model.tok_embeddings.weight.dtype}: quantize again with that --dtype")
+    model.load_state_dict(saved["state_dict"], assign=True, strict=False)
+    if model.config.tie_embeddings:
+        model.output.weight = model.tok_embeddings.weight
+    model.quantization = saved["quantization"]
+    return model
+
+
+def tensor_bytes(t: Tensor) -> int:
+    """Bytes a tensor really holds: a quantized tensor subclass counts its packed data and scales."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def memory_breakdown(model: Transformer) -> dict[str, int]:
+    """Bytes of the target's weights, of the KV cache and of the S3D adapters (tied weights counted once)."""
+    heads = {id(p) for p in model.heads.parameters()} if model.heads is not None else set()
+    weights = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in heads)
+    kv = sum(tensor_bytes(b) for layer in model.layers if layer.attention.kv_cache is not None
+             for b in layer.attention.kv_cache.buffers())
+    adapters = sum(tensor_bytes(p) for p in model.heads.parameters()) if model.heads is not None else 0
+    return {"weights": weights, "kv_cache": kv, "adapters": adapters}

@@ -1,0 +1,187 @@
+"""What the command-line programs (generate.py, train_heads.py, quantize.py, bench.py) share: one-line errors, the
+device and dtype rules, loading, the draft rules (heads, skip range, g) stated once, peak memory, the machine's
+description, perplexity.
+"""
+import argparse
+import ctypes
+import datetime
+import functools
+import gc
+import inspect
+import math
+import platform
+import resource
+import sys
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+import s3d
+from checkpoint import UsageError, load_model
+from heads import check_gamma, check_skip, load_heads, middle_third, new_heads
+from model import Transformer
+from tokenizer import Tokenizer
+
+DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
+PERPLEXITY_TEXT = Path(__file__).resolve().parent / "data" / "perplexity.txt"
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def program(main: Callable) -> Callable:
+    """Decorates a program's main(argv=None): a UsageError (the user's mistake) prints as one line and exits with
+    code 2, Ctrl-C exits with 130; anything else is a bug and shows its traceback."""
+    prog = Path(inspect.getfile(main)).name
+
+    @functools.wraps(main)
+    def run(argv: Optional[list[str]] = None):
+        try:
+            return main(argv)
+        except UsageError as e:
+            print(f"{prog}: error: {e}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return run
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not argparse's usage block
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def skip_range(text: str) -> tuple[int, int]:
+    """argparse type of --skip: 'S:E' -> (S, E); the model's layer count is checked later (check_skip)."""
+    try:
+        s, e = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected S:E (two layer numbers), got {text!r}") from None
+    return s, e
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not available.get(device.type, False):
+        raise UsageError(f"device {name!r} is not available on this machine")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"device {name!r} does not exist ({torch.cuda.device_count()} CUDA devices)")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = None) -> str:
+    """--dtype auto: bfloat16 on GPUs and for quantized weights (Inductor's int8 GEMM takes bfloat16 activations),
+    else float32 on a CPU (without native bf16 a multi-token bf16 forward is slow, and S3D's verify is one)."""
+    if name != "auto":
+        return name
+    return "float32" if device.type == "cpu" and not quantize else "bfloat16"
+
+
+def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
+    if not Path(checkpoint).exists() and Path(checkpoint) == DEFAULT_CHECKPOINT:
+        raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
+    model = load_model(checkpoint, device, dtype)
+    return model, Tokenizer(checkpoint)
+
+
+def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> list[int]:
+    if chat:
+        return tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False)
+    return tokenizer.encode(messages[-1]["content"])
+
+
+def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,
+               skip: Optional[tuple[int, int]] = None, heads: Optional[Path] = None, rank: int = 8,
+               draft_checkpoint: Optional[Path] = None) -> Optional[s3d.Draft]:
+    """The draft settings from the command line's, with every default and check in one place: the skip range
+    defaults to the heads' (or the middle third), g to the heads' (or 4) and may not exceed theirs; S3D without a
+    heads file gets fresh, untrained heads (attached to model). None when kind is None: plain AR."""
+    if kind is None:
+        return None
+    n_layer = model.config.n_layer
+    skip = check_skip(skip, n_layer) if skip is not None else None
+    if kind == "s3d":
+        if heads is not None:
+            model.set_heads(load_heads(heads, model.config))
+        else:
+            print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
+                  file=sys.stderr)
+            model.set_heads(new_heads(model, skip or middle_third(n_layer), gamma or 4, rank))
+        return s3d.Draft("s3d", check_gamma(gamma or model.heads.gamma, model.heads), model.heads.skip)
+    if kind == "model":
+        if draft_checkpoint is None:
+            raise UsageError("the model draft needs --draft_checkpoint")
+        small = load_model(draft_checkpoint, model.output.weight.device, model.tok_embeddings.weight.dtype)
+        if small.config.vocab_size != model.config.vocab_size:
+            raise UsageError(f"the draft model's vocabulary ({small.config.vocab_size}) differs from the "
+                             f"target's ({model.config.vocab_size})")
+        return s3d.Draft("model", check_gamma(gamma or 4), model=small)
+    return s3d.Draft("skip", check_gamma(gamma or 4), skip or middle_third(n_layer))
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """CUDA: the most memory PyTorch allocated; CPU: the process's peak resident set (since the last
+    reset_peak_memory, on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    try:  # the kernel's high-water mark, which reset_peak_memory can reset (getrusage's cannot)
+        line = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("VmHWM:"))
+        return int(line.split()[1]) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Starts a new peak for peak_memory_bytes: CUDA's allocator statistics, or the kernel's peak-RSS mark (Linux;
+    elsewhere the process-wide peak stays)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def return_freed_memory() -> None:
+    """Collects garbage (such as what compilation leaves) and, on Linux, returns the freed heap to the system: peak
+    memory is the resident set, which freed memory otherwise stays in."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def cpu_name() -> str:
+    try:
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    except OSError:
+        names = []
+    return f"{names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+
+
+def machine_line() -> str:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else cpu_name()
+    return (f"{device}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"{datetime.date.today().isoformat()}")
+
+
+@torch.no_grad()
+def perplexity(model: Transformer, tokens: list[int], window: int = 512) -> float:
+    """exp(mean next-token negative log-likelihood) over the text, in consecutive windows of `window` tokens."""
+    model.setup_caches(1, window)
+    device = model.output.weight.device
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, window - 1):
+        chunk = torch.tensor([tokens[start:start + window]], device=device)
+        logits = model(chunk, torch.arange(chunk.shape[1], device=device))[0, :-1].float()
+        nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
+        count += chunk.shape[1] - 1
+    return math.exp(nll / count)

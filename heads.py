@@ -1,0 +1,132 @@
+"""The S3D draft adapters ("heads"): g-1 mask embeddings and low-rank adapters on the kept layers, active only in
+the draft forward (docs/design.md, section 2); the rules for skip ranges and g; their safetensors file format.
+"""
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from checkpoint import CheckpointError, UsageError
+from model import ModelArgs, Transformer
+
+
+class LowRank(nn.Module):
+    """x -> B(A(x)): a rank-r correction to one linear map of a kept layer, used in the draft forward only."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int):
+        super().__init__()
+        self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
+        self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: an untrained adapter changes nothing
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(F.linear(x, self.A), self.B)
+
+
+def middle_third(n_layer: int) -> tuple[int, int]:
+    """The default skip range: the middle third of the layers (symmetric middle skipping worked best in S3D)."""
+    return n_layer // 3, n_layer - n_layer // 3
+
+
+def symmetric_skips(n_layer: int) -> list[tuple[int, int]]:
+    """Candidate skip ranges for a sweep: middle ranges skipping 2, 4, ... layers up to half the model, centred (the paper's best shape)."""
+    return [((n_layer - k) // 2, (n_layer - k) // 2 + k) for k in range(2, n_layer // 2 + 1, 2)]
+
+
+def check_skip(skip: tuple[int, int], n_layer: int) -> tuple[int, int]:
+    """Validates a draft skip range [s, e): UsageError otherwise."""
+    s, e = skip
+    if not (0 <= s < e <= n_layer) or (s == 0 and e == n_layer):
+        raise UsageError(f"invalid skip range {s}:{e} for a model of {n_layer} layers "
+                         f"(need 0 <= s < e <= {n_layer}, keeping at least one layer)")
+    return s, e
+
+
+def check_gamma(gamma: int, heads: Optional["DraftHeads"] = None) -> int:
+    """g, the tokens drafted per iteration: at least 1, and with heads at most theirs (they have g-1 masks)."""
+    if gamma < 1:
+        raise UsageError(f"gamma must be at least 1, got {gamma}")
+    if heads is not None and gamma > heads.gamma:
+        raise UsageError(f"gamma {gamma} exceeds the {heads.gamma} tokens these heads draft "
+                         f"(they have {heads.gamma - 1} mask embeddings)")
+    return gamma
+
+
+class DraftHeads(nn.Module):
+    """Everything S3D adds to the target: g-1 mask embeddings and low-rank adapters on the kept layers.
+
+    meta records what the heads belong to (base_model, base_fingerprint) and how they were trained.
+    """
+
+    def __init__(self, config: ModelArgs, skip: tuple[int, int], gamma: int, rank: int, meta: Optional[dict] = None):
+        super().__init__()
+        if rank < 0:
+            raise UsageError(f"rank must be at least 0, got {rank}")
+        self.skip = check_skip(tuple(skip), config.n_layer)
+        self.gamma, self.rank = check_gamma(gamma), rank
+        self.meta = dict(meta or {})
+        # Mi starts as a small random vector, distinct per offset; training moves it where it helps.
+        self.mask_embeddings = nn.Parameter(torch.randn(gamma - 1, config.dim) * 0.02)
+        qkv = (config.n_head + 2 * config.n_local_heads) * config.head_dim
+        shapes = {"wqkv": (config.dim, qkv), "wo": (config.n_head * config.head_dim, config.dim),
+                  "w1": (config.dim, config.intermediate_size), "w3": (config.dim, config.intermediate_size),
+                  "w2": (config.intermediate_size, config.dim)}
+        s, e = self.skip
+        self.adapters = nn.ModuleDict({
+            str(i): nn.ModuleDict({name: LowRank(fan_in, fan_out, rank) for name, (fan_in, fan_out) in shapes.items()})
+            for i in range(config.n_layer) if not s <= i < e
+        }) if rank > 0 else None
+
+    def check_fits(self, config: ModelArgs) -> None:
+        base, fingerprint = self.meta.get("base_model", ""), self.meta.get("base_fingerprint", "")
+        if fingerprint and config.fingerprint and fingerprint != config.fingerprint:
+            raise CheckpointError(f"these heads were trained for {base or 'another model'} (fingerprint "
+                                  f"{fingerprint[:12]}), not for {config.name or 'this model'} "
+                                  f"(fingerprint {config.fingerprint[:12]})")
+        if self.mask_embeddings.shape[1] != config.dim or self.skip[1] > config.n_layer:
+            raise CheckpointError(f"these heads (dim {self.mask_embeddings.shape[1]}, skip {self.skip[0]}:{self.skip[1]}) "
+                                  f"do not fit a model of dim {config.dim} and {config.n_layer} layers")
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        metadata = {"format": "s3d-heads", "skip": f"{self.skip[0]}:{self.skip[1]}", "gamma": str(self.gamma),
+                    "rank": str(self.rank), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
+        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(path), metadata=metadata)
+
+
+def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int) -> DraftHeads:
+    """Fresh (untrained) heads for this model: they work, with low acceptance."""
+    c = model.config
+    heads = DraftHeads(c, skip, gamma, rank, meta={"base_model": c.name, "base_fingerprint": c.fingerprint})
+    return heads.to(device=model.tok_embeddings.weight.device)
+
+
+def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
+    """Loads a heads file and checks it was made for this model; CheckpointError otherwise."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for unreadable files
+        raise CheckpointError(f"cannot read heads file {path}: {e}") from None
+    if meta.pop("format", None) != "s3d-heads":
+        raise CheckpointError(f"{path} is not an S3D heads file (no 's3d-heads' metadata)")
+    s, e = (int(v) for v in meta.pop("skip").split(":"))
+    gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
+    if e > config.n_layer:
+        raise CheckpointError(f"heads {path} skip layers {s}:{e}, but the model has {config.n_layer} layers")
+    heads = DraftHeads(config, (s, e), gamma, rank, meta)
+    heads.check_fits(config)
+    try:
+        heads.load_state_dict(tensors)
+    except RuntimeError as err:
+        raise CheckpointError(f"heads {path} do not fit this model: {str(err).splitlines()[-1].strip()}") from None
+    return heads
