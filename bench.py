@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -27,42 +26,18 @@ from tqdm import tqdm
 import checkpoint
 import cli
 import peers
+import roofline
 import s3d
 from checkpoint import UsageError
 from cli import DEFAULT_CHECKPOINT, DTYPES, machine_line
-from heads import load_heads, new_heads, symmetric_skips
+from heads import load_heads, middle_third, new_heads, symmetric_skips
 from spec_bench import first_difference, gap_in_ulps, is_tie, read_spec_bench, report_mismatches, same_as_ar
-
-PROMPT = "Write a short story about a robot who learns to paint."
-
-
-def ours_decode_rate(model, prompt: list[int], n: int, compile: bool) -> float:
-    """Decode tokens/s of one greedy run of exactly n tokens (EOS ignored), prefill excluded."""
-    r = s3d.ar_generate(model, prompt, n, compile=compile)
-    return (len(r.tokens) - 1) / r.decode_time
-
-
-def decode_rates(args, dtype_name: str) -> tuple[list[tuple], int]:
-    """(dtype, engine, median tokens/s) of ours eager, ours compiled and transformers, in one dtype."""
-    model, tok = cli.load(args.checkpoint, torch.device(args.device), DTYPES[dtype_name])
-    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    hf, rows = peers.transformers_copy(model), []
-    with torch.no_grad():
-        for name, rate in [("ours, eager", lambda: ours_decode_rate(model, prompt, args.max_new_tokens, False)),
-                           ("ours, --compile", lambda: ours_decode_rate(model, prompt, args.max_new_tokens, True)),
-                           ("transformers generate()", lambda: peers.hf_decode_rate(hf, prompt, args.max_new_tokens))]:
-            rate()  # warm-up (and compilation) outside the timed runs
-            runs = [rate() for _ in range(args.repeats)]
-            rows.append((dtype_name, name, statistics.median(runs)))
-            print(f"{dtype_name:9} {name:24} median {statistics.median(runs):6.1f} tokens/s "
-                  f"({', '.join(f'{r:.1f}' for r in runs)})", file=sys.stderr)
-    return rows, len(prompt)
-
 
 def bench_decode(args) -> list:
     rows = []
     for dtype_name in args.dtypes:
-        dtype_rows, prompt_len = decode_rates(args, dtype_name)
+        dtype_rows, prompt_len = peers.decode_rates(args.checkpoint, torch.device(args.device), dtype_name,
+                                                    args.max_new_tokens, args.repeats)
         rows += dtype_rows
     print(f"\nDecode speed, {args.max_new_tokens} greedy tokens after a chat prompt of {prompt_len} tokens, "
           f"median of {args.repeats} runs. {machine_line()}.\n")
@@ -208,31 +183,6 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
 # The speed model (docs/design.md, section 4): step costs, acceptance, predicted against measured speedup.
 
 
-def step_costs(model, draft: s3d.Draft, compile: bool, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one AR step, one draft (draft.kind's drafter, as the loop calls it: S3D one forward of g
-    tokens through the kept layers, skip g one-token forwards) and one verify step (g + 1 tokens, all layers)."""
-    device = model.output.weight.device
-    cur, pos = torch.tensor([[1]], device=device), 64
-    drafts = torch.ones(draft.gamma, dtype=torch.long, device=device)
-    one_token = s3d.step_fn(s3d.decode_one_token, model, compile)
-    drafter = s3d.DRAFTERS[draft.kind](model, draft, s3d.GREEDY, compile, None)
-    verify = s3d.step_fn(s3d.verify_step, model, compile)
-    calls = {"ar": lambda: one_token(model, cur.clone(), torch.tensor([pos], device=device)),
-             "draft": lambda: drafter(cur, pos),
-             "verify": lambda: verify(model, cur, drafts.clone(), None, torch.arange(pos, pos + draft.gamma + 1, device=device))}
-    costs = {}
-    with torch.no_grad():
-        for name, call in calls.items():
-            call()
-            times = []
-            for _ in range(repeats):
-                t = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t)
-            costs[name] = 1000 * statistics.median(times)
-    return costs
-
-
 def profile(args, model, tok, rows: list[dict]) -> list[dict]:
     """For every (skip range, g) of the grid: cd and cv in AR steps, the acceptance per position and measured speedup
     on the prompts, and the speed model's prediction."""
@@ -254,7 +204,7 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
             result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar["records"])
             figures = result["summary"][args.draft]
             report_mismatches(result["records"], result["mismatches"], args.dtype)
-            costs = step_costs(model, draft, args.compile)
+            costs = roofline.step_costs(model, draft, args.compile)
             cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
             points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                            "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g, "cd": cd, "cv": cv,
@@ -304,6 +254,68 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def bench_roofline(args) -> list:
+    """--roofline: the machine's bandwidth and arithmetic, then each compiled step at --context: its time, the bytes
+    it must read, its memory-bound floor, and where the time goes."""
+    import torch._inductor.config as inductor
+
+    inductor.cpp.enable_kernel_profile = True  # each generated kernel then shows in the profiler under its name
+    device = torch.device(args.device)
+    model, _ = cli.load(args.checkpoint, device, DTYPES[args.dtype])
+    n_layer, g = model.config.n_layer, args.gamma
+    s3d.prepare_cache(model, args.context + g + 1)
+    bandwidth = roofline.read_bandwidth(device)
+    flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
+    # the heads' draft, and the same draft without adapters (rank 0); fresh heads cost what trained ones do
+    heads = [load_heads(args.heads, model.config) if args.heads else new_heads(model, middle_third(n_layer), g, 8)]
+    skip = heads[0].skip
+    heads.append(new_heads(model, skip, g, 0))
+    rows = roofline.measure_steps(model, heads, args.context)
+    ar_ms = rows[0]["ms"]
+    print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
+          f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "
+          f"{flops['float32']:.0f} GFLOP/s in float32, {flops['bfloat16']:.0f} in bfloat16. Floor: the bytes a step "
+          f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler.\n")
+    kinds = list(rows[0]["parts_ms"])
+    print(f"| step | ms | AR steps | MB read | floor ms | % of floor | {' | '.join(kinds)} |")
+    print("|---|---|---|---|---|---|" + "---|" * len(kinds))
+    for r in rows:
+        print(f"| {r['step']} | {r['ms']:.2f} | {r['ms'] / ar_ms:.2f} | {sum(r['bytes'].values()) / 1e6:.0f} | "
+              f"{r['floor_ms']:.2f} | {100 * r['floor_ms'] / r['ms']:.0f} % | "
+              + " | ".join(f"{r['parts_ms'][k]:.2f}" for k in kinds) + " |")
+    write_json(args, {"machine": machine_line(), "args": vars(args), "bandwidth_gb_s": bandwidth,
+                      "matmul_gflop_s": flops, "steps": rows})
+    return []
+
+
+def bench_random_weights(args) -> list:
+    """--random_weights SHAPE: the AR, verify and draft steps of a published shape with random weights in each of
+    --formats; AR tokens/s, the bandwidth it achieves against the device's, and the speedups the costs predict."""
+    device = torch.device(args.device)
+    bandwidth = roofline.read_bandwidth(device)
+    rows = roofline.random_weights_bench(args.random_weights, device, args.formats or ["bfloat16"], args.context,
+                                         args.skips, args.gammas, args.compile)
+    rates = (0.5, 0.6, 0.7, 0.8, 0.9)
+    print(f"\n{args.random_weights}, random weights, {'compiled' if args.compile else 'eager'}, context {args.context}. "
+          f"{machine_line()}. Read bandwidth {bandwidth:.0f} GB/s. Step costs in AR steps; predicted speedup for a "
+          f"uniform acceptance a per position: {', '.join(map(str, rates))}.\n")
+    print("| format | AR ms | tokens/s | GB/s (% of read bandwidth) | step | AR steps | predicted speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        ms, moved = r["ms"], sum(r["bytes"].values())
+        r["gb_s"] = moved / ms["ar"] / 1e6
+        head = f"| {r['format']} | {ms['ar']:.2f} | {1000 / ms['ar']:.1f} | {r['gb_s']:.0f} ({100 * r['gb_s'] / bandwidth:.0f} %) |"
+        for name in (n for n in ms if n.startswith("draft")):
+            g = int(name[5:].split()[0])
+            cd, cv = ms[name] / ms["ar"], ms[f"verify{g + 1}"] / ms["ar"]
+            r.setdefault("predicted", {})[name] = [s3d.predicted_speedup([a] * g, cd, cv) for a in rates]
+            print(f"{head} {name} + verify{g + 1} | {cd:.2f} + {cv:.2f} | "
+                  f"{' '.join(f'{x:.2f}x' for x in r['predicted'][name])} |")
+            head = "| | | | |"
+    write_json(args, {"machine": machine_line(), "args": vars(args), "bandwidth_gb_s": bandwidth, "formats": rows})
+    return []
+
+
 def format_row(args, fmt: str, rows: list[dict]) -> tuple[dict, list[dict]]:
     """One format's row of the --formats table and its mismatches (run in a process of its own)."""
     dtype = fmt if fmt in DTYPES else args.dtype
@@ -348,7 +360,7 @@ def bench_formats(args) -> list[dict]:
               f"{ar['tokens_per_s']:.1f} | {spec['tokens_per_s']:.1f} | {spec['speedup']:.2f}x | {spec['tau']:.2f} | "
               f"{same_as_ar(spec)} | {ar['peak_memory_gib']:.2f}, {spec['peak_memory_gib']:.2f} GiB | "
               f"{ar['tokens_per_s_per_gib']:.1f}, {spec['tokens_per_s_per_gib']:.1f} |")
-    write_json(args, {"machine": machine_line(), "args": jsonable(vars(args)), "formats": table, "mismatches": mismatches})
+    write_json(args, {"machine": machine_line(), "args": vars(args), "formats": table, "mismatches": mismatches})
     return mismatches
 
 
@@ -363,7 +375,7 @@ def bench_speculative(args) -> list[dict]:
                              "heads accept almost nothing; or sweep the training-free draft with --draft skip")
         points = profile(args, model, tok, rows)
         print_profile(points, args, len(rows))
-        output = {"machine": machine_line(), "args": jsonable(vars(args)), "points": points,
+        output = {"machine": machine_line(), "args": vars(args), "points": points,
                   "mismatches": [m for p in points for m in p["mismatches"]]}
         if args.sweep:
             best = output["best"] = max(points, key=lambda p: p["measured_speedup"])
@@ -381,7 +393,7 @@ def bench_speculative(args) -> list[dict]:
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint)
         output = evaluate(args, model, tok, rows, drafts)
         print_evaluation(output, args, len(rows), drafts)
-        output = {"machine": machine_line(), "args": jsonable(vars(args))} | output
+        output = {"machine": machine_line(), "args": vars(args)} | output
     write_json(args, output)
     return output["mismatches"]
 
@@ -389,17 +401,17 @@ def bench_speculative(args) -> list[dict]:
 def write_json(args, output: dict) -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(output, indent=1))
+        args.json.write_text(json.dumps(output, indent=1, default=str))  # Paths as text
         print(f"per-prompt figures: {args.json}", file=sys.stderr)
-
-
-def jsonable(values: dict) -> dict:
-    return {k: str(v) if isinstance(v, Path) else [str(x) for x in v] if isinstance(v, list) and v and
-            isinstance(v[0], Path) else v for k, v in values.items()}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = cli.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--roofline", action="store_true", help="the machine's bandwidth, and each compiled step's time "
+                   "against its memory-bound floor, split by kernel kind (at --context, --dtype, --gamma, --heads)")
+    p.add_argument("--random_weights", choices=list(roofline.SHAPES), metavar="SHAPE", help="step costs of a "
+                   f"published shape with random weights in --formats ({', '.join(roofline.SHAPES)})")
+    p.add_argument("--context", type=int, default=512, help="for --roofline, --random_weights: the position of the steps")
     p.add_argument("--decode", action="store_true", help="decode tokens/s table: ours (eager, compiled) vs transformers")
     p.add_argument("--speculative", action="store_true", help="the Spec-Bench evaluation of --methods (the default)")
     p.add_argument("--profile", action="store_true", help="the speed model: step costs and acceptance for each "
@@ -440,8 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
-    if args.decode + args.speculative + (args.profile or args.sweep) > 1:
-        p.error("choose one of --decode, --speculative (the default), --profile/--sweep")
+    if args.roofline + args.decode + args.speculative + (args.profile or args.sweep) + bool(args.random_weights) > 1:
+        p.error("choose one of --roofline, --random_weights, --decode, --speculative (the default), --profile/--sweep")
     if "ar" not in args.methods:
         p.error("--methods needs ar: speedups are measured against it")
     if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
@@ -455,8 +467,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     if len(args.heads_files) > 1 and not (args.profile or args.sweep):
         p.error("several --heads files go with --profile or --sweep")
     args.heads = args.heads_files[0] if args.heads_files else None
-    args.dtype = cli.resolve_dtype(args.dtype, torch.device(args.device), args.quantize or args.formats)
-    if args.formats and (args.heads is None or args.profile or args.sweep or args.decode):
+    if not args.random_weights:  # there each format sets its own dtype
+        args.dtype = cli.resolve_dtype(args.dtype, torch.device(args.device), args.quantize or args.formats)
+    if args.formats and not args.random_weights and (args.heads is None or args.profile or args.sweep or args.decode):
         p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
     return args
 
@@ -465,7 +478,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch._dynamo.config.cache_size_limit = 64  # a sweep compiles one draft per (skip, g): keep them all compiled
-    mode = bench_decode if args.decode else bench_formats if args.formats else bench_speculative
+    mode = bench_roofline if args.roofline else bench_random_weights if args.random_weights else bench_decode \
+        if args.decode else bench_formats if args.formats else bench_speculative
     mismatches = mode(args)
     if mismatches:
         print(f"bench.py: {len(mismatches)} speculative answers differ from AR (listed above)", file=sys.stderr)

@@ -9,6 +9,7 @@ import functools
 import gc
 import inspect
 import math
+import os
 import platform
 import resource
 import sys
@@ -77,18 +78,50 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def native_bf16() -> list[str]:
+    """The CPU's native bf16 matrix instructions (AMX, AVX512_BF16), from /proc/cpuinfo. S3D_NATIVE_BF16=1 or 0
+    overrides the answer (for tests, or to compare both choices on one machine)."""
+    override = os.environ.get("S3D_NATIVE_BF16")
+    if override is not None:
+        return ["S3D_NATIVE_BF16=1"] if override == "1" else []
+    return cpu_bf16_flags()
+
+
+def cpu_bf16_flags() -> list[str]:
+    try:
+        flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
+    except OSError:
+        flags = []
+    return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
+
+
 def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = None) -> str:
-    """--dtype auto: bfloat16 on GPUs and for quantized weights (Inductor's int8 GEMM takes bfloat16 activations),
-    else float32 on a CPU (without native bf16 a multi-token bf16 forward is slow, and S3D's verify is one)."""
+    """--dtype auto: bfloat16 on GPUs, for quantized weights (Inductor's int8 GEMM takes bfloat16 activations) and
+    on CPUs with native bf16 matrix instructions; float32 on other CPUs, where a bf16 forward of several tokens (S3D's
+    verify) is several times slower than one of a single token. Says what it chose and why, in one line."""
     if name != "auto":
         return name
-    return "float32" if device.type == "cpu" and not quantize else "bfloat16"
+    native = native_bf16() if device.type == "cpu" else []
+    if device.type != "cpu":
+        name, why = "bfloat16", f"a {device.type} device"
+    elif quantize:
+        name, why = "bfloat16", "quantized weights: Inductor's int8 kernels take bfloat16 activations"
+    elif native:
+        name, why = "bfloat16", f"this CPU has native bf16 matrix instructions ({', '.join(native)})"
+    else:
+        name, why = "float32", "this CPU has no native bf16 matrix instructions (AMX, AVX512_BF16), so bf16 is slow"
+    print(f"--dtype auto: {name} ({why})", file=sys.stderr)
+    return name
 
 
 def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
     if not Path(checkpoint).exists() and Path(checkpoint) == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
+    if device.type == "cpu" and not native_bf16():
+        # attention in float32: without native bf16, bf16 attention over a long cache is several times slower
+        # (BENCHMARKS.md, section 5)
+        model.kv_dtype = torch.float32
     return model, Tokenizer(checkpoint)
 
 
@@ -164,7 +197,8 @@ def cpu_name() -> str:
         names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
     except OSError:
         names = []
-    return f"{names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()})"
+    bf16 = ", ".join(cpu_bf16_flags()) or "no native bf16"
+    return f"{names[0] if names else platform.machine()} ({torch.backends.cpu.get_cpu_capability()}; {bf16})"
 
 
 def machine_line() -> str:

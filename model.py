@@ -75,6 +75,7 @@ class Transformer(nn.Module):
         self.heads: Optional[nn.Module] = None  # the S3D draft adapters (heads.DraftHeads), attached by set_heads()
         self.quantization: Optional[str] = None  # set by quantize.py: "int8", "int4 (groupsize 128)"
         self.max_seq_length = -1
+        self.kv_dtype: Optional[torch.dtype] = None  # the KV cache's (and attention's) dtype; None: the activations'
         self.register_buffer("freqs_cis", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
 
@@ -83,10 +84,7 @@ class Transformer(nn.Module):
         if max_seq_length > self.config.block_size:
             raise ValueError(f"{max_seq_length} tokens exceed the model's context of {self.config.block_size}")
         c, device = self.config, self.output.weight.device
-        # the cache (and so attention) in the activations' dtype (the output weight may be quantized), except on a
-        # CPU: there attention runs in float32, since without native bf16 its bf16 kernel is several times slower
-        # over a long cache (BENCHMARKS.md, section 5)
-        dtype = torch.float32 if device.type == "cpu" else self.tok_embeddings.weight.dtype
+        dtype = self.kv_dtype or self.tok_embeddings.weight.dtype  # (the output weight may be quantized)
         self.max_seq_length = max_seq_length
         for layer in self.layers:
             layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
@@ -101,7 +99,8 @@ class Transformer(nn.Module):
         token of idx (batch, n) starts a draft block and the mask embeddings M1..M(g-1) fill the positions after it,
         g = len(input_pos) // n (n = 1 when decoding: [cur, M1 .. M(g-1)]; many blocks when training). The heads'
         adapters act on the kept layers and skip defaults to the heads' range. mask (batch or 1, 1, len(input_pos),
-        keys) replaces the causal mask: training's block mask.
+        keys) replaces the causal mask over the whole cache: attention reads only the first `keys` cache positions
+        (s3d.causal_mask gives the rows of the live prefix), or training's block mask.
         """
         x = self.tok_embeddings(idx)
         adapters = None
@@ -170,8 +169,9 @@ class Attention(nn.Module):
         k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(bsz, seqlen, self.n_local_heads, self.head_dim)))
         k, v = self.kv_cache.update(input_pos, k, v)  # in the cache's dtype, which attention then runs in
-        # Attend over the whole static cache; the causal mask row of each position hides everything after it,
-        # including stale entries a previous speculative iteration left behind.
+        # Attend over the cache positions the mask covers; the causal mask row of each position hides everything
+        # after it, including stale entries a previous speculative iteration left behind.
+        k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
                                            enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)

@@ -70,6 +70,17 @@ def sample(logits: Tensor, sampling: Sampling) -> tuple[Tensor, Optional[Tensor]
 # AR decoding
 
 
+def causal_mask(model: Transformer, pos: int, n: int) -> Optional[Tensor]:
+    """The causal mask rows of positions pos .. pos+n-1 over cache positions 0 .. pos+n-1 only, so that attention
+    reads the live prefix of the static cache rather than all of it. The length changes at every step, so it is
+    marked dynamic: one compiled step serves every length, without recompiling."""
+    if model.causal_mask.device.type == "cuda":
+        return None  # a CUDA graph is recorded per shape: there the steps keep the static cache's full width
+    mask = model.causal_mask[None, None, pos:pos + n, :pos + n]
+    torch._dynamo.maybe_mark_dynamic(mask, 3)
+    return mask
+
+
 def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
             mask: Optional[Tensor] = None) -> Tensor:
     """Runs the prompts (B, T) through the model, filling the cache; returns the first new tokens, shape (B, 1)."""
@@ -98,6 +109,12 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
         import torch._inductor.config as inductor
 
         inductor.freezing, inductor.max_autotune, inductor.max_autotune_gemm_backends = True, True, "CPP,ATEN"
+        # Time outside the kernels (docs/design.md, section 4): a C++ wrapper calls the kernels instead of Python
+        # (about 1 ms less per step of the default model), at some seconds more compile time.
+        inductor.cpp_wrapper = True
+    # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
+    # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
+    torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     mode = "reduce-overhead" if device_type == "cuda" and not dynamic else None
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
 
@@ -111,6 +128,10 @@ def release_compiled() -> None:
     from torch._inductor.codecache import PyCodeCache
 
     torch._dynamo.reset()
+    if torch.cuda.is_available():  # the recorded CUDA graphs and their memory pool
+        from torch._inductor.cudagraph_trees import reset_cudagraph_trees
+
+        reset_cudagraph_trees()
     compiled.cache_clear()
     # Inductor keeps each compiled graph's generated module, whose globals hold the frozen weights, in its code
     # cache and in sys.modules; dynamo's reset leaves them there.
@@ -156,13 +177,14 @@ def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, s
     run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
     step = step_fn(decode_one_token, model, compile)
     t0 = time.perf_counter()
-    cur = run_prefill(model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), sampling)
+    cur = run_prefill(model, torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device), sampling,
+                      causal_mask(model, 0, len(prompt)))
     out: list[int] = []
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos = len(prompt)
     while not done:
-        cur, _ = step(model, cur.clone(), torch.tensor([pos], device=device), sampling)
+        cur, _ = step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None, causal_mask(model, pos, 1))
         done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)  # the one host sync of the step
         pos += 1
     return Result(out, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
@@ -192,7 +214,7 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
                 done[r] = t in eos_ids
         if all(done) or i == max_new_tokens - 1:
             break
-        input_pos = torch.tensor([width + i], device=device)
+        input_pos = torch.arange(width + i, width + i + 1, device=device)
         cur, _ = step(model, cur.clone(), input_pos, sampling, mask=model.causal_mask[None, None, input_pos] & key_valid)
     return out
 
@@ -201,11 +223,11 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 # Speculative decoding: draft, verify, accept.
 
 
-def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor,
-              sampling: Sampling = GREEDY) -> tuple[Tensor, Optional[Tensor]]:
+def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
+              mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """S3D draft: one forward of [cur, M1 .. M(g-1)] at positions p .. p+g-1 through the kept layers with the
     adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once."""
-    logits = model(cur, input_pos, draft=True)[0]  # (g, vocab)
+    logits = model(cur, input_pos, draft=True, mask=mask)[0]  # (g, vocab)
     return sample(logits, sampling)
 
 
@@ -215,9 +237,11 @@ def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, 
     a separate small draft model (skip=None). Returns drafts (g,) and their distributions (g, vocab) or None."""
     tokens, probs = [], []
     for i in range(gamma):
-        cur, p = step(model, cur.clone(), torch.tensor([pos + i], device=cur.device), sampling, skip)
-        tokens.append(cur.view(1))
-        probs.append(p)
+        cur, p = step(model, cur.clone(), torch.arange(pos + i, pos + i + 1, device=cur.device), sampling, skip,
+                      causal_mask(model, pos + i, 1))
+        # copies: under CUDA graphs the next replay of the step writes its outputs over this one's
+        tokens.append(cur.view(1).clone())
+        probs.append(None if p is None else p.clone())
     return torch.cat(tokens), None if probs[0] is None else torch.cat(probs)
 
 
@@ -237,7 +261,8 @@ Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 
 def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
     step = step_fn(draft_s3d, model, compile)
-    return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling)
+    return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling,
+                                 causal_mask(model, pos, draft.gamma))
 
 
 def skip_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
@@ -255,7 +280,8 @@ def model_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile:
 
     def drafter(cur: Tensor, pos: int) -> tuple[Tensor, Optional[Tensor]]:
         if last and pos == last["pos"] + draft.gamma + 1:
-            step(small, last["drafts"][-1:].view(1, 1).clone(), torch.tensor([pos - 1], device=cur.device), sampling)
+            step(small, last["drafts"][-1:].view(1, 1).clone(), torch.arange(pos - 1, pos, device=cur.device), sampling,
+                 None, causal_mask(small, pos - 1, 1))
         drafts, probs = draft_one_by_one(step, small, cur, pos, draft.gamma, sampling)
         last.update(pos=pos, drafts=drafts)
         return drafts, probs
@@ -297,10 +323,10 @@ def accept_sampling(drafts: Tensor, draft_probs: Optional[Tensor], target_probs:
 
 
 def verify_step(model: Transformer, cur: Tensor, drafts: Tensor, draft_probs: Optional[Tensor], input_pos: Tensor,
-                sampling: Sampling = GREEDY) -> tuple[Tensor, Tensor]:
+                sampling: Sampling = GREEDY, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One forward of [cur, d1 .. dg] at positions p .. p+g through all layers, adapters off, then acceptance.
     It writes the true KV of those positions over whatever the draft left there."""
-    logits = model(torch.cat([cur.view(1, 1), drafts.view(1, -1)], dim=1), input_pos)[0]  # (g+1, vocab)
+    logits = model(torch.cat([cur.view(1, 1), drafts.view(1, -1)], dim=1), input_pos, mask=mask)[0]  # (g+1, vocab)
     if sampling.temperature == 0:
         return accept_greedy(drafts, logits)
     return accept_sampling(drafts, draft_probs, logits_to_probs(logits, sampling))
@@ -337,15 +363,18 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
 
     t0 = time.perf_counter()
     prompt_t, prompt_pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
-    cur = run_prefill(model, prompt_t, prompt_pos, sampling)
-    drafter = DRAFTERS[draft.kind](model, draft, sampling, compile, lambda m: run_prefill(m, prompt_t, prompt_pos))
+    cur = run_prefill(model, prompt_t, prompt_pos, sampling, causal_mask(model, 0, len(prompt)))
+    drafter = DRAFTERS[draft.kind](model, draft, sampling, compile,
+                                   lambda m: run_prefill(m, prompt_t, prompt_pos, GREEDY, causal_mask(m, 0, len(prompt))))
     out: list[int] = []
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos, accepted = len(prompt), []
     while not done:
-        drafts, probs = drafter(cur, pos)
-        n, tokens = verify(model, cur, drafts.clone(), probs, torch.arange(pos, pos + gamma + 1, device=device), sampling)
+        # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
+        drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
+        n, tokens = verify(model, cur, drafts, probs, torch.arange(pos, pos + gamma + 1, device=device), sampling,
+                           causal_mask(model, pos, gamma + 1))
         host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
         n = host[0]
         accepted.append(n)

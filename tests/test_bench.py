@@ -132,3 +132,16 @@ def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
         assert row["ar"]["peak_memory_gib"] > 0 and row["s3d"]["tau"] >= 1
     table = capsys.readouterr().out
     assert "| float32 |" in table and "| int8 (float32 activations) |" in table
+
+
+def test_random_weights_table_on_the_cpu(tmp_path, capsys):
+    """--random_weights with the suite's small shape: every step of every format timed, with the bandwidth the AR
+    step achieves and a predicted speedup per acceptance rate that grows with the rate."""
+    result = bench_json(tmp_path, "--random_weights", "tiny", "--device", "cpu", "--formats", "bfloat16", "float32",
+                        "--gammas", "2", "3", "--context", "32")
+    assert [r["format"] for r in result["formats"]] == ["bfloat16", "float32"]
+    for r in result["formats"]:
+        assert set(r["ms"]) == {"ar", "verify3", "verify4", "draft2 2:4", "draft3 2:4"}
+        assert all(ms > 0 for ms in r["ms"].values()) and r["gb_s"] > 0
+        assert all(p == sorted(p) for p in r["predicted"].values())
+    assert "| bfloat16 |" in capsys.readouterr().out

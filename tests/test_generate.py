@@ -18,9 +18,9 @@ from checkpoint import load_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(*args, timeout=300):
+def run(*args, timeout=300, env=None):
     return subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+                          timeout=timeout, cwd=ROOT, env=None if env is None else {**os.environ, **env})
 
 
 def assert_one_line_error(proc, pattern):
@@ -33,9 +33,10 @@ def assert_one_line_error(proc, pattern):
 
 
 def test_generate_streams_text_and_reports_metrics(default_checkpoint):
-    proc = run("--max_new_tokens", "16")
+    proc = run("--max_new_tokens", "16", env={"S3D_NATIVE_BF16": "0"})
     assert proc.returncode == 0, proc.stderr
-    assert "(float32, cpu)" in proc.stderr  # --dtype auto on a CPU
+    assert "--dtype auto: float32 (this CPU has no native bf16" in proc.stderr.splitlines()[0]
+    assert "(float32, cpu)" in proc.stderr
     assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
     for metric in ("tokens/s", "time to first token", "peak memory", "bandwidth achieved"):
         assert metric in proc.stderr
@@ -114,6 +115,16 @@ def test_speculative_cli_reports_tau_and_matches_ar(default_checkpoint):
     assert proc.stdout.startswith('As the AI, AI-powered robot, "Pixel,"')
     assert "tau" in proc.stderr and "acceptance per draft position" in proc.stderr
     assert "identical output" in proc.stderr
+
+
+@pytest.mark.parametrize("native,dtype", [("0", "float32"), ("1", "bfloat16")])
+def test_dtype_auto_follows_the_cpu_and_s3d_equals_ar_in_both(default_checkpoint, native, dtype):
+    """--dtype auto picks bfloat16 where the CPU has native bf16 matrix instructions (forced here both ways), says
+    so in one line, and greedy S3D with the shipped heads gives AR's output in that dtype."""
+    proc = run("--max_new_tokens", "24", "--s3d", HEADS, "--compare_ar", env={"S3D_NATIVE_BF16": native})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stderr.splitlines()[0].startswith(f"--dtype auto: {dtype} (")
+    assert f"({dtype}, cpu)" in proc.stderr and "identical output" in proc.stderr
 
 
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):

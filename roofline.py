@@ -1,0 +1,218 @@
+"""What the machine allows and where a step's time goes: read bandwidth, matmul throughput, the bytes a decode step
+must read (its memory-bound floor), and the compiled steps' time split by kernel kind. bench.py --roofline
+prints it (BENCHMARKS.md); bench.py --profile uses step_costs; bench.py --random_weights times the steps of
+7B-class shapes with random weights (random weights decode exactly as fast as real ones).
+"""
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+import checkpoint
+import s3d
+from checkpoint import tensor_bytes
+from heads import middle_third, new_heads
+from model import ModelArgs, Transformer
+
+
+def median_ms(call: Callable, repeats: int = 20, warmup: int = 2) -> float:
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
+    for _ in range(warmup):
+        call()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t = time.perf_counter()
+        call()
+        sync()
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def last_level_cache_bytes() -> int:
+    sizes = []
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        sizes.append(int(text[:-1]) * {"K": 2**10, "M": 2**20}.get(text[-1], 1) if text[-1] in "KM" else int(text))
+    return max(sizes, default=32 * 2**20)
+
+
+def read_bandwidth(device: torch.device) -> float:
+    """GB/s of summing a float32 buffer four times the last-level cache (at least 256 MiB, at most 2 GiB): what a
+    decode step, which streams every weight once, can hope for."""
+    size = min(2 * 2**30, max(256 * 2**20, 4 * last_level_cache_bytes())) if device.type == "cpu" else 2**30
+    buffer = torch.ones(size // 4, device=device)
+    ms = median_ms(lambda: buffer.sum().item(), repeats=10)
+    return size / ms / 1e6
+
+
+def matmul_throughput(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
+    """GFLOP/s of an n x n x n matmul: the arithmetic a forward of many tokens can use."""
+    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    return 2 * n**3 / median_ms(lambda: (a @ b, sync()), repeats=5) / 1e6
+
+
+def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab: int = 0,
+               adapters: bool = False) -> dict[str, int]:
+    """Bytes one forward must read: the linear maps of `layers`, the output head (or the draft's rows of it), the
+    KV cache of `layers` up to `context` positions, and the draft adapters."""
+    linear = sum(tensor_bytes(p) for i in layers for name, p in model.layers[i].named_parameters()
+                 if name.endswith("weight") and "norm" not in name)
+    head = tensor_bytes(model.output.weight)
+    if draft_vocab:
+        head = head * draft_vocab // model.config.vocab_size
+    cache = model.layers[0].attention.kv_cache
+    kv = 2 * len(layers) * cache.k_cache[0, :, :context].numel() * cache.k_cache.element_size()
+    extra = sum(tensor_bytes(p) for p in model.heads.parameters()) if adapters and model.heads is not None else 0
+    return {"linear": linear, "head": head, "kv_cache": kv, "adapters": extra}
+
+
+def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
+    """The kind of a profiler event of a compiled CPU step: Inductor names its GEMM kernels gemm_m{M}n{N}k{K},
+    its fused element-wise kernels cpp_fused_*, and the extern kernels it calls after the aten op."""
+    if "gemm_m" in name:
+        n = int(name.split("gemm_m", 1)[1].split("n", 1)[1].split("k", 1)[0])
+        return "output head" if n in vocab_sizes else "linear maps"
+    if "scaled_dot_product" in name and "cpp_fused" not in name:
+        return "attention"
+    if name.startswith("graph_") or "cpp_fused" in name:
+        return "other kernels"
+    if name.startswith(("aten::mm", "aten::addmm", "aten::linear", "mkldnn::", "torch_ops::", "aten::_weight_int8")):
+        return "linear maps"
+    return ""
+
+
+def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...], repeats: int = 10) -> dict[str, float]:
+    """Milliseconds per call of each kernel kind, from the profiler; 'outside kernels' is the rest of the
+    unprofiled wall time: guard checks, the wrapper between kernels, host work."""
+    import torch._inductor.config as inductor
+    from torch.profiler import ProfilerActivity, profile
+
+    assert inductor.cpp.enable_kernel_profile, "the steps must be compiled with Inductor's kernel profiling on"
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(repeats):
+            call()
+    parts = dict.fromkeys(["linear maps", "output head", "attention", "other kernels"], 0.0)
+    for event in prof.key_averages():
+        kind = kernel_kind(event.key, vocab_sizes)
+        if kind:
+            parts[kind] += event.self_cpu_time_total / 1000 / repeats
+    parts["outside kernels"] = max(0.0, wall_ms - sum(parts.values()))
+    return parts
+
+
+def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) -> dict[str, Callable]:
+    """The AR step, the draft (draft.kind's drafter, as the loop calls it) and the verify step (g + 1 tokens), at
+    position pos: the same compiled code the decoding loops run."""
+    device = model.output.weight.device
+    cur = torch.tensor([[1]], device=device)
+    drafts = torch.ones(draft.gamma, dtype=torch.long, device=device)
+    one_token = s3d.step_fn(s3d.decode_one_token, model, compile)
+    drafter = s3d.DRAFTERS[draft.kind](model, draft, s3d.GREEDY, compile, None)
+    verify = s3d.step_fn(s3d.verify_step, model, compile)
+    return {"ar": lambda: one_token(model, cur.clone(), torch.arange(pos, pos + 1, device=device), s3d.GREEDY, None,
+                                    s3d.causal_mask(model, pos, 1)),
+            "draft": lambda: drafter(cur, pos),
+            "verify": lambda: verify(model, cur, drafts.clone(), None, torch.arange(pos, pos + draft.gamma + 1, device=device),
+                                     s3d.GREEDY, s3d.causal_mask(model, pos, draft.gamma + 1))}
+
+
+@torch.no_grad()
+def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 64,
+               repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one AR step, one draft and one verify step."""
+    return {name: median_ms(call, repeats) for name, call in step_calls(model, draft, compile, pos).items()}
+
+
+@torch.no_grad()
+def measure_steps(model: Transformer, heads: list, context: int, repeats: int = 30) -> list[dict]:
+    """bench.py --roofline's rows: the AR and verify(g+1) steps with the first heads, then the draft of each heads
+    (of one skip range and g), at position `context`: ms, bytes read, memory-bound floor, split by kernel kind."""
+    n_layer, g, skip = model.config.n_layer, heads[0].gamma, heads[0].skip
+    kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
+    bandwidth, rows = read_bandwidth(model.output.weight.device), []
+    for i, h in enumerate(heads):
+        model.set_heads(h)
+        calls = step_calls(model, s3d.Draft("s3d", g, skip), True, context)
+        named = [("AR step (1 token)", calls["ar"], list(range(n_layer)), 1), (
+            f"verify ({g + 1} tokens)", calls["verify"], list(range(n_layer)), g + 1)] if i == 0 else []
+        named.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank})", calls["draft"], kept, g))
+        for label, call, layers, tokens in named:
+            ms = median_ms(call, repeats)
+            moved = step_bytes(model, context + tokens, layers, adapters=layers is kept)
+            rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
+                         "parts_ms": breakdown(call, ms, (model.config.vocab_size,))})
+            print(f"{label}: {ms:.2f} ms", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Random weights of published shapes (bench.py --random_weights)
+
+SHAPES = {
+    "llama-7b": dict(vocab_size=32000, n_layer=32, n_head=32, dim=4096, intermediate_size=11008, block_size=4096),
+    "llama3-8b": dict(vocab_size=128256, n_layer=32, n_head=32, n_local_heads=8, dim=4096, intermediate_size=14336,
+                      rope_base=500000.0, block_size=8192),
+    "qwen2.5-7b": dict(vocab_size=152064, n_layer=28, n_head=28, n_local_heads=4, dim=3584, intermediate_size=18944,
+                       rope_base=1e6, attn_bias=True, block_size=32768),
+    "tiny": dict(vocab_size=512, n_layer=6, n_head=4, n_local_heads=2, dim=64, intermediate_size=128, block_size=1024),
+}
+
+
+def random_model(shape: str, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """A model of a SHAPES entry with random weights, made straight on the device in dtype (no float32 copy)."""
+    default = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.device("meta"):
+            model = Transformer(ModelArgs(name=f"{shape} (random weights)", **SHAPES[shape]))
+    finally:
+        torch.set_default_dtype(default)
+    model = model.to_empty(device=device)
+    generator = torch.Generator(device).manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0, 0.02, generator=generator)
+    return model.eval()
+
+
+@torch.no_grad()
+def random_weights_costs(model: Transformer, context: int, skips: list[tuple[int, int]], gammas: list[int],
+                         compile: bool = True, repeats: int = 20) -> dict:
+    """The AR step, verify(g+1) for each g and draft(g) for each skip range and g, at position `context`, with
+    fresh rank-8 heads (trained ones cost the same): ms, and the AR step's bytes read."""
+    s3d.prepare_cache(model, context + max(gammas) + 1)
+    n_layer = model.config.n_layer
+    steps = {}
+    for skip in skips:
+        for g in gammas:
+            model.set_heads(new_heads(model, skip, g, 8))
+            calls = step_calls(model, s3d.Draft("s3d", g, skip), compile, context)
+            if "ar" not in steps:
+                steps["ar"] = median_ms(calls["ar"], repeats)
+            if f"verify{g + 1}" not in steps:
+                steps[f"verify{g + 1}"] = median_ms(calls["verify"], repeats)
+            steps[f"draft{g} {skip[0]}:{skip[1]}"] = median_ms(calls["draft"], repeats)
+    model.set_heads(None)
+    return {"ms": steps, "bytes": step_bytes(model, context + 1, list(range(n_layer)))}
+
+
+def random_weights_bench(shape: str, device: torch.device, formats: list[str], context: int,
+                         skips: list[tuple[int, int]], gammas: list[int], compile: bool = True) -> list[dict]:
+    """random_weights_costs for each format (bfloat16, float32, int8, int4), one model at a time."""
+    rows = []
+    for fmt in formats:
+        dtype = torch.float32 if fmt == "float32" else torch.bfloat16
+        model = random_model(shape, device, dtype)
+        if fmt in checkpoint.QUANTIZATIONS:
+            model = checkpoint.quantize(model, fmt, groupsize=128)
+        skips = skips or [middle_third(model.config.n_layer)]
+        rows.append({"format": fmt, **random_weights_costs(model, context, skips, gammas, compile)})
+        del model
+        s3d.release_compiled()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
