@@ -19,7 +19,7 @@ import random
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from checkpoint import UsageError
 from cli import DEFAULT_CHECKPOINT
 from heads import DraftHeads, check_skip, middle_third, new_heads
 from model import Transformer
+from spec_bench import SPEC_BENCH, read_spec_bench
 from tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parent
@@ -62,7 +63,8 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     """Makes (or completes) the self-distilled sequences in data_dir/sequences.jsonl and returns all of them: per
     prompt one greedy answer (sample 0) and samples - 1 sampled ones, prompts_per_batch * samples rows per batch."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"model": model.config.name, "fingerprint": model.config.fingerprint, "samples": samples,
+    meta = {"model": model.config.name, "fingerprint": model.config.fingerprint,
+            "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "samples": samples,
             "max_new_tokens": max_new_tokens, "temperature": temperature}
     meta_path, seq_path = data_dir / "meta.json", data_dir / "sequences.jsonl"
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
@@ -98,6 +100,47 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     return read_sequences(seq_path)
 
 
+def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Path, rows_per_batch: int,
+                  compile: bool, banned: set[str]) -> list[dict]:
+    """n training prompts written by the instruct model itself (the Magpie method): given only its chat template's
+    opening of a user turn, it samples what a user would ask. Kept: whole messages (ended by EOS) of 3 words to
+    1500 characters, none twice, none among `banned` (the evaluation prompts). Appended to
+    data_dir/synth_prompts.jsonl as they come, so a run asks only for what is missing."""
+    path = data_dir / "synth_prompts.jsonl"
+    rows = read_sequences(path)[:n]
+    opening = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
+    prefix = tokenizer.encode(opening.split("\x00")[0], bos=False)
+    seen = banned | {normalized(r["prompt"]) for r in rows}
+    length = min(model.config.block_size, -(-(len(prefix) + 256) // 64) * 64)
+    model.setup_caches(rows_per_batch, length)
+    bar = tqdm(total=n, initial=len(rows), desc="synthetic prompts", unit="prompt", disable=len(rows) >= n)
+    with path.open("a") as f:
+        for _ in range(50 * n // rows_per_batch + 1):  # a generous bound, in case most samples are dropped
+            if len(rows) >= n:
+                break
+            for answer in s3d.generate_batch(model, [prefix] * rows_per_batch, length - len(prefix),
+                                             s3d.Sampling(1.0, None, 0.95),
+                                             tokenizer.eos_ids, compile):
+                text = tokenizer.decode(answer[:-1], skip_special=True).strip()
+                if (len(rows) < n and answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500
+                        and normalized(text) not in seen):
+                    seen.add(normalized(text))
+                    rows.append({"id": f"synth_{len(rows)}", "prompt": text})
+                    f.write(json.dumps(rows[-1]) + "\n")
+                    bar.update(1)
+    bar.close()
+    return rows
+
+
+def normalized(text: str) -> str:
+    return " ".join(text.lower().split())
+
+
+def evaluation_prompts() -> set[str]:
+    """Every turn of data/spec_bench_dev.jsonl, normalized: never trained on."""
+    return {normalized(t) for row in read_spec_bench(SPEC_BENCH) for t in row["turns"]}
+
+
 def split_heldout(sequences: list[dict], prompts: list[dict]) -> tuple[list[dict], list[dict]]:
     """Training sequences, and the greedy answers of every HELDOUT_EVERY-th prompt (never trained on)."""
     heldout_ids = {r["id"] for i, r in enumerate(prompts) if i % HELDOUT_EVERY == HELDOUT_EVERY - 1}
@@ -111,69 +154,103 @@ def split_heldout(sequences: list[dict], prompts: list[dict]) -> tuple[list[dict
 
 
 class PrefixKV(torch.nn.Module):
-    """Stands in for a layer's KVCache during draft_pass: keys and values are the frozen target's KV of the whole
-    sequence followed by the draft blocks' own, which block_mask sorts out. Nothing is written anywhere."""
+    """Stands in for a layer's KVCache: during target_pass it keeps the packed sequences' keys and values (nothing
+    is written to a static cache); during draft_pass it returns those, followed by the draft blocks' own, which
+    block_mask sorts out."""
 
-    def __init__(self, k: Tensor, v: Tensor):
+    def __init__(self, k: Optional[Tensor] = None, v: Optional[Tensor] = None):
         super().__init__()
         self.k, self.v = k, v
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+            return k, v
         return torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
 
 
-def block_mask(seq_len: int, anchors: Tensor, gamma: int) -> Tensor:
-    """(1, 1, n*g, seq_len + n*g): offset k of the block at anchor p sees the sequence before p, and offsets 0..k of
-    its own block. That is what the draft at p sees when decoding: the cache up to p - 1, then [cur, M1 .. M(g-1)]."""
+class Packed(NamedTuple):
+    """Sequences packed into one row: tokens (L,), each token's position in its own sequence (L,), and each
+    token's sequence's first and last index in the row (L,)."""
+    tokens: Tensor
+    positions: Tensor
+    first: Tensor
+    last: Tensor
+
+
+def pack(seqs: list[dict], device: torch.device) -> Packed:
+    lengths = torch.tensor([len(s["tokens"]) for s in seqs])
+    ends = lengths.cumsum(0)
+    first, last = (ends - lengths).repeat_interleave(lengths), (ends - 1).repeat_interleave(lengths)
+    tokens = torch.tensor([t for s in seqs for t in s["tokens"]])
+    return Packed(*(t.to(device) for t in (tokens, torch.arange(len(tokens)) - first, first, last)))
+
+
+def block_mask(packed_len: int, anchors: Tensor, gamma: int, first: Optional[Tensor] = None) -> Tensor:
+    """(1, 1, n*g, packed_len + n*g): offset k of the block at anchor p sees its own sequence before p (from the
+    sequence's first index, `first` of each anchor; 0 for a single sequence) and offsets 0..k of its own block.
+    That is what the draft at p sees when decoding: the cache up to p - 1, then [cur, M1 .. M(g-1)]."""
     n = anchors.shape[0]
+    first = torch.zeros_like(anchors) if first is None else first
     block = torch.arange(n, device=anchors.device).repeat_interleave(gamma)
     offset = torch.arange(gamma, device=anchors.device).repeat(n)
-    sees_prefix = torch.arange(seq_len, device=anchors.device)[None, :] < anchors[block][:, None]
+    column = torch.arange(packed_len, device=anchors.device)[None, :]
+    sees_prefix = (column < anchors[block][:, None]) & (column >= first[block][:, None])
     sees_block = (block[:, None] == block[None, :]) & (offset[:, None] >= offset[None, :])
     return torch.cat([sees_prefix, sees_block], dim=1)[None, None]
 
 
-@torch.no_grad()
-def target_pass(model: Transformer, tokens: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-    """The frozen full model on one sequence (T,): log-probabilities (T, vocab) and every layer's KV (1, h, T, d)."""
-    seq_len = tokens.shape[0]
-    logits = model(tokens[None], torch.arange(seq_len, device=tokens.device))[0]
-    kv = [(layer.attention.kv_cache.k_cache[:, :, :seq_len].clone(), layer.attention.kv_cache.v_cache[:, :, :seq_len].clone())
-          for layer in model.layers]
-    return logits.float().log_softmax(-1), kv
-
-
-def draft_pass(model: Transformer, tokens: Tensor, anchors: Tensor, gamma: int,
-               kv: list[tuple[Tensor, Tensor]]) -> Tensor:
-    """Draft logits (n, g, vocab) of the blocks [x_p, M1 .. M(g-1)] for every anchor p, in one forward."""
-    seq_len = tokens.shape[0]
-    positions = (anchors[:, None] + torch.arange(gamma, device=anchors.device)).view(-1)
+def with_kv(model: Transformer, kv: list[PrefixKV], forward: Callable[[], Tensor]) -> Tensor:
     caches = [layer.attention.kv_cache for layer in model.layers]
     try:
-        for layer, (k, v) in zip(model.layers, kv):
-            layer.attention.kv_cache = PrefixKV(k, v)
-        logits = model(tokens[anchors][None], positions, draft=True, mask=block_mask(seq_len, anchors, gamma))
+        for layer, cache in zip(model.layers, kv):
+            layer.attention.kv_cache = cache
+        return forward()
     finally:
         for layer, cache in zip(model.layers, caches):
             layer.attention.kv_cache = cache
+
+
+@torch.no_grad()
+def target_pass(model: Transformer, packed: Packed) -> tuple[Tensor, list[PrefixKV]]:
+    """The frozen full model on the packed sequences, each attending only to itself: log-probabilities
+    (L, vocab) and every layer's KV."""
+    kv = [PrefixKV() for _ in model.layers]
+    row = torch.arange(len(packed.tokens), device=packed.tokens.device)
+    mask = (row[None, :] <= row[:, None]) & (row[None, :] >= packed.first[:, None])
+    logits = with_kv(model, kv, lambda: model(packed.tokens[None], packed.positions, mask=mask[None, None]))[0]
+    return logits.float().log_softmax(-1), kv
+
+
+def draft_pass(model: Transformer, packed: Packed, anchors: Tensor, gamma: int, kv: list[PrefixKV]) -> Tensor:
+    """Draft logits (n, g, vocab) of the blocks [x_p, M1 .. M(g-1)] for every anchor p (an index into the packed
+    row), in one forward."""
+    positions = (packed.positions[anchors][:, None] + torch.arange(gamma, device=anchors.device)).view(-1)
+    mask = block_mask(len(packed.tokens), anchors, gamma, packed.first[anchors])
+    logits = with_kv(model, [PrefixKV(c.k, c.v) for c in kv],
+                     lambda: model(packed.tokens[anchors][None], positions, draft=True, mask=mask))
     return logits.view(anchors.shape[0], gamma, -1)
 
 
-def anchors_of(seq: dict) -> Tensor:
-    """Anchor positions p of a sequence: a draft starts at every answer token that has at least one token after it
-    (the first draft of a real decode starts at the first answer token)."""
-    return torch.arange(seq["prompt_len"], len(seq["tokens"]) - 1)
+def anchors_of(seqs: list[dict]) -> list[Tensor]:
+    """Each sequence's anchors, as indices into the packed row: a draft starts at every answer token that has at
+    least one token after it (the first draft of a real decode starts at the first answer token)."""
+    anchors, start = [], 0
+    for s in seqs:
+        anchors.append(torch.arange(start + s["prompt_len"], start + len(s["tokens"]) - 1))
+        start += len(s["tokens"])
+    return anchors
 
 
-def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor, seq_len: int,
+def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor, last: Tensor,
                  offset_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted KL(q || draft) over offsets. Offset k of the block at p predicts the token after p + k, whose
-    target distribution is q at p + k; blocks running past the sequence's end count only up to it.
-    Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax (n, g)."""
+    target distribution is q at p + k; blocks running past their sequence's end (`last`, per anchor) count only up
+    to it. Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax (n, g)."""
     gamma = draft_logits.shape[1]
     at = anchors[:, None] + torch.arange(gamma, device=anchors.device)  # (n, g): the position whose q is the target
-    valid = at <= seq_len - 2  # the predicted token exists in the sequence
-    q = target_logprobs[at.clamp_max(seq_len - 1)]  # (n, g, vocab)
+    valid = at <= last[:, None] - 1  # the predicted token exists in the sequence
+    q = target_logprobs[torch.minimum(at, last[:, None])]  # (n, g, vocab)
     logp = draft_logits.float().log_softmax(-1)
     kl = (q.exp() * (q - logp)).sum(-1) * valid  # (n, g)
     per_offset = kl.sum(0) / valid.sum(0).clamp_min(1)
@@ -186,26 +263,47 @@ def acceptance_from_matches(matches: list[Tensor]) -> tuple[list[float], float]:
     """Per-offset acceptance a_k (given offsets before k accepted) and the tau it implies, from greedy sequences:
     for a greedy answer, the target's argmax at p + k is the sequence's next token, so the draft at offset k would
     be accepted exactly when it and all before it equal the target's argmax."""
-    runs = torch.cat([m.int().cumprod(1).sum(1) for m in matches])  # accepted drafts per anchor
+    runs = torch.cat([m.int().cumprod(1).sum(1) for m in matches]).cpu()  # accepted drafts per anchor
     gamma = matches[0].shape[1]
     rates = s3d.acceptance_rates(runs.tolist(), gamma)
     return rates, s3d.expected_tokens_per_iteration(rates)
 
 
+def autocast(model: Transformer):
+    """bf16 autocast where the target runs in bf16: the heads keep float32 weights, their matmuls run in bf16."""
+    device = model.output.weight.device
+    return torch.autocast(device.type, torch.bfloat16, enabled=model.tok_embeddings.weight.dtype == torch.bfloat16)
+
+
 @torch.no_grad()
-def evaluate(model: Transformer, sequences: list[dict], gamma: int, max_anchors: int) -> tuple[list[float], float]:
-    """Held-out acceptance per offset and tau, on greedy answers the heads never trained on."""
+def evaluate(model: Transformer, sequences: list[dict], gamma: int, max_anchors: int,
+             batch_tokens: int = 4096) -> tuple[list[float], float]:
+    """Held-out acceptance per offset and tau, on greedy answers the heads never trained on: the first max_anchors
+    anchors of each, whose blocks end inside it (all g drafts judged)."""
     matches = []
-    for seq in sequences:
-        tokens = torch.tensor(seq["tokens"])
-        anchors = anchors_of(seq)[:max_anchors]
-        anchors = anchors[anchors + gamma <= len(tokens) - 1]  # blocks that end inside the sequence: all judged
+    for group in batches_of(sequences, batch_tokens):
+        packed = pack(group, model.output.weight.device)
+        anchors = torch.cat([a[:max_anchors] for a in anchors_of(group)]).to(packed.tokens.device)
+        anchors = anchors[anchors + gamma <= packed.last[anchors]]
         if len(anchors) == 0:
             continue
-        q, kv = target_pass(model, tokens)
-        matches.append(distill_loss(draft_pass(model, tokens, anchors, gamma, kv), q, anchors, len(tokens),
-                                    torch.ones(gamma))[2])
+        with autocast(model):
+            q, kv = target_pass(model, packed)
+            logits = draft_pass(model, packed, anchors, gamma, kv)
+        matches.append(distill_loss(logits, q, anchors, packed.last[anchors], torch.ones(gamma, device=q.device))[2])
     return acceptance_from_matches(matches) if matches else ([0.0] * gamma, 1.0)
+
+
+def batches_of(sequences: list[dict], batch_tokens: int) -> list[list[dict]]:
+    """Consecutive groups of sequences of at most batch_tokens tokens together (a longer one alone)."""
+    groups, group, size = [], [], 0
+    for s in sequences:
+        if group and size + len(s["tokens"]) > batch_tokens:
+            groups.append(group)
+            group, size = [], 0
+        group.append(s)
+        size += len(s["tokens"])
+    return groups + [group] if group else groups
 
 
 def learning_rate(step: int, steps: int, lr: float) -> float:
@@ -219,8 +317,10 @@ def learning_rate(step: int, steps: int, lr: float) -> float:
 def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args) -> dict:
     """Trains heads (attached to model) on the sequences; returns what it cost. Saves heads + state every eval."""
     model.set_heads(heads)
+    heads.float()  # float32 weights to train, whatever the target's dtype (autocast runs their matmuls in bf16)
     model.requires_grad_(False)  # the target stays frozen: only the heads' parameters get gradients
     heads.requires_grad_(True)
+    device = model.output.weight.device
     optimizer = torch.optim.AdamW(heads.parameters(), lr=args.lr, weight_decay=0.0)
     state_path = args.out.with_suffix(".train.pt")
     log_path = args.out.with_suffix(".log.jsonl")
@@ -234,44 +334,44 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         optimizer.load_state_dict(state["optimizer"])
         step, cursor, order = state["step"], state["cursor"], state["order"]
         seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
-    weights = torch.tensor(args.offset_weights)
+    weights = torch.tensor(args.offset_weights, device=device)
     longest = max(len(s["tokens"]) for s in train_seqs + heldout)
     model.setup_caches(1, longest + args.gamma)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     t0 = time.perf_counter() - elapsed
     log = log_path.open("a")
     while step < args.steps:
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, args.lr)
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = learning_rate(step, args.steps, args.lr)
         optimizer.zero_grad(set_to_none=True)
-        drafts, losses, kls = 0, [], []
-        while drafts < args.batch_tokens:  # gradient accumulation over sequences
+        group, drafts = [], 0
+        while drafts < args.batch_tokens:  # whole sequences, packed into one forward
             seq = train_seqs[order[cursor % len(order)]]
             cursor += 1
-            anchors = anchors_of(seq)
-            if len(anchors) == 0:
-                continue
-            if len(anchors) > args.batch_tokens // args.gamma:  # a random subset keeps one forward's memory bounded
-                anchors = anchors[torch.randperm(len(anchors), generator=torch.Generator().manual_seed(cursor))
-                                  [: args.batch_tokens // args.gamma]].sort().values
-            tokens = torch.tensor(seq["tokens"])
-            q, kv = target_pass(model, tokens)
-            loss, per_offset, _ = distill_loss(draft_pass(model, tokens, anchors, args.gamma, kv), q, anchors,
-                                               len(tokens), weights)
-            n = len(anchors) * args.gamma
-            (loss * n / args.batch_tokens).backward()
-            drafts += n
-            seen_tokens += len(tokens)
-            losses.append(loss.item())
-            kls.append(per_offset)
+            if len(seq["tokens"]) - 1 > seq["prompt_len"]:
+                group.append(seq)
+                drafts += (len(seq["tokens"]) - 1 - seq["prompt_len"]) * args.gamma
+        packed = pack(group, device)
+        anchors = torch.cat(anchors_of(group))
+        if len(anchors) > args.batch_tokens // args.gamma:  # a random subset keeps one forward's size fixed
+            anchors = anchors[torch.randperm(len(anchors), generator=torch.Generator().manual_seed(cursor))
+                              [: args.batch_tokens // args.gamma]].sort().values
+        anchors = anchors.to(device)
+        with autocast(model):
+            q, kv = target_pass(model, packed)
+            loss, per_offset, _ = distill_loss(draft_pass(model, packed, anchors, args.gamma, kv), q, anchors,
+                                               packed.last[anchors], weights)
+        loss.backward()
+        drafts = len(anchors) * args.gamma
+        seen_tokens += len(packed.tokens)
         optimizer.step()
         step += 1
         seen_drafts += drafts
-        per_offset = torch.stack(kls).mean(0).tolist()
         bar.update(1)
-        bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}", kl=" ".join(f"{k:.2f}" for k in per_offset))
-        record = {"step": step, "loss": sum(losses) / len(losses), "kl_per_offset": per_offset,
-                  "lr": optimizer.param_groups[0]["lr"]}
+        loss, per_offset = loss.item(), per_offset.tolist()
+        bar.set_postfix(loss=f"{loss:.3f}", kl=" ".join(f"{k:.2f}" for k in per_offset),
+                        drafts_s=f"{seen_drafts / (time.perf_counter() - t0):.0f}")
+        record = {"step": step, "loss": loss, "kl_per_offset": per_offset, "lr": optimizer.param_groups[0]["lr"]}
         if step % args.eval_every == 0 or step == args.steps:
             rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
             record |= {"heldout_acceptance": rates, "heldout_tau": tau}
@@ -288,7 +388,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     bar.close()
     log.close()
     return {"steps": step, "sequence_tokens": seen_tokens, "draft_tokens": seen_drafts,
-            "wall_s": time.perf_counter() - t0, "peak_rss_gib": cli.peak_memory_bytes(torch.device("cpu")) / 2**30}
+            "wall_s": time.perf_counter() - t0, "peak_memory_gib": cli.peak_memory_bytes(device) / 2**30}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,6 +399,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = cli.ArgumentParser(description="Train S3D heads by self-distillation from the frozen target.")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="converted checkpoint folder")
     p.add_argument("--out", type=Path, required=True, help="heads file to write (safetensors)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
+    p.add_argument("--dtype", default="auto", choices=["auto", *cli.DTYPES],
+                   help="the target's dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32); the "
+                        "heads train in float32 with bf16 autocast")
     p.add_argument("--skip", metavar="S:E", type=cli.skip_range, default=None,
                    help="layers S..E-1 to skip in the draft (default: the middle third)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
@@ -312,6 +416,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval_anchors", type=int, default=128, help="anchors per held-out sequence")
     p.add_argument("--prompts", type=Path, default=TRAIN_PROMPTS, help="training prompts (JSON lines: id, prompt)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
+    p.add_argument("--synth_prompts", type=int, default=0, metavar="N",
+                   help="also train on N prompts the model writes itself (Magpie), kept in --data_dir")
     p.add_argument("--train_sequences", type=int, default=None, metavar="N",
                    help="train on N of the training sequences, drawn at random (data-size experiments; the held-out "
                         "answers stay the same)")
@@ -336,6 +442,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
         if value < least:
             raise UsageError(f"{name} must be at least {least}, got {value}")
+    if args.synth_prompts < 0:
+        raise UsageError(f"--synth_prompts must be at least 0, got {args.synth_prompts}")
     if args.train_sequences is not None and args.train_sequences < 1:
         raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
     if not args.lr > 0:
@@ -346,11 +454,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.resume and not args.out.with_suffix(".train.pt").is_file():
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = cli.load(args.checkpoint, torch.device("cpu"), torch.float32)
+    device = cli.resolve_device(args.device)
+    model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
     skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
     prompts = read_prompts(args.prompts)[: args.limit]
     data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
-    sequences = generate_data(model, tokenizer, prompts, data_dir, args.samples, args.data_max_new_tokens,
+    data_dir.mkdir(parents=True, exist_ok=True)
+    synth = synth_prompts(model, tokenizer, args.synth_prompts, data_dir, args.prompts_per_batch * args.samples,
+                          args.compile, evaluation_prompts()) if args.synth_prompts else []
+    sequences = generate_data(model, tokenizer, prompts + synth, data_dir, args.samples, args.data_max_new_tokens,
                               args.data_temperature, args.prompts_per_batch, args.compile)
     train_seqs, heldout = split_heldout(sequences, prompts)
     if not train_seqs or not heldout:
@@ -370,7 +482,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
     cost = train(model, heads, train_seqs, heldout, args)
     print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
-          f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak RSS {cost['peak_rss_gib']:.2f} GiB")
+          f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak memory {cost['peak_memory_gib']:.2f} GiB")
 
 
 if __name__ == "__main__":

@@ -12,28 +12,50 @@ from test_s3d import tiny_model, with_trained_looking_heads
 
 
 def test_block_mask_gives_the_draft_logits_of_the_real_draft_step():
+    """Three sequences packed into one row: every anchor's draft logits are those of the real draft step at that
+    position of its own sequence, and the target pass is the full model on each sequence alone."""
     model = with_trained_looking_heads(tiny_model(), skip=(2, 4), gamma=4, rank=4)
     torch.manual_seed(0)
-    tokens = torch.randint(0, 96, (40,))
+    seqs = [{"prompt_len": 3, "tokens": torch.randint(0, 96, (n,)).tolist()} for n in (40, 12, 25)]
     model.setup_caches(1, 64)
-    q, kv = train_heads.target_pass(model, tokens)
-    anchors = torch.tensor([5, 6, 17, 30, 38])
-    batched = train_heads.draft_pass(model, tokens, anchors, 4, kv)
+    packed = train_heads.pack(seqs, torch.device("cpu"))
+    q, kv = train_heads.target_pass(model, packed)
+    anchors = torch.tensor([5, 6, 17, 30, 38, 40 + 3, 40 + 10, 52 + 3, 52 + 20])
+    batched = train_heads.draft_pass(model, packed, anchors, 4, kv)
     with torch.no_grad():
         for i, p in enumerate(anchors.tolist()):
+            start = packed.first[p].item()
+            tokens, at = packed.tokens[start:packed.last[p] + 1], p - start
             model.setup_caches(1, 64)
-            s3d.prefill(model, tokens[None, :p], torch.arange(p))  # the cache as a decode at position p has it
-            alone = model(tokens[p].view(1, 1), torch.arange(p, p + 4), draft=True)[0]
+            s3d.prefill(model, tokens[None, :at], torch.arange(at))  # the cache as a decode at position p has it
+            alone = model(tokens[at].view(1, 1), torch.arange(at, at + 4), draft=True)[0]
             torch.testing.assert_close(batched[i], alone, atol=1e-5, rtol=1e-5)
-    # and the target pass is the full model itself
-    model.setup_caches(1, 64)
-    with torch.no_grad():
-        full = model(tokens[None], torch.arange(40))[0].log_softmax(-1)
-    torch.testing.assert_close(q, full)
+        # and the target pass is the full model itself, on each sequence alone
+        start = 0
+        for s in seqs:
+            model.setup_caches(1, 64)
+            full = model(torch.tensor([s["tokens"]]), torch.arange(len(s["tokens"])))[0].log_softmax(-1)
+            torch.testing.assert_close(q[start:start + len(s["tokens"])], full, atol=1e-5, rtol=1e-5)
+            start += len(s["tokens"])
+
+
+def test_distill_loss_stops_at_each_sequence_end():
+    seqs = [{"prompt_len": 1, "tokens": [5, 6, 7, 8]}, {"prompt_len": 1, "tokens": [9, 10, 11]}]
+    packed = train_heads.pack(seqs, torch.device("cpu"))
+    anchors = torch.cat(train_heads.anchors_of(seqs))
+    assert anchors.tolist() == [1, 2, 5]  # answer tokens with a token after them, in packed indices
+    logits = torch.zeros(3, 3, 16)
+    _, _, match = train_heads.distill_loss(logits, torch.zeros(7, 16).log_softmax(-1), anchors, packed.last[anchors],
+                                           torch.ones(3))
+    judged = (anchors[:, None] + torch.arange(3)) <= packed.last[anchors][:, None] - 1
+    assert judged.tolist() == [[True, True, False], [True, False, False], [True, False, False]]
+    assert not match[~judged].any()
 
 
 def test_block_mask_shape_and_visibility():
     mask = train_heads.block_mask(6, torch.tensor([2, 4]), 3)[0, 0]
+    packed = train_heads.block_mask(6, torch.tensor([2, 4]), 3, first=torch.tensor([0, 3]))[0, 0]
+    assert packed[3, :6].tolist() == [False, False, False, True, False, False]  # a second sequence starting at 3
     assert mask.shape == (6, 12)
     assert mask[0, :6].tolist() == [True, True, False, False, False, False]  # block at 2 sees positions 0, 1
     assert mask[2, 6:].tolist() == [True, True, True, False, False, False]  # offset 2 sees its block's 0..2
@@ -139,3 +161,46 @@ def test_cli_errors(tmp_path, capsys, flags, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_training_prompts_are_not_evaluation_prompts():
+    train = {train_heads.normalized(r["prompt"]) for r in train_heads.read_prompts(train_heads.TRAIN_PROMPTS)}
+    evaluation = train_heads.evaluation_prompts()
+    assert len(train) > 400 and len(evaluation) > 300
+    assert not train & evaluation
+
+
+def test_synthetic_prompts_keep_whole_new_messages_only(tmp_path, monkeypatch):
+    """Magpie prompts: sampled after the chat template's user-turn opening; a message cut off before EOS, a short
+    one, a repeat and an evaluation prompt are all dropped; a second run asks only for what is missing."""
+    class Tok:
+        eos_ids = {1}
+
+        def encode(self, text, bos=True):
+            return [3 + ord(c) % 90 for c in text]
+
+        def decode(self, tokens, skip_special=False):
+            return "".join(chr(t) for t in tokens)
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            return "<user>" + messages[-1]["content"] + "</user>" + ("<assistant>" if add_generation_prompt else "")
+
+    def message(text, eos=True):
+        return [ord(c) for c in text] + ([1] if eos else [])
+
+    batches = [[message("tell me a joke"), message("tell me a joke"), message("cut off before the end", eos=False),
+                message("hi"), message("Evaluation prompt here"), message("write a short poem")],
+               [message("explain how tides work")] * 6]
+    seen_prefixes = []
+
+    def fake_generate_batch(model, prompts, *args, **kwargs):
+        seen_prefixes.append(prompts[0])
+        return batches.pop(0)
+
+    monkeypatch.setattr(s3d, "generate_batch", fake_generate_batch)
+    model = tiny_model()
+    rows = train_heads.synth_prompts(model, Tok(), 2, tmp_path, 6, False, {"evaluation prompt here"})
+    assert [r["prompt"] for r in rows] == ["tell me a joke", "write a short poem"]
+    assert seen_prefixes == [Tok().encode("<user>")]  # the user turn's opening, nothing of the content
+    rows = train_heads.synth_prompts(model, Tok(), 3, tmp_path, 6, False, set())
+    assert [r["prompt"] for r in rows] == ["tell me a joke", "write a short poem", "explain how tides work"]
