@@ -242,11 +242,14 @@ def main(argv: Optional[list[str]] = None) -> None:
     check_length(model, cli.encode_prompt(tokenizer, messages, chat), args.max_new_tokens, draft)
     compile_time = None
     if args.compile or args.compile_prefill:  # compile on a short run first, so the timed runs measure decoding
+        print("compiling the decode steps (minutes on a CPU: Inductor tunes and freezes every matmul) ...",
+              file=sys.stderr, flush=True)
         t = time.perf_counter()
         for warm_draft in [draft] + [None] * (draft is not None and args.compare_ar):
             run_once(model, tokenizer, cli.encode_prompt(tokenizer, messages, chat), args, warm_draft, stream=False,
                      max_new_tokens=min(args.max_new_tokens, 8))
         compile_time = time.perf_counter() - t
+        print(f"compiled in {compile_time:.1f} s", file=sys.stderr)
     while True:
         if args.interactive:
             try:

@@ -112,6 +112,8 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
         # Time outside the kernels (docs/design.md, section 4): a C++ wrapper calls the kernels instead of Python
         # (about 1 ms less per step of the default model), at some seconds more compile time.
         inductor.cpp_wrapper = True
+        # autotuning stays quiet: its tables of timings per kernel choice are for Inductor's developers
+        inductor.autotune_num_choices_displayed, inductor.max_autotune_report_choices_stats = 0, False
     # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
