@@ -270,7 +270,7 @@ def bench_roofline(args) -> list:
     heads = [load_heads(args.heads, model.config) if args.heads else new_heads(model, middle_third(n_layer), g, 8)]
     skip = heads[0].skip
     heads.append(new_heads(model, skip, g, 0))
-    rows = roofline.measure_steps(model, heads, args.context)
+    rows = roofline.measure_steps(model, heads, args.context, bandwidth)
     ar_ms = rows[0]["ms"]
     print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
           f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "

@@ -128,12 +128,13 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 6
 
 
 @torch.no_grad()
-def measure_steps(model: Transformer, heads: list, context: int, repeats: int = 30) -> list[dict]:
+def measure_steps(model: Transformer, heads: list, context: int, bandwidth: float, repeats: int = 30) -> list[dict]:
     """bench.py --roofline's rows: the AR and verify(g+1) steps with the first heads, then the draft of each heads
-    (of one skip range and g), at position `context`: ms, bytes read, memory-bound floor, split by kernel kind."""
+    (of one skip range and g), at position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s),
+    split by kernel kind."""
     n_layer, g, skip = model.config.n_layer, heads[0].gamma, heads[0].skip
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
-    bandwidth, rows = read_bandwidth(model.output.weight.device), []
+    rows = []
     for i, h in enumerate(heads):
         model.set_heads(h)
         calls = step_calls(model, s3d.Draft("s3d", g, skip), True, context)

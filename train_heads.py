@@ -106,6 +106,7 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
     opening of a user turn, it samples what a user would ask. Kept: whole messages (ended by EOS) of 3 words to
     1500 characters, none twice, none among `banned` (the evaluation prompts). Appended to
     data_dir/synth_prompts.jsonl as they come, so a run asks only for what is missing."""
+    data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "synth_prompts.jsonl"
     rows = read_sequences(path)[:n]
     opening = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
@@ -119,12 +120,12 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
             if len(rows) >= n:
                 break
             for answer in s3d.generate_batch(model, [prefix] * rows_per_batch, length - len(prefix),
-                                             s3d.Sampling(1.0, None, 0.95),
-                                             tokenizer.eos_ids, compile):
+                                             s3d.Sampling(1.0, None, 0.95), tokenizer.eos_ids, compile):
                 text = tokenizer.decode(answer[:-1], skip_special=True).strip()
+                key = normalized(text)
                 if (len(rows) < n and answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500
-                        and normalized(text) not in seen):
-                    seen.add(normalized(text))
+                        and key not in seen):
+                    seen.add(key)
                     rows.append({"id": f"synth_{len(rows)}", "prompt": text})
                     f.write(json.dumps(rows[-1]) + "\n")
                     bar.update(1)
@@ -459,7 +460,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
     prompts = read_prompts(args.prompts)[: args.limit]
     data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
-    data_dir.mkdir(parents=True, exist_ok=True)
     synth = synth_prompts(model, tokenizer, args.synth_prompts, data_dir, args.prompts_per_batch * args.samples,
                           args.compile, evaluation_prompts()) if args.synth_prompts else []
     sequences = generate_data(model, tokenizer, prompts + synth, data_dir, args.samples, args.data_max_new_tokens,
