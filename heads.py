@@ -18,6 +18,8 @@ from model import ModelArgs, Transformer
 class LowRank(nn.Module):
     """x -> B(A(x)): a rank-r correction to one linear map of a kept layer, used in the draft forward only."""
 
+    fold = False  # True: model.linear applies W + BA as one matrix (DraftHeads.fold_adapters)
+
     def __init__(self, in_features: int, out_features: int, rank: int):
         super().__init__()
         self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
@@ -57,12 +59,16 @@ def check_gamma(gamma: int, heads: Optional["DraftHeads"] = None) -> int:
 
 
 class DraftHeads(nn.Module):
-    """Everything S3D adds to the target: g-1 mask embeddings and low-rank adapters on the kept layers.
+    """Everything S3D adds to the target: g-1 mask embeddings, low-rank adapters on the kept layers and, optionally,
+    a draft vocabulary: the K token ids the draft may propose (FR-Spec, EAGLE-3). The draft's output head then
+    reads only those K rows of the target's (draft_head, copied by Transformer.set_heads); the verify forward keeps
+    the full head, so the output is still exactly the target's, and a token outside the K is never drafted.
 
     meta records what the heads belong to (base_model, base_fingerprint) and how they were trained.
     """
 
-    def __init__(self, config: ModelArgs, skip: tuple[int, int], gamma: int, rank: int, meta: Optional[dict] = None):
+    def __init__(self, config: ModelArgs, skip: tuple[int, int], gamma: int, rank: int, meta: Optional[dict] = None,
+                 draft_vocab: Optional[Tensor] = None):
         super().__init__()
         if rank < 0:
             raise UsageError(f"rank must be at least 0, got {rank}")
@@ -80,6 +86,18 @@ class DraftHeads(nn.Module):
             str(i): nn.ModuleDict({name: LowRank(fan_in, fan_out, rank) for name, (fan_in, fan_out) in shapes.items()})
             for i in range(config.n_layer) if not s <= i < e
         }) if rank > 0 else None
+        self.register_buffer("draft_vocab", None if draft_vocab is None else check_draft_vocab(draft_vocab, config))
+        self.folded = False  # fold_adapters
+        self.register_buffer("draft_head", None, persistent=False)  # (K, dim): the output head's draft_vocab rows
+
+    def fold_adapters(self, fold: bool) -> None:
+        """fold=True: the draft forward multiplies by W + BA instead of adding B(Ax) to Wx. The same function, but
+        only worth it where the compiled step freezes the weights (CPU): there W + BA becomes a constant, computed
+        once, and the draft costs what rank 0 does. Elsewhere it would recompute W + BA at every step."""
+        self.folded = fold
+        for module in self.modules():
+            if isinstance(module, LowRank):
+                module.fold = fold
 
     def check_fits(self, config: ModelArgs) -> None:
         base, fingerprint = self.meta.get("base_model", ""), self.meta.get("base_fingerprint", "")
@@ -96,14 +114,38 @@ class DraftHeads(nn.Module):
 
         metadata = {"format": "s3d-heads", "skip": f"{self.skip[0]}:{self.skip[1]}", "gamma": str(self.gamma),
                     "rank": str(self.rank), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
-        tensors = {k: v.detach().float().contiguous() for k, v in self.state_dict().items()}
+        tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         save_file(tensors, str(path), metadata=metadata)
 
 
-def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int) -> DraftHeads:
+def check_draft_vocab(ids: Tensor, config: ModelArgs) -> Tensor:
+    """A draft vocabulary: distinct token ids of the model's vocabulary, at least one; CheckpointError otherwise."""
+    if ids.dim() != 1 or ids.dtype != torch.int64 or len(ids) == 0 or len(ids) > config.vocab_size:
+        raise CheckpointError(f"a draft vocabulary is 1 to {config.vocab_size} int64 token ids, got a "
+                              f"{ids.dtype} tensor of shape {tuple(ids.shape)}")
+    if ids.min() < 0 or ids.max() >= config.vocab_size or len(ids.unique()) != len(ids):
+        raise CheckpointError(f"a draft vocabulary holds distinct token ids below {config.vocab_size}")
+    return ids.clone()
+
+
+def most_frequent_tokens(sequences: list[list[int]], k: int, vocab_size: int) -> Tensor:
+    """The k most frequent ids in sequences, ties (and tokens never seen) broken by the lower id: BPE vocabularies
+    number their tokens roughly by how early, so how commonly, they were merged."""
+    if not 1 <= k <= vocab_size:
+        raise UsageError(f"a draft vocabulary needs 1 to {vocab_size} tokens, got {k}")
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for tokens in sequences:
+        counts += torch.bincount(torch.tensor(tokens, dtype=torch.int64), minlength=vocab_size)[:vocab_size]
+    rank = counts * vocab_size + (vocab_size - 1 - torch.arange(vocab_size))  # by count, then by lower id
+    return torch.argsort(rank, descending=True)[:k]
+
+
+def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int,
+              draft_vocab: Optional[Tensor] = None) -> DraftHeads:
     """Fresh (untrained) heads for this model: they work, with low acceptance."""
     c = model.config
-    heads = DraftHeads(c, skip, gamma, rank, meta={"base_model": c.name, "base_fingerprint": c.fingerprint})
+    heads = DraftHeads(c, skip, gamma, rank, meta={"base_model": c.name, "base_fingerprint": c.fingerprint},
+                       draft_vocab=draft_vocab)
     return heads.to(device=model.tok_embeddings.weight.device)
 
 
@@ -123,7 +165,7 @@ def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
     gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
     if e > config.n_layer:
         raise CheckpointError(f"heads {path} skip layers {s}:{e}, but the model has {config.n_layer} layers")
-    heads = DraftHeads(config, (s, e), gamma, rank, meta)
+    heads = DraftHeads(config, (s, e), gamma, rank, meta, tensors.get("draft_vocab"))
     heads.check_fits(config)
     try:
         heads.load_state_dict(tensors)

@@ -98,7 +98,8 @@ class Transformer(nn.Module):
         skip=(s, e) runs layers [0, s) and [e, L) only: the layer-skip draft. draft=True is the S3D draft: each
         token of idx (batch, n) starts a draft block and the mask embeddings M1..M(g-1) fill the positions after it,
         g = len(input_pos) // n (n = 1 when decoding: [cur, M1 .. M(g-1)]; many blocks when training). The heads'
-        adapters act on the kept layers and skip defaults to the heads' range. mask (batch or 1, 1, len(input_pos),
+        adapters act on the kept layers and skip defaults to the heads' range; heads with a draft vocabulary of K
+        tokens give K logits, over those tokens only. mask (batch or 1, 1, len(input_pos),
         keys) replaces the causal mask over the whole cache: attention reads only the first `keys` cache positions
         (s3d.causal_mask gives the rows of the live prefix), or training's block mask.
         """
@@ -121,6 +122,8 @@ class Transformer(nn.Module):
             # a --skip override may keep a layer the heads have no adapter for: it then runs as in the target
             layer_adapters = adapters[str(i)] if adapters is not None and str(i) in adapters else None
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
+        if draft and self.heads.draft_vocab is not None:
+            return F.linear(self.norm(x), self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
         return self.output(self.norm(x))
 
     def set_heads(self, heads: Optional[nn.Module]) -> None:
@@ -128,6 +131,10 @@ class Transformer(nn.Module):
         if heads is not None:
             heads.check_fits(self.config)
             heads.to(device=self.tok_embeddings.weight.device, dtype=self.tok_embeddings.weight.dtype)
+            if heads.draft_vocab is not None:  # the draft's own output head: a copy of the draft vocabulary's rows
+                weight = self.output.weight
+                weight = weight if type(weight) is nn.Parameter else weight.dequantize()  # (quantized: torchao)
+                heads.draft_head = weight.detach()[heads.draft_vocab].to(self.tok_embeddings.weight.dtype)
         self.heads = heads
 
 
@@ -147,8 +154,14 @@ class TransformerBlock(nn.Module):
 
 def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:
     """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
-    y = layer(x)
-    return y if adapters is None else y + adapters[name](x)
+    if adapters is None:
+        return layer(x)
+    adapter = adapters[name]
+    if adapter.fold and type(layer.weight) is nn.Parameter:  # (quantized weights are tensor subclasses: not folded)
+        # W + BA as one matrix: where the compiled step freezes the weights (CPU) it is computed once, at compile
+        # time, and the draft's linear maps then cost what the target's do (heads.DraftHeads.fold_adapters)
+        return F.linear(x, layer.weight + adapter.B @ adapter.A, layer.bias)
+    return layer(x) + adapter(x)
 
 
 class Attention(nn.Module):

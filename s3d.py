@@ -16,6 +16,7 @@ import functools
 import gc
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
@@ -114,6 +115,8 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
         inductor.cpp_wrapper = True
         # autotuning stays quiet: its tables of timings per kernel choice are for Inductor's developers
         inductor.autotune_num_choices_displayed, inductor.max_autotune_report_choices_stats = 0, False
+        # and so does a deprecation warning raised inside Inductor's autotuning on some CPUs
+        warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
     # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
@@ -229,8 +232,14 @@ def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor, sampling: Samp
               mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """S3D draft: one forward of [cur, M1 .. M(g-1)] at positions p .. p+g-1 through the kept layers with the
     adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once."""
-    logits = model(cur, input_pos, draft=True, mask=mask)[0]  # (g, vocab)
-    return sample(logits, sampling)
+    logits = model(cur, input_pos, draft=True, mask=mask)[0]  # (g, vocab), or (g, K) over the draft vocabulary
+    tokens, probs = sample(logits, sampling)
+    vocab = model.heads.draft_vocab
+    if vocab is None:
+        return tokens, probs
+    # from the draft vocabulary's indices back to token ids; p is 0 outside the draft vocabulary
+    full = None if probs is None else probs.new_zeros(len(probs), model.config.vocab_size).index_copy_(1, vocab, probs)
+    return vocab[tokens], full
 
 
 def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, gamma: int, sampling: Sampling,
@@ -262,6 +271,8 @@ Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 
 
 def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
+    # compiled on a CPU the weights are frozen into the step: the adapters are then folded into them for free
+    model.heads.fold_adapters(compile and model.output.weight.device.type == "cpu")
     step = step_fn(draft_s3d, model, compile)
     return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling,
                                  causal_mask(model, pos, draft.gamma))

@@ -11,6 +11,10 @@
    (draft_pass): block_mask lets each block see the cached prefix before p and itself causally, which is exactly
    what draft_s3d sees when decoding. The loss at offset k of the block at p is KL(q_{p+k} || draft), weighted per
    offset. Only the heads train; the target's weights never change.
+
+--draft_vocab K gives the heads a draft vocabulary: the K most frequent tokens of the training answers, the only
+ones the draft may propose (heads.DraftHeads). --init starts from a heads file instead of fresh heads; with
+--steps 0 it only measures them and writes them out (with --draft_vocab: the same heads, with a draft vocabulary).
 """
 import argparse
 import json
@@ -29,7 +33,7 @@ import cli
 import s3d
 from checkpoint import UsageError
 from cli import DEFAULT_CHECKPOINT
-from heads import DraftHeads, check_skip, middle_third, new_heads
+from heads import DraftHeads, check_skip, load_heads, middle_third, most_frequent_tokens, new_heads
 from model import Transformer
 from spec_bench import SPEC_BENCH, read_spec_bench
 from tokenizer import Tokenizer
@@ -244,19 +248,25 @@ def anchors_of(seqs: list[dict]) -> list[Tensor]:
 
 
 def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor, last: Tensor,
-                 offset_weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+                 offset_weights: Tensor, draft_vocab: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted KL(q || draft) over offsets. Offset k of the block at p predicts the token after p + k, whose
     target distribution is q at p + k; blocks running past their sequence's end (`last`, per anchor) count only up
-    to it. Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax (n, g)."""
+    to it. With a draft vocabulary (the draft's logits are over those tokens only) q is restricted to it and
+    renormalised. Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax
+    (n, g)."""
     gamma = draft_logits.shape[1]
     at = anchors[:, None] + torch.arange(gamma, device=anchors.device)  # (n, g): the position whose q is the target
     valid = at <= last[:, None] - 1  # the predicted token exists in the sequence
     q = target_logprobs[torch.minimum(at, last[:, None])]  # (n, g, vocab)
+    target = q.argmax(-1)
+    drafted = draft_logits.argmax(-1)
+    if draft_vocab is not None:
+        q, drafted = q[..., draft_vocab].log_softmax(-1), draft_vocab[drafted]
     logp = draft_logits.float().log_softmax(-1)
     kl = (q.exp() * (q - logp)).sum(-1) * valid  # (n, g)
     per_offset = kl.sum(0) / valid.sum(0).clamp_min(1)
     loss = (per_offset * offset_weights).sum() / offset_weights.sum()
-    match = (draft_logits.argmax(-1) == q.argmax(-1)) & valid
+    match = (drafted == target) & valid
     return loss, per_offset.detach(), match
 
 
@@ -291,7 +301,8 @@ def evaluate(model: Transformer, sequences: list[dict], gamma: int, max_anchors:
         with autocast(model):
             q, kv = target_pass(model, packed)
             logits = draft_pass(model, packed, anchors, gamma, kv)
-        matches.append(distill_loss(logits, q, anchors, packed.last[anchors], torch.ones(gamma, device=q.device))[2])
+        matches.append(distill_loss(logits, q, anchors, packed.last[anchors], torch.ones(gamma, device=q.device),
+                                    model.heads.draft_vocab)[2])
     return acceptance_from_matches(matches) if matches else ([0.0] * gamma, 1.0)
 
 
@@ -361,7 +372,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         with autocast(model):
             q, kv = target_pass(model, packed)
             loss, per_offset, _ = distill_loss(draft_pass(model, packed, anchors, args.gamma, kv), q, anchors,
-                                               packed.last[anchors], weights)
+                                               packed.last[anchors], weights, heads.draft_vocab)
         loss.backward()
         drafts = len(anchors) * args.gamma
         seen_tokens += len(packed.tokens)
@@ -408,9 +419,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="layers S..E-1 to skip in the draft (default: the middle third)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
     p.add_argument("--rank", type=int, default=8, help="adapter rank (0: mask embeddings only)")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps (0, with --init: measure and write only)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch_tokens", type=int, default=2048, help="draft positions per optimizer step")
+    p.add_argument("--draft_vocab", type=int, default=None, metavar="K", help="draft only the K most frequent tokens "
+                   "of the training answers: the draft's output head reads K rows (verify keeps them all)")
+    p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank)")
     p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --out")
     p.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (and saves)")
@@ -433,11 +447,19 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def offset_weights(args: argparse.Namespace) -> None:
+    """--offset_weights as g floats (default all 1)."""
+    args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
+    if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
+        raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
+
+
 @cli.program
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0), ("--steps", args.steps, 1),
+    for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0),
+                               ("--steps", args.steps, 0 if args.init else 1), ("--draft_vocab", 1 if args.draft_vocab is None else args.draft_vocab, 1),
                                ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
                                ("--data_max_new_tokens", args.data_max_new_tokens, 2),
                                ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
@@ -449,15 +471,20 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
     if not args.lr > 0:
         raise UsageError(f"--lr must be positive, got {args.lr}")
-    args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
-    if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
-        raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
+    if not args.init:  # (with --init g comes from the heads file)
+        offset_weights(args)
+    if args.init and (args.resume or args.skip):
+        raise UsageError("--init takes the heads' own skip range, g and rank, and cannot be combined with --resume or --skip")
     if args.resume and not args.out.with_suffix(".train.pt").is_file():
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
-    skip = check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
+    heads = load_heads(args.init, model.config) if args.init else None
+    if heads is not None:
+        args.gamma, args.rank = heads.gamma, heads.rank
+        offset_weights(args)
+    skip = heads.skip if heads is not None else check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
     prompts = read_prompts(args.prompts)[: args.limit]
     data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
     synth = synth_prompts(model, tokenizer, args.synth_prompts, data_dir, args.prompts_per_batch * args.samples,
@@ -473,13 +500,32 @@ def main(argv: Optional[list[str]] = None) -> None:
         train_seqs = random.Random(args.seed).sample(train_seqs, args.train_sequences)
     print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
           f"answer tokens; {len(heldout)} held-out greedy answers")
-    heads = new_heads(model, skip, args.gamma, args.rank)
+    vocab = None
+    if args.draft_vocab:
+        vocab = most_frequent_tokens([s["tokens"][s["prompt_len"]:] for s in train_seqs], args.draft_vocab,
+                                     model.config.vocab_size)
+        answers = torch.tensor([t for s in heldout for t in s["tokens"][s["prompt_len"]:]])
+        print(f"draft vocabulary: the {len(vocab)} most frequent tokens of the training answers; they hold "
+              f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
+    if heads is None:
+        heads = new_heads(model, skip, args.gamma, args.rank, vocab)
+    elif vocab is not None:  # the same heads with a new draft vocabulary
+        state = {**heads.state_dict(), "draft_vocab": vocab}
+        heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab)
+        heads.load_state_dict(state)
+    command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
     if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
         model.set_heads(heads)
         model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
         rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
-        print(f"untrained heads: held-out acceptance per offset {' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
-    heads.meta |= {"train_command": " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])}
+        print(f"{'starting' if args.init else 'untrained'} heads: held-out acceptance per offset "
+              f"{' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
+        if args.steps == 0:
+            heads.meta |= {"heldout_tau": round(tau, 3), "train_command": heads.meta.get("train_command", "?") + " && " + command}
+            heads.float().save(args.out)
+            print(f"wrote {args.out}")
+            return
+    heads.meta |= {"train_command": command if not args.init else heads.meta.get("train_command", "?") + " && " + command}
     cost = train(model, heads, train_seqs, heldout, args)
     print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
           f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak memory {cost['peak_memory_gib']:.2f} GiB")

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from checkpoint import CheckpointError, UsageError
-from heads import DraftHeads, check_gamma, load_heads, new_heads
+import s3d
+from heads import DraftHeads, check_gamma, load_heads, most_frequent_tokens, new_heads
 from test_s3d import PROMPTS, tiny_model, with_trained_looking_heads
 
 
@@ -59,3 +60,41 @@ def test_skip_and_gamma_rules():
         check_gamma(4, heads)
     with pytest.raises(UsageError, match="gamma must be at least 1"):
         check_gamma(0)
+
+
+def test_draft_vocabulary_roundtrips_and_is_checked(tmp_path):
+    model = tiny_model()
+    vocab = torch.tensor([5, 1, 90, 42])
+    new_heads(model, (2, 4), 3, 2, vocab).save(tmp_path / "h.safetensors")
+    loaded = load_heads(tmp_path / "h.safetensors", model.config)
+    assert loaded.draft_vocab.dtype == torch.int64 and loaded.draft_vocab.tolist() == [5, 1, 90, 42]
+    model.set_heads(loaded)
+    assert torch.equal(loaded.draft_head, model.output.weight[vocab])  # the draft's head: those rows, in that order
+    assert "draft_head" not in loaded.state_dict()  # a copy of the model's rows, never saved with the heads
+    for bad in (torch.tensor([1, 1]), torch.tensor([96]), torch.tensor([-1]), torch.tensor([1.0]), torch.tensor([], dtype=torch.int64)):
+        with pytest.raises(CheckpointError, match="draft vocabulary"):
+            DraftHeads(model.config, (2, 4), 3, 2, draft_vocab=bad)
+
+
+def test_most_frequent_tokens_breaks_ties_by_the_lower_id():
+    assert most_frequent_tokens([[7, 7, 3, 9], [9, 7]], 4, 12).tolist() == [7, 9, 3, 0]
+    with pytest.raises(UsageError, match="1 to 12 tokens"):
+        most_frequent_tokens([[1]], 13, 12)
+
+
+def test_folded_adapters_draft_the_same_logits():
+    """fold_adapters: W + BA as one matrix is the same function as Wx + B(Ax)."""
+    model = with_trained_looking_heads(tiny_model())
+    model.setup_caches(1, 64)
+    with torch.no_grad():
+        s3d.prefill(model, torch.tensor([PROMPTS[2][:10]]), torch.arange(10))
+        draft = lambda: model(torch.tensor([[5]]), torch.arange(10, 14), draft=True)  # noqa: E731
+        plain = draft()
+        model.heads.fold_adapters(True)
+        folded = draft()
+        model.heads.fold_adapters(False)
+        adapters, model.heads.adapters = model.heads.adapters, None
+        without = draft()
+        model.heads.adapters = adapters
+    torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(without, plain, atol=1e-3)  # the adapters do change the draft

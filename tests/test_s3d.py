@@ -190,6 +190,46 @@ def test_acceptance_rule_on_known_distributions():
         assert n.item() == 2 and tokens[:2].tolist() == [1, 0]
 
 
+def with_draft_vocab(model, vocab):
+    """The same heads, drafting only the tokens of vocab."""
+    heads = model.heads
+    with_vocab = new_heads(model, heads.skip, heads.gamma, heads.rank, vocab)
+    with_vocab.load_state_dict({**heads.state_dict(), "draft_vocab": vocab})
+    model.set_heads(with_vocab)
+    return model
+
+
+def test_draft_vocabulary_is_lossless_and_drafts_only_its_tokens():
+    model = with_trained_looking_heads(tiny_model())
+
+    def run(prompt):
+        drafts = []
+        r = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4), on_iteration=lambda d, n, t: drafts.extend(d))
+        return r.tokens, drafts
+
+    with torch.no_grad():
+        full = [run(p) for p in PROMPTS]
+        # the whole vocabulary in another order: the same drafts, once indices are mapped back to tokens
+        order = torch.randperm(96, generator=torch.Generator().manual_seed(0))
+        with_draft_vocab(model, order)
+        assert [run(p) for p in PROMPTS] == full
+        # 30 of the 96 tokens: still exactly AR's output, and nothing else is ever drafted
+        with_draft_vocab(model, order[:30])
+        for prompt in PROMPTS:
+            tokens, drafts = run(prompt)
+            assert tokens == s3d.ar_generate(model, prompt, 30).tokens
+            assert set(drafts) <= set(order[:30].tolist())
+
+
+def test_sampling_with_a_draft_vocabulary_matches_the_ar_distribution():
+    """Drafts from 3 of the 5 tokens: the draft's p is 0 on the others, and the rule still gives AR's distribution."""
+    model = with_draft_vocab(sampling_model(), torch.tensor([4, 0, 2]))
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
+    counts = speculative_samples(model, prompt, N_SAMPLES, 1.0, None)
+    assert chi_square_p_value(counts, exact, N_SAMPLES) > 1e-3
+
+
 def test_untrained_heads_work_with_low_acceptance():
     model = tiny_model()
     model.set_heads(new_heads(model, (2, 4), 4, 8))

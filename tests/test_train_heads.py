@@ -52,6 +52,27 @@ def test_distill_loss_stops_at_each_sequence_end():
     assert not match[~judged].any()
 
 
+def test_distill_loss_with_a_draft_vocabulary():
+    """The draft scores only its K tokens: its target is q restricted to them and renormalised, and a draft is a
+    match when the token it stands for is the target's argmax, which may lie outside the K."""
+    torch.manual_seed(0)
+    q = torch.randn(6, 16).log_softmax(-1)
+    vocab = torch.tensor([3, 5, 7, 11])
+    q[:, 5] += 10  # the target's argmax: token 5 at every position ...
+    q[4, 12] += 20  # ... except position 4, where it is 12, outside the draft vocabulary
+    q = q.log_softmax(-1)
+    logits = torch.randn(2, 3, 4)
+    logits[..., 1] += 10  # every draft proposes index 1 of the vocabulary: token 5
+    anchors, last = torch.tensor([1, 2]), torch.tensor([5, 5])
+    loss, per_offset, match = train_heads.distill_loss(logits, q, anchors, last, torch.ones(3), vocab)
+    assert match.tolist() == [[True, True, True], [True, True, False]]  # at 2 + 2 = 4 token 12 is the target
+    restricted = q[:, vocab].log_softmax(-1)
+    at = anchors[:, None] + torch.arange(3)
+    kl = (restricted[at].exp() * (restricted[at] - logits.log_softmax(-1))).sum(-1)
+    valid = at <= 4
+    torch.testing.assert_close(per_offset, (kl * valid).sum(0) / valid.sum(0))
+
+
 def test_block_mask_shape_and_visibility():
     mask = train_heads.block_mask(6, torch.tensor([2, 4]), 3)[0, 0]
     packed = train_heads.block_mask(6, torch.tensor([2, 4]), 3, first=torch.tensor([0, 3]))[0, 0]
@@ -154,6 +175,9 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--draft_vocab", "0"], "--draft_vocab must be at least 1"),
+    (["--init", "h.safetensors", "--skip", "1:3"], "--init takes the heads' own skip range"),
 ])
 def test_cli_errors(tmp_path, capsys, flags, message):
     with pytest.raises(SystemExit) as e:
