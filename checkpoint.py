@@ -6,7 +6,7 @@ import hashlib
 import json
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import Tensor, nn
@@ -163,10 +163,7 @@ def save_quantized(model: Transformer, path: Path) -> None:
 
 def load_quantized(model: Transformer, path: Path) -> Transformer:
     """Replaces model's weights by those of a file written by save_quantized (for the same base model)."""
-    try:
-        saved = torch.load(path, map_location=model.tok_embeddings.weight.device, weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {e}") from None
+    saved = load_without_code(path, model.tok_embeddings.weight.device, allow="torchao.")
     if saved.get("fingerprint") != model.config.fingerprint:
         raise CheckpointError(f"{path} was quantized from other weights than {model.config.name or 'this checkpoint'}")
     if saved.get("dtype") != str(model.tok_embeddings.weight.dtype):
@@ -177,6 +174,29 @@ def load_quantized(model: Transformer, path: Path) -> Transformer:
         model.output.weight = model.tok_embeddings.weight
     model.quantization = saved["quantization"]
     return model
+
+
+def load_without_code(path: Path, map_location=None, allow: str = "") -> Any:
+    """torch.load that runs no code from the file: weights-only unpickling (tensors, numbers, strings, containers),
+    plus only the classes of modules whose names start with `allow` (torchao's quantized tensor types) that the file
+    names. Anything else it names, and any file that is not such a checkpoint, is a CheckpointError."""
+    import importlib
+
+    try:
+        classes = []
+        for name in torch.serialization.get_unsafe_globals_in_checkpoint(path):
+            module, _, attr = name.rpartition(".")
+            found = getattr(importlib.import_module(module), attr, None) if allow and name.startswith(allow) else None
+            if not isinstance(found, type):
+                raise CheckpointError(f"{path} refers to {name}, which a weights file may not (loading it could run "
+                                      "code): not loaded")
+            classes.append(found)
+        with torch.serialization.safe_globals(classes):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {str(e).splitlines()[0]}") from None
 
 
 def tensor_bytes(t: Tensor) -> int:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import cli
 import s3d
-from checkpoint import UsageError
+from checkpoint import UsageError, load_without_code
 from cli import DEFAULT_CHECKPOINT
 from heads import DraftHeads, check_skip, load_heads, middle_third, most_frequent_tokens, new_heads
 from model import Transformer
@@ -341,7 +341,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     order = list(range(len(train_seqs)))
     rng.shuffle(order)
     if args.resume:
-        state = torch.load(state_path, weights_only=False)
+        state = load_without_code(state_path)
         heads.load_state_dict(state["heads"])
         optimizer.load_state_dict(state["optimizer"])
         step, cursor, order = state["step"], state["cursor"], state["order"]

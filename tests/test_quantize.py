@@ -154,3 +154,28 @@ def test_s3d_on_a_quantized_model_on_cuda(convert_tiny, mode):
         for compile in (False, True):
             assert s3d.speculative_generate(model, prompt, 24, s3d.Draft("s3d", 3), compile=compile).tokens == ar
             assert s3d.speculative_generate(model, prompt, 24, s3d.Draft("skip", 3, (2, 4)), compile=compile).tokens == ar
+
+
+class Payload:
+    """Unpickling this runs a shell command: what a planted file could do if it were loaded with pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_planted_pickle_in_a_quantized_file_never_runs(convert_tiny, tmp_path):
+    _, folder = convert_tiny("LlamaForCausalLM")
+    marker = tmp_path / "ran"
+    path = checkpoint.quantized_path(folder, "int8", dtype=torch.float32)
+    torch.save({"quantization": "int8", "state_dict": Payload(marker)}, path)
+    with pytest.raises(checkpoint.CheckpointError, match="posix.system, which a weights file may not"):
+        checkpoint.load_quantized(load_model(folder), path)
+    assert not marker.exists()
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
+        checkpoint.load_quantized(load_model(folder), path)

@@ -7,6 +7,7 @@ import torch
 
 import s3d
 import train_heads
+from checkpoint import CheckpointError
 from heads import load_heads, new_heads
 from test_s3d import tiny_model, with_trained_looking_heads
 
@@ -139,6 +140,20 @@ def test_resume_continues_where_it_stopped(tmp_path):
     resumed = run(4, True).state_dict()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k])
+
+
+def test_a_planted_pickle_in_the_training_state_never_runs(tmp_path):
+    from test_quantize import Payload
+
+    marker = tmp_path / "ran"
+    torch.save({"heads": Payload(marker)}, tmp_path / "h.train.pt")
+    model = tiny_model()
+    args = train_heads.parse_args(["--out", str(tmp_path / "h.safetensors"), "--steps", "2", "--gamma", "2",
+                                   "--batch_tokens", "32", "--resume"])
+    args.offset_weights = [1.0, 1.0]
+    with pytest.raises(CheckpointError, match="posix.system, which a weights file may not"):
+        train_heads.train(model, new_heads(model, (2, 4), 2, 2), sequences(), sequences(2, seed=1), args)
+    assert not marker.exists()
 
 
 def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
