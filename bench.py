@@ -1,6 +1,6 @@
 """Benchmarks, written up in BENCHMARKS.md.
 
-    python bench.py --decode            # decode tokens/s: ours eager and compiled, and transformers' generate()
+    python bench.py --decode            # decode tokens/s: ours eager and compiled, transformers, llama.cpp (make peers)
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
@@ -34,17 +34,28 @@ from heads import load_heads, middle_third, new_heads, symmetric_skips
 from spec_bench import first_difference, gap_in_ulps, is_tie, read_spec_bench, report_mismatches, same_as_ar
 
 def bench_decode(args) -> list:
+    """--decode: tokens/s of ours (eager, compiled), transformers and, when installed (`make peers`), llama.cpp on
+    a GGUF of the same weights in the same precision, written from the GGUF the checkpoint came from (--gguf)."""
+    gguf = args.gguf
+    if gguf is None and args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
+        from scripts.convert_gguf import find_default_gguf
+
+        gguf = find_default_gguf()
+    if not peers.llama_cpp_available():
+        print("llama.cpp is not installed: `make peers` adds it to the table", file=sys.stderr)
+    elif gguf is None:
+        print("llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf", file=sys.stderr)
     rows = []
     for dtype_name in args.dtypes:
         dtype_rows, prompt_len = peers.decode_rates(args.checkpoint, torch.device(args.device), dtype_name,
-                                                    args.max_new_tokens, args.repeats)
+                                                    args.max_new_tokens, args.repeats, gguf)
         rows += dtype_rows
     print(f"\nDecode speed, {args.max_new_tokens} greedy tokens after a chat prompt of {prompt_len} tokens, "
-          f"median of {args.repeats} runs. {machine_line()}.\n")
-    print("| dtype | engine | tokens/s | vs transformers |\n|---|---|---|---|")
-    for dtype_name, name, median in rows:
-        hf_median = next(m for d, n, m in rows if d == dtype_name and n.startswith("transformers"))
-        print(f"| {dtype_name} | {name} | {median:.1f} | {median / hf_median:.2f}x |")
+          f"median of {args.repeats} runs, {torch.get_num_threads()} threads. {machine_line()}.\n")
+    print("| dtype | engine | tokens/s | vs transformers | |\n|---|---|---|---|---|")
+    for dtype_name, name, median, *note in rows:
+        hf_median = next(r[2] for r in rows if r[0] == dtype_name and r[1].startswith("transformers"))
+        print(f"| {dtype_name} | {name} | {median:.1f} | {median / hf_median:.2f}x | {''.join(note)} |")
     return []
 
 
@@ -266,15 +277,22 @@ def bench_roofline(args) -> list:
     s3d.prepare_cache(model, args.context + g + 1)
     bandwidth = roofline.read_bandwidth(device)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
-    # the heads' draft, and the same draft without adapters (rank 0); fresh heads cost what trained ones do
-    heads = [load_heads(args.heads, model.config) if args.heads else new_heads(model, middle_third(n_layer), g, 8)]
-    skip = heads[0].skip
-    heads.append(new_heads(model, skip, g, 0))
+    # the heads' draft as decoding runs it, the same with the adapters not folded into the weights (CPU) and without
+    # their draft vocabulary if they have one, and the draft without adapters (rank 0); fresh heads cost what
+    # trained ones do
+    given = load_heads(args.heads, model.config) if args.heads else new_heads(model, middle_third(n_layer), g, 8)
+    fold = device.type == "cpu"
+    heads = [(given, fold)]
+    if fold and given.rank:
+        heads.append((new_heads(model, given.skip, given.gamma, given.rank, given.draft_vocab), False))
+    if given.draft_vocab is not None:
+        heads.append((new_heads(model, given.skip, given.gamma, given.rank), fold))
+    heads.append((new_heads(model, given.skip, given.gamma, 0), fold))
     rows = roofline.measure_steps(model, heads, args.context, bandwidth)
     ar_ms = rows[0]["ms"]
     print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
           f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "
-          f"{flops['float32']:.0f} GFLOP/s in float32, {flops['bfloat16']:.0f} in bfloat16. Floor: the bytes a step "
+          f"{flops['float32']:.3g} GFLOP/s in float32, {flops['bfloat16']:.3g} in bfloat16. Floor: the bytes a step "
           f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler.\n")
     kinds = list(rows[0]["parts_ms"])
     print(f"| step | ms | AR steps | MB read | floor ms | % of floor | {' | '.join(kinds)} |")
@@ -422,6 +440,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, metavar="FILE", help="write every per-prompt figure here")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--gguf", type=Path, help="for --decode: the GGUF the checkpoint was converted from, for llama.cpp "
+                   "(default: the embedded model's)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on CUDA and for --quantize or --formats, else float32 (as generate.py)")

@@ -1,10 +1,13 @@
 """Other engines on exactly our weights, for side-by-side measurement in bench.py: transformers' generate() (its
-Llama model, built from our weights by scripts/hf_format.py), beside our own decoding, eager and compiled.
+Llama model, built from our weights by scripts/hf_format.py) and llama.cpp (llama-cpp-python, `make peers`), on a
+GGUF written from the GGUF our checkpoint was converted from, beside our own decoding, eager and compiled.
 """
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
@@ -69,18 +72,100 @@ def ours_decode_rate(model: Transformer, prompt: list[int], n: int, compile: boo
     return (len(r.tokens) - 1) / r.decode_time
 
 
-def decode_rates(folder: Path, device: torch.device, dtype_name: str, n: int, repeats: int) -> tuple[list[tuple], int]:
-    """(dtype, engine, median tokens/s) of ours eager, ours compiled and transformers, in one dtype; prompt length."""
+# llama.cpp: the GGUF types of our dtypes; norms and other 1-D tensors stay F32, as llama.cpp's converter keeps them
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16"}
+
+
+def llama_cpp_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def export_gguf(source: Path, out: Path, gguf_type: str) -> Path:
+    """A copy of the GGUF `source` (the file our checkpoint came from) with every matrix in gguf_type: the same
+    weights as ours in the same precision (we too dequantize the source to float32, then cast to our dtype)."""
+    import gguf
+    from gguf.quants import dequantize, quantize
+
+    reader = gguf.GGUFReader(source)
+    writer = gguf.GGUFWriter(out, reader.fields[gguf.Keys.General.ARCHITECTURE].contents())
+    for f in reader.fields.values():
+        if f.name in (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.FILE_TYPE) or f.name.startswith("GGUF."):
+            continue
+        writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
+    qtype = gguf.GGMLQuantizationType[gguf_type]
+    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type])
+    for t in reader.tensors:
+        weights = dequantize(t.data, t.tensor_type).astype("float32")
+        if weights.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(t.name, weights)
+        else:
+            writer.add_tensor(t.name, quantize(weights, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def llama_cpp_rate(path: Path, prompt: list[int], n: int, threads: int) -> tuple[float, float]:
+    """llama.cpp's decoding tokens/s after the prompt (one token per forward, as llama-bench's generation test), and
+    the cost of a 5-token forward in 1-token forwards at the same position (a verify-like batch)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n + 16, n_threads=threads, n_threads_batch=threads,
+                          verbose=False)
+    llm.eval(prompt)
+    t = time.perf_counter()
+    for _ in range(n):
+        llm.eval([prompt[-1]])
+    rate = n / (time.perf_counter() - t)
+
+    def forward_s(k: int) -> float:
+        times = []
+        for _ in range(9):
+            llm.n_tokens = len(prompt)  # back to the end of the prompt: the forward overwrites what follows it
+            t = time.perf_counter()
+            llm.eval(prompt[-k:])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    ratio = forward_s(5) / forward_s(1)
+    llm.close()
+    return rate, ratio
+
+
+def decode_rates(folder: Path, device: torch.device, dtype_name: str, n: int, repeats: int,
+                 gguf_source: Optional[Path] = None) -> tuple[list[tuple], int]:
+    """(dtype, engine, median tokens/s[, note]) of ours eager, ours compiled, transformers, and llama.cpp when it is
+    installed and the checkpoint came from the GGUF gguf_source, in one dtype; and the prompt's length."""
     model, tok = cli.load(folder, device, cli.DTYPES[dtype_name])
     prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    hf, rows = transformers_copy(model), []
+    hf = transformers_copy(model)
+    engines = [("ours, eager", lambda: ours_decode_rate(model, prompt, n, False)),
+               ("ours, --compile", lambda: ours_decode_rate(model, prompt, n, True)),
+               ("transformers generate()", lambda: hf_decode_rate(hf, prompt, n))]
+    with tempfile.TemporaryDirectory() as tmp:
+        if gguf_source is not None and device.type == "cpu" and dtype_name in GGUF_TYPES and llama_cpp_available():
+            gguf_type = GGUF_TYPES[dtype_name]
+            path = export_gguf(gguf_source, Path(tmp) / f"model-{gguf_type}.gguf", gguf_type)
+            engines.append((f"llama.cpp {gguf_type}", lambda: llama_cpp_rate(path, prompt, n, torch.get_num_threads())[0]))
+        rows = timed_rates(engines, dtype_name, repeats)
+        if len(engines) == 4:
+            ratio = llama_cpp_rate(path, prompt, 8, torch.get_num_threads())[1]
+            rows[-1] += (f"a 5-token forward costs {ratio:.2f} 1-token ones",)
+    return rows, len(prompt)
+
+
+def timed_rates(engines: list[tuple[str, Callable[[], float]]], dtype_name: str, repeats: int) -> list[tuple]:
+    """Each engine once to warm up (and compile), then `repeats` timed runs: (dtype, engine, median tokens/s)."""
+    rows = []
     with torch.no_grad():
-        for name, rate in [("ours, eager", lambda: ours_decode_rate(model, prompt, n, False)),
-                           ("ours, --compile", lambda: ours_decode_rate(model, prompt, n, True)),
-                           ("transformers generate()", lambda: hf_decode_rate(hf, prompt, n))]:
-            rate()  # warm-up (and compilation) outside the timed runs
+        for name, rate in engines:
+            rate()
             runs = [rate() for _ in range(repeats)]
             rows.append((dtype_name, name, statistics.median(runs)))
             print(f"{dtype_name:9} {name:24} median {statistics.median(runs):6.1f} tokens/s "
                   f"({', '.join(f'{r:.1f}' for r in runs)})", file=sys.stderr)
-    return rows, len(prompt)
+    return rows

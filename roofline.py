@@ -49,10 +49,15 @@ def read_bandwidth(device: torch.device) -> float:
 
 
 def matmul_throughput(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
-    """GFLOP/s of an n x n x n matmul: the arithmetic a forward of many tokens can use."""
-    a, b = torch.randn(n, n, dtype=dtype, device=device), torch.randn(n, n, dtype=dtype, device=device)
+    """GFLOP/s of an n x n x n matmul: the arithmetic a forward of many tokens can use. Sizes grow from 256 to n
+    and stop once one matmul takes 50 ms (bf16 without native instructions runs at about 1 GFLOP/s)."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    return 2 * n**3 / median_ms(lambda: (a @ b, sync()), repeats=5) / 1e6
+    size = 256
+    while True:
+        a, b = torch.randn(size, size, dtype=dtype, device=device), torch.randn(size, size, dtype=dtype, device=device)
+        if size >= n or median_ms(lambda: (a @ b, sync()), repeats=1, warmup=1) > 50:
+            return 2 * size**3 / median_ms(lambda: (a @ b, sync()), repeats=5) / 1e6
+        size *= 2
 
 
 def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab: int = 0,
@@ -66,7 +71,9 @@ def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab:
         head = head * draft_vocab // model.config.vocab_size
     cache = model.layers[0].attention.kv_cache
     kv = 2 * len(layers) * cache.k_cache[0, :, :context].numel() * cache.k_cache.element_size()
-    extra = sum(tensor_bytes(p) for p in model.heads.parameters()) if adapters and model.heads is not None else 0
+    # the adapters, unless they are folded into the weights (compiled on a CPU: heads.DraftHeads.fold_adapters)
+    heads = model.heads
+    extra = sum(tensor_bytes(p) for p in heads.parameters()) if adapters and heads and not heads.folded else 0
     return {"linear": linear, "head": head, "kv_cache": kv, "adapters": extra}
 
 
@@ -128,25 +135,44 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 6
 
 
 @torch.no_grad()
-def measure_steps(model: Transformer, heads: list, context: int, bandwidth: float, repeats: int = 30) -> list[dict]:
-    """bench.py --roofline's rows: the AR and verify(g+1) steps with the first heads, then the draft of each heads
-    (of one skip range and g), at position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s),
-    split by kernel kind."""
-    n_layer, g, skip = model.config.n_layer, heads[0].gamma, heads[0].skip
+def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidth: float, rounds: int = 6,
+                  per_round: int = 5) -> list[dict]:
+    """bench.py --roofline's rows: the AR and verify(g+1) steps, then the draft of each (heads, fold) of `heads`
+    (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU), at
+    position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s), split by kernel kind. Every step is
+    compiled first, then timed in rounds that take each step in turn (per_round calls after an untimed one, its
+    heads attached), so that a slow spell of a shared machine hits every step alike."""
+    n_layer, g, skip = model.config.n_layer, heads[0][0].gamma, heads[0][0].skip
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
-    rows = []
-    for i, h in enumerate(heads):
+    steps = []  # label, heads, call, layers, tokens, draft vocabulary size
+    for i, (h, fold) in enumerate(heads):
         model.set_heads(h)
         calls = step_calls(model, s3d.Draft("s3d", g, skip), True, context)
-        named = [("AR step (1 token)", calls["ar"], list(range(n_layer)), 1), (
-            f"verify ({g + 1} tokens)", calls["verify"], list(range(n_layer)), g + 1)] if i == 0 else []
-        named.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank})", calls["draft"], kept, g))
-        for label, call, layers, tokens in named:
-            ms = median_ms(call, repeats)
-            moved = step_bytes(model, context + tokens, layers, adapters=layers is kept)
-            rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
-                         "parts_ms": breakdown(call, ms, (model.config.vocab_size,))})
-            print(f"{label}: {ms:.2f} ms", flush=True)
+        h.fold_adapters(fold)  # read when the draft is traced, at its first call below
+        if i == 0:
+            steps += [("AR step (1 token)", h, calls["ar"], list(range(n_layer)), 1, 0),
+                      (f"verify ({g + 1} tokens)", h, calls["verify"], list(range(n_layer)), g + 1, 0)]
+        vocab = 0 if h.draft_vocab is None else len(h.draft_vocab)
+        steps.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank}"
+                      f"{', adapters folded' if fold and h.rank else ''}{f', draft vocabulary {vocab}' if vocab else ''})",
+                      h, calls["draft"], kept, g, vocab))
+        for step in steps[-3 if i == 0 else -1:]:
+            step[2]()  # compiles it
+            print(f"compiled: {step[0]}", flush=True)
+    times = {step[0]: [] for step in steps}
+    for _ in range(rounds):
+        for label, h, call, *_ in steps:
+            model.heads = h  # (set_heads would copy the draft head again)
+            call()
+            times[label] += [median_ms(call, 1, warmup=0) for _ in range(per_round)]
+    rows = []
+    for label, h, call, layers, tokens, vocab in steps:
+        model.heads = h
+        ms = statistics.median(times[label])
+        moved = step_bytes(model, context + tokens, layers, vocab, adapters=layers is kept)
+        rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
+                     "parts_ms": breakdown(call, ms, (model.config.vocab_size, vocab))})
+        print(f"{label}: {ms:.2f} ms", flush=True)
     return rows
 
 

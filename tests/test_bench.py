@@ -145,3 +145,32 @@ def test_random_weights_table_on_the_cpu(tmp_path, capsys):
         assert all(ms > 0 for ms in r["ms"].values()) and r["gb_s"] > 0
         assert all(p == sorted(p) for p in r["predicted"].values())
     assert "| bfloat16 |" in capsys.readouterr().out
+
+
+def test_roofline_rows_of_every_draft_variant(monkeypatch):
+    """roofline.measure_steps on a tiny model: AR, verify and each draft variant compiled and timed; the draft
+    vocabulary reads only its rows of the output head, and folded adapters add no bytes."""
+    import torch
+    import torch._inductor.config as inductor
+
+    import roofline
+    from heads import new_heads
+
+    monkeypatch.setattr(inductor.cpp, "enable_kernel_profile", True)
+    model = roofline.random_model("tiny", torch.device("cpu"), torch.float32)
+    s3d.prepare_cache(model, 64)
+    given = new_heads(model, (2, 4), 3, 4, torch.arange(128))
+    heads = [(given, True), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False), (new_heads(model, (2, 4), 3, 4), True)]
+    try:
+        rows = roofline.measure_steps(model, heads, 32, bandwidth=10.0, rounds=1, per_round=2)
+    finally:
+        s3d.release_compiled()
+    assert [r["step"] for r in rows] == [
+        "AR step (1 token)", "verify (4 tokens)",
+        "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded, draft vocabulary 128)",
+        "draft (3 tokens, 4 of 6 layers, rank 4, draft vocabulary 128)",
+        "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded)"]
+    assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    full_head = rows[0]["bytes"]["head"]
+    assert [r["bytes"]["head"] for r in rows[2:]] == [full_head // 4, full_head // 4, full_head]
+    assert rows[2]["bytes"]["adapters"] == 0 < rows[3]["bytes"]["adapters"]
