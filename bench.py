@@ -38,9 +38,7 @@ def bench_decode(args) -> list:
     a GGUF of the same weights in the same precision, written from the GGUF the checkpoint came from (--gguf)."""
     gguf = args.gguf
     if gguf is None and args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
-        from scripts.convert_gguf import find_default_gguf
-
-        gguf = find_default_gguf()
+        gguf = checkpoint.find_default_gguf()
     if not peers.llama_cpp_available():
         print("llama.cpp is not installed: `make peers` adds it to the table", file=sys.stderr)
     elif gguf is None:

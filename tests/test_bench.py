@@ -147,7 +147,7 @@ def test_random_weights_table_on_the_cpu(tmp_path, capsys):
     assert "| bfloat16 |" in capsys.readouterr().out
 
 
-def test_roofline_rows_of_every_draft_variant(monkeypatch):
+def test_roofline_rows_of_every_draft_variant():
     """roofline.measure_steps on a tiny model: AR, verify and each draft variant compiled and timed; the draft
     vocabulary reads only its rows of the output head, and folded adapters add no bytes."""
     import torch
@@ -156,13 +156,13 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
     import roofline
     from heads import new_heads
 
-    monkeypatch.setattr(inductor.cpp, "enable_kernel_profile", True)
     model = roofline.random_model("tiny", torch.device("cpu"), torch.float32)
     s3d.prepare_cache(model, 64)
     given = new_heads(model, (2, 4), 3, 4, torch.arange(128))
     heads = [(given, True), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False), (new_heads(model, (2, 4), 3, 4), True)]
     try:
-        rows = roofline.measure_steps(model, heads, 32, bandwidth=10.0, rounds=1, per_round=2)
+        with inductor.patch({"cpp.enable_kernel_profile": True}):
+            rows = roofline.measure_steps(model, heads, 32, bandwidth=10.0, rounds=1, per_round=2)
     finally:
         s3d.release_compiled()
     assert [r["step"] for r in rows] == [

@@ -124,7 +124,24 @@ def test_dtype_auto_follows_the_cpu_and_s3d_equals_ar_in_both(default_checkpoint
     proc = run("--max_new_tokens", "24", "--s3d", HEADS, "--compare_ar", env={"S3D_NATIVE_BF16": native})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[0].startswith(f"--dtype auto: {dtype} (")
-    assert f"({dtype}, cpu)" in proc.stderr and "identical output" in proc.stderr
+    assert f"({dtype}, cpu)" in proc.stderr
+    if "identical output" not in proc.stderr:
+        # bfloat16 on a CPU without native bf16 rounds a 5-token verify and a 1-token AR step differently: the
+        # outputs may part only where the target's two best logits are within a rounding step (a tie, as bench.py)
+        assert dtype == "bfloat16", proc.stderr[-2000:]
+        import cli
+        import spec_bench
+        from heads import load_heads
+
+        model, tokenizer = cli.load(default_checkpoint, torch.device("cpu"), torch.bfloat16)
+        prompt = cli.encode_prompt(tokenizer, [{"role": "user", "content": cli.DEFAULT_PROMPT}], True)
+        with torch.no_grad():
+            ar = s3d.ar_generate(model, prompt, 24, eos_ids=tokenizer.eos_ids).tokens
+            model.set_heads(load_heads(HEADS, model.config))
+            spec = s3d.speculative_generate(model, prompt, 24, s3d.Draft("s3d", 4), eos_ids=tokenizer.eos_ids).tokens
+            i = spec_bench.first_difference(ar, spec)
+            assert i < min(len(ar), len(spec)), "generate.py said the outputs differ, the library says they do not"
+            assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec[i]) <= spec_bench.TIE_ULPS
 
 
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
