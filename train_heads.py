@@ -514,6 +514,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab)
         heads.load_state_dict(state)
     command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
+    # the recipe of heads that started from a file: the command that made it, then this one
+    heads.meta["train_command"] = heads.meta.get("train_command", "?") + " && " + command if args.init else command
     if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
         model.set_heads(heads)
         model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
@@ -521,11 +523,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"{'starting' if args.init else 'untrained'} heads: held-out acceptance per offset "
               f"{' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
         if args.steps == 0:
-            heads.meta |= {"heldout_tau": round(tau, 3), "train_command": heads.meta.get("train_command", "?") + " && " + command}
+            heads.meta["heldout_tau"] = round(tau, 3)
             heads.float().save(args.out)
             print(f"wrote {args.out}")
             return
-    heads.meta |= {"train_command": command if not args.init else heads.meta.get("train_command", "?") + " && " + command}
     cost = train(model, heads, train_seqs, heldout, args)
     print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
           f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak memory {cost['peak_memory_gib']:.2f} GiB")
