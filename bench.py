@@ -259,7 +259,8 @@ def plot(points: list[dict], path: Path, title: str) -> None:
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with checkpoint.written_then_renamed(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
 
 
@@ -416,8 +417,8 @@ def bench_speculative(args) -> list[dict]:
 
 def write_json(args, output: dict) -> None:
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(output, indent=1, default=str))  # Paths as text
+        with checkpoint.written_then_renamed(args.json) as tmp:
+            tmp.write_text(json.dumps(output, indent=1, default=str))  # Paths as text
         print(f"per-prompt figures: {args.json}", file=sys.stderr)
 
 
@@ -436,6 +437,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "the best")
     p.add_argument("--plot", type=Path, metavar="PNG", help="with --profile/--sweep: speedup against skipped layers")
     p.add_argument("--json", type=Path, metavar="FILE", help="write every per-prompt figure here")
+    p.add_argument("--force", action="store_true", help="replace --json and --plot files that exist")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--gguf", type=Path, help="for --decode: the GGUF the checkpoint was converted from, for llama.cpp "
@@ -470,6 +472,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     args = p.parse_args(argv)
+    args.device = str(cli.resolve_device(args.device))
     if args.roofline + args.decode + args.speculative + (args.profile or args.sweep) + bool(args.random_weights) > 1:
         p.error("choose one of --roofline, --random_weights, --decode, --speculative (the default), --profile/--sweep")
     if "ar" not in args.methods:
@@ -482,6 +485,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--plot goes with --profile or --sweep")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
     args.heads_files = args.heads or []
+    inputs = (args.prompts, args.checkpoint, args.gguf, args.draft_checkpoint, *args.heads_files)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path is not None:  # now, not after the run whose results they are to hold
+            checkpoint.check_output(path, args.force, inputs, flag)
+    if args.json is not None and args.plot is not None and args.json.resolve() == args.plot.resolve():
+        p.error("--json and --plot name the same file")
     if len(args.heads_files) > 1 and not (args.profile or args.sweep):
         p.error("several --heads files go with --profile or --sweep")
     args.heads = args.heads_files[0] if args.heads_files else None

@@ -1,12 +1,16 @@
 """Checkpoints: a folder with model.safetensors and config.json (ours), plus tokenizer files; weight fingerprints;
 torchao weight-only quantization and the quantized checkpoints quantize.py writes; memory accounting. Also the
-error that every check of what a user gives raises (UsageError), which the programs print as one line.
+error that every check of what a user gives raises (UsageError), which the programs print as one line, and the two
+rules of every file the programs write: checked before any work starts, written under a temporary name and renamed.
 """
+import contextlib
 import hashlib
 import json
+import os
+import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,11 +26,53 @@ class CheckpointError(UsageError):
     """A checkpoint, heads or quantized file that cannot be used."""
 
 
+def check_output(path: Path, force: bool = False, inputs: tuple[Optional[Path], ...] = (), flag: str = "") -> Path:
+    """Refuses, before any work starts, an output path that would lose something or fail at the end: one of the
+    run's own inputs, an existing file or folder (unless force), or a place that cannot be written."""
+    path, name = Path(path), f"{flag} {path}" if flag else str(path)
+    if any(i is not None and path.resolve() == Path(i).resolve() for i in inputs):
+        raise UsageError(f"{name} is also an input of this run: choose another output")
+    if (path.exists() or path.is_symlink()) and not force:
+        raise UsageError(f"{name} exists: pass --force to replace it")
+    folder = path.parent
+    while not folder.exists():  # the folders that do not exist yet are made when the output is written
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write {name}: {folder} is not a writable folder")
+    return path
+
+
+@contextlib.contextmanager
+def written_then_renamed(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` (for a file or a folder) to write to; once the block has finished it takes
+    `path`'s place by renaming, so a failure part-way leaves what was at `path` whole and nothing half-written, and
+    a symlink at `path` is replaced rather than written through."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")  # the suffix last: savefig reads the format
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir() and not path.is_symlink():  # a folder cannot be renamed over another
+            old = path.with_name(f".{path.name}.{os.getpid()}.old")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            if path.is_symlink():
+                path.unlink()
+            os.replace(tmp, path)
+    finally:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+
+
 def read_config(path: Path) -> ModelArgs:
     """Reads our own config.json, as the conversion scripts write it."""
     try:
         config = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # (RecursionError: JSON nested thousands deep)
         raise CheckpointError(f"cannot read {path}: {e}") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} is not a JSON object")
@@ -38,7 +84,37 @@ def read_config(path: Path) -> ModelArgs:
     unknown = set(config) - {f.name for f in fields(ModelArgs)}
     if unknown:
         raise CheckpointError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-    return ModelArgs(**config)
+    for key in ("dim", "n_head"):  # the two that ModelArgs divides, before check_config sees them
+        if key in config and (type(config[key]) is not int or config[key] < 1):
+            raise CheckpointError(f"{path}: {key} must be a positive whole number, got {config[key]!r}")
+    return check_config(ModelArgs(**config), path)
+
+
+def check_config(config: ModelArgs, path: Path) -> ModelArgs:
+    """Types and ranges of a config's values, so that a wrong one is a one-line error before any tensor is made."""
+    sizes = ("block_size", "vocab_size", "n_layer", "n_head", "n_local_heads", "dim", "intermediate_size", "head_dim")
+    for key in sizes:
+        value = getattr(config, key)
+        if type(value) is not int or not 1 <= value <= 2**24:
+            raise CheckpointError(f"{path}: {key} must be a whole number from 1 to {2**24}, got {value!r}")
+    for key in ("rope_base", "norm_eps"):
+        value = getattr(config, key)
+        if type(value) not in (int, float) or not 0 < value < float("inf"):
+            raise CheckpointError(f"{path}: {key} must be a positive number, got {value!r}")
+    for key in ("attn_bias", "tie_embeddings"):
+        if type(getattr(config, key)) is not bool:
+            raise CheckpointError(f"{path}: {key} must be true or false, got {getattr(config, key)!r}")
+    if config.n_head % config.n_local_heads or config.head_dim % 2:
+        raise CheckpointError(f"{path}: n_head ({config.n_head}) must be a multiple of n_local_heads "
+                              f"({config.n_local_heads}) and head_dim ({config.head_dim}) even")
+    scaling = config.rope_scaling
+    keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    if scaling is not None and not (isinstance(scaling, dict) and set(scaling) == set(keys) and all(
+            type(scaling[k]) in (int, float) and 0 < scaling[k] < float("inf") for k in keys)):
+        raise CheckpointError(f"{path}: rope_scaling must be null or positive numbers for {', '.join(keys)}")
+    if not isinstance(config.name, str) or not isinstance(config.fingerprint, str):
+        raise CheckpointError(f"{path}: name and fingerprint must be text")
+    return config
 
 
 def weights_fingerprint(state_dict: dict[str, Tensor]) -> str:
@@ -57,8 +133,10 @@ def save_checkpoint(state_dict: dict[str, Tensor], config: ModelArgs, folder: Pa
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     config.fingerprint = weights_fingerprint(state_dict)
-    save_file({k: v.contiguous() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
-    (folder / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    with written_then_renamed(folder / "model.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in state_dict.items()}, str(tmp))
+    with written_then_renamed(folder / "config.json") as tmp:
+        tmp.write_text(json.dumps(asdict(config), indent=2) + "\n")
 
 
 def find_default_gguf() -> Path:
@@ -107,6 +185,9 @@ def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
         if state_dict[name].shape != shape:
             raise CheckpointError(f"{name} has shape {tuple(state_dict[name].shape)} in the weights, "
                                   f"{tuple(shape)} in config.json")
+        if not state_dict[name].is_floating_point():  # (quantized weights live in quantize.py's own files)
+            raise CheckpointError(f"{name} is {str(state_dict[name].dtype).removeprefix('torch.')} in "
+                                  f"{folder / 'model.safetensors'}: expected floating-point weights")
     model.load_state_dict(state_dict, assign=True, strict=False)
     model.freqs_cis, model.causal_mask = torch.empty(0), torch.empty(0, dtype=torch.bool)  # made by setup_caches
     if config.tie_embeddings:
@@ -170,8 +251,9 @@ def quantized_path(folder: Path, mode: str, groupsize: int = 128, dtype: torch.d
 
 def save_quantized(model: Transformer, path: Path) -> None:
     state = {k: v for k, v in model.state_dict().items() if not k.startswith("heads.")}
-    torch.save({"quantization": model.quantization, "fingerprint": model.config.fingerprint,
-                "dtype": str(model.tok_embeddings.weight.dtype), "state_dict": state}, path)
+    with written_then_renamed(path) as tmp:
+        torch.save({"quantization": model.quantization, "fingerprint": model.config.fingerprint,
+                    "dtype": str(model.tok_embeddings.weight.dtype), "state_dict": state}, tmp)
 
 
 def load_quantized(model: Transformer, path: Path) -> Transformer:

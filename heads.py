@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from checkpoint import CheckpointError, UsageError
+from checkpoint import CheckpointError, UsageError, written_then_renamed
 from model import ModelArgs, Transformer
 
 
@@ -115,7 +115,8 @@ class DraftHeads(nn.Module):
         metadata = {"format": "s3d-heads", "skip": f"{self.skip[0]}:{self.skip[1]}", "gamma": str(self.gamma),
                     "rank": str(self.rank), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
         tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
-        save_file(tensors, str(path), metadata=metadata)
+        with written_then_renamed(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
 
 
 def check_draft_vocab(ids: Tensor, config: ModelArgs) -> Tensor:

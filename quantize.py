@@ -15,11 +15,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 import checkpoint
 import cli
-from checkpoint import QUANTIZATIONS
+from checkpoint import QUANTIZATIONS, UsageError
 from cli import DEFAULT_CHECKPOINT, DTYPES, PERPLEXITY_TEXT
 
 
@@ -29,23 +27,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--mode", choices=QUANTIZATIONS, help="write a quantized copy of the weights next to the checkpoint's")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda")
     p.add_argument("--dtype", choices=list(DTYPES), default="bfloat16",
                    help="activations' dtype: bfloat16, the one Inductor's int8 kernels take (int4 needs it too)")
     p.add_argument("--perplexity", action="store_true", help="perplexity of --text under each of --modes")
     p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", *QUANTIZATIONS])
     p.add_argument("--text", type=Path, default=PERPLEXITY_TEXT)
+    p.add_argument("--force", action="store_true", help="replace a quantized file that exists")
     args = p.parse_args(argv)
     if args.mode is None and not args.perplexity:
         p.error("choose --mode int8|int4 (write a quantized checkpoint) or --perplexity")
-    device = torch.device(args.device)
+    device = cli.resolve_device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.perplexity:
+        text = cli.read_text_file(args.text, "--text")
     if args.mode is not None:
         checkpoint.check_quantization(args.mode, device, args.groupsize)
+        out = checkpoint.check_output(checkpoint.quantized_path(args.checkpoint, args.mode, args.groupsize, dtype),
+                                      args.force, flag="--mode")
         model, _ = cli.load(args.checkpoint, device, dtype)
         t = time.perf_counter()
         checkpoint.quantize(model, args.mode, args.groupsize)
-        out = checkpoint.quantized_path(args.checkpoint, args.mode, args.groupsize, dtype)
         checkpoint.save_quantized(model, out)
         print(f"{model.quantization} in {time.perf_counter() - t:.1f} s: {out} ({out.stat().st_size / 2**20:.0f} MiB; "
               f"weights {checkpoint.memory_breakdown(model)['weights'] / 2**20:.0f} MiB)")
@@ -56,7 +58,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"| weights | perplexity of {args.text.name} | weight memory |\n|---|---|---|")
         for mode in args.modes:
             model, tokenizer = cli.load(args.checkpoint, device, dtype)
-            tokens = tokenizer.encode(args.text.read_text())
+            tokens = tokenizer.encode(text)
+            if len(tokens) < 2:
+                raise UsageError(f"--text {args.text} holds fewer than 2 tokens: nothing to measure")
             if mode != "none":
                 checkpoint.quantize(model, mode, args.groupsize)
             print(f"| {str(dtype).removeprefix('torch.') if mode == 'none' else model.quantization} "

@@ -26,7 +26,11 @@ TIE_ULPS = 4
 def read_spec_bench(path: Path = SPEC_BENCH, limit: Optional[int] = None) -> list[dict]:
     """Rows {question_id, category, turns} of a Spec-Bench JSONL file, the first `limit` of each category."""
     rows, seen = [], {}
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read --prompts {path}: {getattr(e, 'strerror', None) or e}") from None
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:

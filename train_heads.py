@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 import cli
 import s3d
-from checkpoint import UsageError, load_without_code
+from checkpoint import UsageError, check_output, load_without_code, written_then_renamed
 from cli import DEFAULT_CHECKPOINT
 from heads import DraftHeads, check_skip, load_heads, middle_third, most_frequent_tokens, new_heads
 from model import Transformer
@@ -74,7 +74,8 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     if meta_path.is_file() and json.loads(meta_path.read_text()) != meta:
         raise UsageError(f"{data_dir} holds data made with other settings ({meta_path.read_text().strip()}); "
                          "choose another --data_dir")
-    meta_path.write_text(json.dumps(meta) + "\n")
+    with written_then_renamed(meta_path) as tmp:
+        tmp.write_text(json.dumps(meta) + "\n")
     done = {(s["id"], s["sample"]) for s in read_sequences(seq_path)}
     todo = [(r["id"], k, cli.encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True))
             for r in prompts for k in range(samples) if (r["id"], k) not in done]
@@ -351,7 +352,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     model.setup_caches(1, longest + args.gamma)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     t0 = time.perf_counter() - elapsed
-    log = log_path.open("a")
+    log = log_path.open("a" if args.resume else "w")  # a new run starts a new log
     while step < args.steps:
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(step, args.steps, args.lr)
@@ -392,9 +393,10 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
             elapsed = time.perf_counter() - t0
             heads.meta |= {"trained_steps": step, "trained_tokens": seen_tokens, "heldout_tau": round(tau, 3)}
             heads.save(args.out)
-            torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                        "cursor": cursor, "order": order, "seen_tokens": seen_tokens, "seen_drafts": seen_drafts,
-                        "elapsed": elapsed}, state_path)
+            with written_then_renamed(state_path) as tmp:
+                torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                            "cursor": cursor, "order": order, "seen_tokens": seen_tokens, "seen_drafts": seen_drafts,
+                            "elapsed": elapsed}, tmp)
         log.write(json.dumps(record) + "\n")
         log.flush()
     bar.close()
@@ -427,6 +429,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank)")
     p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default)")
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --out")
+    p.add_argument("--force", action="store_true", help="replace --out (and its log and training state) if they exist")
     p.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (and saves)")
     p.add_argument("--eval_anchors", type=int, default=128, help="anchors per held-out sequence")
     p.add_argument("--prompts", type=Path, default=TRAIN_PROMPTS, help="training prompts (JSON lines: id, prompt)")
@@ -449,8 +452,12 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def offset_weights(args: argparse.Namespace) -> None:
     """--offset_weights as g floats (default all 1)."""
-    args.offset_weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
-    if len(args.offset_weights) != args.gamma or min(args.offset_weights) < 0 or sum(args.offset_weights) <= 0:
+    try:
+        weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
+    except ValueError:
+        raise UsageError(f"--offset_weights needs {args.gamma} numbers separated by commas, got {args.offset_weights!r}") from None
+    args.offset_weights = weights
+    if len(weights) != args.gamma or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
         raise UsageError(f"--offset_weights needs {args.gamma} non-negative numbers, not all zero")
 
 
@@ -469,14 +476,21 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--synth_prompts must be at least 0, got {args.synth_prompts}")
     if args.train_sequences is not None and args.train_sequences < 1:
         raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
-    if not args.lr > 0:
-        raise UsageError(f"--lr must be positive, got {args.lr}")
+    if not 0 < args.lr < math.inf:
+        raise UsageError(f"--lr must be a positive number, got {args.lr}")
+    if not 0 < args.data_temperature < math.inf:
+        raise UsageError(f"--data_temperature must be a positive number, got {args.data_temperature}")
+    if args.limit is not None and args.limit < HELDOUT_EVERY:
+        raise UsageError(f"--limit must be at least {HELDOUT_EVERY} (every {HELDOUT_EVERY}th prompt is held out), got {args.limit}")
     if not args.init:  # (with --init g comes from the heads file)
         offset_weights(args)
     if args.init and (args.resume or args.skip):
         raise UsageError("--init takes the heads' own skip range, g and rank, and cannot be combined with --resume or --skip")
     if args.resume and not args.out.with_suffix(".train.pt").is_file():
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
+    if not args.resume:  # every output checked now, not at the first save after minutes of work
+        for path in (args.out, args.out.with_suffix(".train.pt"), args.out.with_suffix(".log.jsonl")):
+            check_output(path, args.force, (args.init, args.checkpoint, args.prompts), "--out")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])

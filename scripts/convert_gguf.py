@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-from checkpoint import CheckpointError, find_default_gguf, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, check_output, find_default_gguf, save_checkpoint, written_then_renamed  # noqa: E402
 from model import ModelArgs  # noqa: E402
 from scripts.hf_format import to_interleaved  # noqa: E402
 
@@ -119,18 +119,21 @@ def write_tokenizer(reader, out_dir: Path) -> None:
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
-def convert_gguf(gguf_path: Path, out_dir: Path, name: str | None = None) -> Path:
+def convert_gguf(gguf_path: Path, out_dir: Path, name: str | None = None, force: bool = False) -> Path:
+    """Converts the GGUF file into the checkpoint folder out_dir, which must not exist unless force; the folder is
+    written under a temporary name and renamed, so a failure leaves nothing half-converted."""
     import gguf
 
+    out_dir = check_output(out_dir, force, (gguf_path,), "--out_dir")
     try:
         reader = gguf.GGUFReader(str(gguf_path))
     except Exception as e:  # missing, truncated or not a GGUF file
         raise CheckpointError(f"cannot read GGUF file {gguf_path}: {e}") from None
     config = gguf_config(reader, name or Path(gguf_path).stem)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_tokenizer(reader, out_dir)
-    save_checkpoint(gguf_weights(reader, config), config, out_dir)
+    with written_then_renamed(out_dir) as tmp:
+        tmp.mkdir()
+        write_tokenizer(reader, tmp)
+        save_checkpoint(gguf_weights(reader, config), config, tmp)
     return out_dir
 
 
@@ -140,11 +143,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gguf", type=Path, help="the .gguf file")
     parser.add_argument("--out_dir", type=Path, help="where to write our checkpoint")
     parser.add_argument("--default", action="store_true", help=f"convert the embedded {DEFAULT_NAME} into {DEFAULT_OUT}")
+    parser.add_argument("--force", action="store_true", help="replace --out_dir if it exists")
     args = parser.parse_args(argv)
     if args.default:
-        out = convert_gguf(find_default_gguf(), args.out_dir or DEFAULT_OUT, DEFAULT_NAME)
+        out = convert_gguf(find_default_gguf(), args.out_dir or DEFAULT_OUT, DEFAULT_NAME, args.force)
     elif args.gguf and args.out_dir:
-        out = convert_gguf(args.gguf, args.out_dir)
+        out = convert_gguf(args.gguf, args.out_dir, force=args.force)
     else:
         parser.error("give --gguf FILE --out_dir DIR, or --default")
     print(f"wrote {out}")

@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-from checkpoint import CheckpointError, save_checkpoint  # noqa: E402
+from checkpoint import CheckpointError, check_output, save_checkpoint, written_then_renamed  # noqa: E402
 from scripts.hf_format import config_from_hf, from_hf_weights  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -36,12 +36,11 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
-def convert_hf_checkpoint(checkpoint_dir: Path, out_dir: Path | None = None) -> Path:
-    """Converts checkpoint_dir into out_dir (default checkpoints/<name>); returns out_dir."""
+def convert_hf_checkpoint(checkpoint_dir: Path, out_dir: Path | None = None, force: bool = False) -> Path:
+    """Converts checkpoint_dir into out_dir (default checkpoints/<name>), which must not exist unless force; returns
+    out_dir. The folder is written under a temporary name and renamed, so a failure leaves nothing half-converted."""
     checkpoint_dir = Path(checkpoint_dir)
-    out_dir = Path(out_dir or Path("checkpoints") / checkpoint_dir.name)
-    if out_dir.resolve() == checkpoint_dir.resolve():
-        raise CheckpointError("--out_dir must differ from --checkpoint_dir: both would hold a model.safetensors")
+    out_dir = check_output(out_dir or Path("checkpoints") / checkpoint_dir.name, force, (checkpoint_dir,), "--out_dir")
     config_path = checkpoint_dir / "config.json"
     try:
         hf_config = json.loads(config_path.read_text())
@@ -52,10 +51,11 @@ def convert_hf_checkpoint(checkpoint_dir: Path, out_dir: Path | None = None) -> 
         state_dict = from_hf_weights(read_hf_weights(checkpoint_dir), config)
     except KeyError as e:
         raise CheckpointError(f"{checkpoint_dir} lacks weight {e} that a {config.architecture} needs") from None
-    save_checkpoint(state_dict, config, out_dir)
-    for name in TOKENIZER_FILES:
-        if (checkpoint_dir / name).is_file():
-            shutil.copy(checkpoint_dir / name, out_dir / name)
+    with written_then_renamed(out_dir) as tmp:
+        save_checkpoint(state_dict, config, tmp)
+        for name in TOKENIZER_FILES:
+            if (checkpoint_dir / name).is_file():
+                shutil.copy(checkpoint_dir / name, tmp / name)
     return out_dir
 
 
@@ -64,8 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = cli.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint_dir", type=Path, required=True, help="folder with transformers weights")
     parser.add_argument("--out_dir", type=Path, default=None, help="where to write ours (default: checkpoints/<name>)")
+    parser.add_argument("--force", action="store_true", help="replace --out_dir if it exists")
     args = parser.parse_args(argv)
-    out = convert_hf_checkpoint(args.checkpoint_dir, args.out_dir)
+    out = convert_hf_checkpoint(args.checkpoint_dir, args.out_dir, args.force)
     print(f"wrote {out / 'model.safetensors'} and {out / 'config.json'}")
 
 

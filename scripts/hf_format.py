@@ -6,10 +6,11 @@ transformers rotates halves (x_i, x_{i+d/2}) of each head; we rotate interleaved
 does, so q and k rows are reordered on the way in (to_interleaved) and back on the way out (to_halves).
 """
 import re
+from pathlib import Path
 
 import torch
 
-from checkpoint import CheckpointError
+from checkpoint import CheckpointError, check_config
 from model import ModelArgs
 
 # The transformers architectures we read, and what each sets beyond the keys all of them share.
@@ -56,8 +57,14 @@ def config_from_hf(config: dict, name: str = "") -> ModelArgs:
     window = config.get("sliding_window") if config.get("use_sliding_window", True) else None
     if window:  # beyond the window the model attends differently; cap the context rather than be wrong
         block_size = min(block_size, window)
+    missing = [k for k in ("num_attention_heads", "vocab_size", "num_hidden_layers", "hidden_size", "intermediate_size")
+               if k not in config]
+    if missing:
+        raise CheckpointError(f"config.json lacks {', '.join(missing)}, which a {arch} needs")
     n_head = config["num_attention_heads"]
-    return ModelArgs(
+    if type(n_head) is not int or type(config["hidden_size"]) is not int or n_head < 1:
+        raise CheckpointError("config.json: num_attention_heads and hidden_size must be positive whole numbers")
+    return check_config(ModelArgs(
         architecture=arch,
         block_size=block_size,
         vocab_size=config["vocab_size"],
@@ -73,7 +80,7 @@ def config_from_hf(config: dict, name: str = "") -> ModelArgs:
         tie_embeddings=config.get("tie_word_embeddings", False),
         name=name,
         **HF_ARCHITECTURES[arch],
-    )
+    ), Path("config.json"))
 
 
 def to_interleaved(w: torch.Tensor, n_heads: int, head_dim: int) -> torch.Tensor:

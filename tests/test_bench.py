@@ -105,6 +105,10 @@ def test_speed_model_by_hand():
     (("--limit", "0"), "must be at least 1"),
     (("--prompts", "README.md"), "not a Spec-Bench row"),
     (("--methods", "ar", "model"), "the model draft needs --draft_checkpoint"),
+    (("--json", "data/spec_bench_dev.jsonl"), "--json data/spec_bench_dev.jsonl is also an input of this run"),
+    (("--json", "README.md"), "--json README.md exists: pass --force to replace it"),
+    (("--prompts", "no-such.jsonl"), "cannot read --prompts no-such.jsonl: No such file or directory"),
+    (("--device", "tpu"), "unknown device 'tpu'"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", *args], capture_output=True,

@@ -134,6 +134,8 @@ def test_int4_on_cpu_names_the_alternative():
     ("generate.py", ("--quantize", "int4", "--device", "cpu"), "int4 weight-only needs a CUDA GPU"),
     ("quantize.py", ("--mode", "int4", "--device", "cpu"), "int4 weight-only needs a CUDA GPU"),
     ("quantize.py", (), "choose --mode int8|int4"),
+    ("quantize.py", ("--perplexity", "--device", "tpu"), "unknown device 'tpu'"),
+    ("quantize.py", ("--perplexity", "--text", "no-such.txt"), "cannot read --text no-such.txt: No such file"),
 ])
 def test_cli_errors(script, args, pattern, default_checkpoint):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,

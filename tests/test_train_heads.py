@@ -1,6 +1,7 @@
 """train_heads.py on tiny models: the block-mask training forward equals the real draft step, training lowers the
 loss and leaves the target untouched, batched self-distillation equals one-by-one decoding, and the CLI's errors."""
 import json
+import os
 
 import pytest
 import torch
@@ -186,7 +187,12 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
 @pytest.mark.parametrize("flags,message", [
     (["--gamma", "0"], "--gamma must be at least 1"),
     (["--offset_weights", "1,1"], "--offset_weights needs 4"),
-    (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "inf"], "--lr must be a positive number"),
+    (["--data_temperature", "nan"], "--data_temperature must be a positive number"),
+    (["--limit", "-5"], "--limit must be at least 20"),
+    (["--offset_weights", "1,nan,1,1"], "--offset_weights needs 4"),
+    (["--offset_weights", "a,b,c,d"], "--offset_weights needs 4 numbers"),
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
@@ -200,6 +206,24 @@ def test_cli_errors(tmp_path, capsys, flags, message):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_outputs_are_refused_before_any_work(tmp_path, capsys):
+    """An existing heads file (the shipped ones, say) is kept unless --force, and an unwritable --out is noticed
+    at the start, not at the first save after minutes of training."""
+    shipped = tmp_path / "h.safetensors"
+    shipped.write_bytes(b"trained for hours")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    for out, message in ((shipped, "h.safetensors exists: pass --force"),
+                         (locked / "h.safetensors", "locked is not a writable folder")):
+        if out.parent == locked and os.geteuid() == 0:
+            continue  # root may write anywhere
+        with pytest.raises(SystemExit) as e:
+            train_heads.main(["--out", str(out), "--checkpoint", str(tmp_path / "no-such-model")])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert shipped.read_bytes() == b"trained for hours"
 
 
 def test_training_prompts_are_not_evaluation_prompts():
