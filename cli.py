@@ -129,9 +129,10 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     if not Path(checkpoint).exists() and Path(checkpoint) == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
-    if device.type == "cpu" and not native_bf16():
-        # attention in float32: without native bf16, bf16 attention over a long cache is several times slower
-        # (BENCHMARKS.md, section 5)
+    if device.type == "cpu" and "amx_bf16" not in native_bf16():
+        # attention in float32 unless the CPU has AMX: without native bf16, bf16 attention over a long cache is
+        # several times slower (BENCHMARKS.md, section 5), and with AVX512_BF16 alone PyTorch's bf16 attention of one
+        # query takes 8x the float32 one (240 vs 30 us a layer at 512 positions, section 9)
         model.kv_dtype = torch.float32
     return model, Tokenizer(checkpoint)
 

@@ -99,17 +99,19 @@ def decode_one_token(model: Transformer, cur: Tensor, input_pos: Tensor, samplin
 
 
 @functools.cache
-def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
+def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bool = True) -> Callable:
     """fn under torch.compile with a full graph. Static shapes on CUDA are also captured as CUDA graphs
-    (reduce-overhead); dynamic=True is for prefill, whose length changes with every prompt."""
+    (reduce-overhead); dynamic=True is for prefill, whose length changes with every prompt. autotune (CPU): let
+    Inductor time its own C++ GEMMs against the library's (see step_fn)."""
+    options = None
     if device_type == "cpu":
-        # Freezing folds the weights into the graph as constants; max-autotune then lets Inductor's own C++ GEMM
-        # (weights prepacked, one micro-kernel per shape) compete with MKL, whose fp32 GEMM for a handful of rows
-        # is slow on a 2-core AVX2 CPU: S3D's draft and verify steps are exactly such shapes (BENCHMARKS.md, section
-        # 2, has their costs). Set globally: torch.compile's options= does not reach freezing.
+        # Freezing folds the weights into the graph as constants (prepacked for oneDNN where the dtype is bf16);
+        # max-autotune then lets Inductor's own C++ GEMM (one micro-kernel per shape) compete with the library's.
+        # Set globally: torch.compile's options= does not reach freezing.
         import torch._inductor.config as inductor
 
-        inductor.freezing, inductor.max_autotune, inductor.max_autotune_gemm_backends = True, True, "CPP,ATEN"
+        inductor.freezing, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
+        options = {"max_autotune": autotune}
         # Time outside the kernels (docs/design.md, section 4): a C++ wrapper calls the kernels instead of Python
         # (about 1 ms less per step of the default model), at some seconds more compile time.
         inductor.cpp_wrapper = True
@@ -121,11 +123,19 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False) -> Callable:
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     mode = "reduce-overhead" if device_type == "cuda" and not dynamic else None
-    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic)
+    return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic, options=options)
 
 
 def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = False) -> Callable:
-    return compiled(fn, model.output.weight.device.type, dynamic) if compile else fn
+    """fn compiled for model's device and dtype (or fn itself). On a CPU, bf16 weights skip autotuning: it times
+    each GEMM alone with its weights hot in cache, where Inductor's C++ GEMM of one row wins, while a decode step
+    streams every weight from memory, where oneDNN's prepacked bf16 GEMM reads 35 GB/s and the C++ one 20 GB/s
+    (BENCHMARKS.md, section 9). MKL's float32 GEMM of a few rows is slow on a 2-core AVX2 CPU, so float32 (and
+    the int8 kernels) keep it: S3D's draft and verify steps are exactly such shapes."""
+    if not compile:
+        return fn
+    autotune = model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None
+    return compiled(fn, model.output.weight.device.type, dynamic, autotune)
 
 
 def release_compiled() -> None:
