@@ -30,7 +30,7 @@ import roofline
 import s3d
 from checkpoint import UsageError
 from cli import DEFAULT_CHECKPOINT, DTYPES, machine_line
-from heads import load_heads, middle_third, new_heads, symmetric_skips
+from heads import check_skip, load_heads, middle_third, new_heads, symmetric_skips
 from spec_bench import first_difference, gap_in_ulps, is_tie, read_spec_bench, report_mismatches, same_as_ar
 
 def bench_decode(args) -> list:
@@ -195,7 +195,8 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
 def profile(args, model, tok, rows: list[dict]) -> list[dict]:
     """For every (skip range, g) of the grid: cd and cv in AR steps, the acceptance per position and measured speedup
     on the prompts, and the speed model's prediction."""
-    skips = args.skips or symmetric_skips(model.config.n_layer)
+    n_layer = model.config.n_layer
+    skips = [check_skip(skip, n_layer) for skip in args.skips] if args.skips else symmetric_skips(n_layer)
     if args.draft == "skip":
         configs = [(None, skip) for skip in skips]
     elif args.heads_files:
@@ -479,8 +480,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--methods needs ar: speedups are measured against it")
     if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
         p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
+    cli.check_sampling(args.temperature, args.top_k, args.top_p)
     if args.plot and not (args.profile or args.sweep):
         p.error("--plot goes with --profile or --sweep")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)

@@ -74,6 +74,16 @@ def read_text_file(path: Path, flag: str) -> str:
     return text
 
 
+def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
+    """--temperature, --top_k and --top_p, as generate.py and bench.py take them."""
+    if not 0 <= temperature < math.inf:
+        raise UsageError(f"--temperature must be a number >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UsageError(f"--top_k must be at least 1, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise UsageError(f"--top_p must be in (0, 1], got {top_p}")
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -135,12 +135,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:
         p.error(f"--max_new_tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        p.error(f"--top_k must be at least 1, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        p.error(f"--top_p must be in (0, 1], got {args.top_p}")
+    cli.check_sampling(args.temperature, args.top_k, args.top_p)
     if args.num_samples < 1:
         p.error(f"--num_samples must be at least 1, got {args.num_samples}")
     return args

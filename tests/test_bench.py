@@ -109,6 +109,9 @@ def test_speed_model_by_hand():
     (("--json", "README.md"), "--json README.md exists: pass --force to replace it"),
     (("--prompts", "no-such.jsonl"), "cannot read --prompts no-such.jsonl: No such file or directory"),
     (("--device", "tpu"), "unknown device 'tpu'"),
+    (("--top_p", "1.5"), "--top_p must be in (0, 1]"),
+    (("--temperature", "inf"), "--temperature must be a number >= 0, got inf"),
+    (("--skip", "40:50"), "invalid skip range 40:50 for a model of 30 layers"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", *args], capture_output=True,

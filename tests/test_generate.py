@@ -92,6 +92,7 @@ def test_prompt_longer_than_context(default_checkpoint):
     (("--device", "cuda"), "device 'cuda' is not available"),
     (("--dtype", "float8"), "argument --dtype: invalid choice: 'float8'"),
     (("--top_p", "1.5"), "--top_p must be in (0, 1]"),
+    (("--temperature", "nan"), "--temperature must be a number >= 0, got nan"),
 ])
 def test_bad_arguments(args, pattern):
     if args == ("--device", "cuda") and torch.cuda.is_available():
