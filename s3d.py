@@ -112,7 +112,7 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
 
         inductor.freezing, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
         # and the gate and up projections, which read the same input, become one GEMM (as wqkv is by design): 30
-        # fewer calls a step, 3 % of the AR step in bf16 (BENCHMARKS.md, section 9)
+        # fewer library calls a step
         inductor.cpp.enable_concat_linear = True
         options = {"max_autotune": autotune}
         # Time outside the kernels (docs/design.md, section 4): a C++ wrapper calls the kernels instead of Python
@@ -132,8 +132,8 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
 def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = False) -> Callable:
     """fn compiled for model's device and dtype (or fn itself). On a CPU, bf16 weights skip autotuning: it times
     each GEMM alone with its weights hot in cache, where Inductor's C++ GEMM of one row wins, while a decode step
-    streams every weight from memory, where oneDNN's prepacked bf16 GEMM reads 35 GB/s and the C++ one 20 GB/s
-    (BENCHMARKS.md, section 9). MKL's float32 GEMM of a few rows is slow on a 2-core AVX2 CPU, so float32 (and
+    streams every weight from memory, where oneDNN's prepacked bf16 GEMM is about twice as fast (the AR step's
+    linear maps: 11.8 ms autotuned, 6.0 ms with oneDNN's; BENCHMARKS.md, section 9). MKL's float32 GEMM of a few rows is slow on a 2-core AVX2 CPU, so float32 (and
     the int8 kernels) keep it: S3D's draft and verify steps are exactly such shapes."""
     if not compile:
         return fn
