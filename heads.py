@@ -162,10 +162,18 @@ def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
         raise CheckpointError(f"cannot read heads file {path}: {e}") from None
     if meta.pop("format", None) != "s3d-heads":
         raise CheckpointError(f"{path} is not an S3D heads file (no 's3d-heads' metadata)")
-    s, e = (int(v) for v in meta.pop("skip").split(":"))
-    gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
+    try:
+        s, e = (int(v) for v in meta.pop("skip").split(":"))
+        gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
+    except (KeyError, ValueError):
+        raise CheckpointError(f"{path} lacks its skip (S:E), gamma and rank metadata") from None
     if e > config.n_layer:
         raise CheckpointError(f"heads {path} skip layers {s}:{e}, but the model has {config.n_layer} layers")
+    check_skip((s, e), config.n_layer)
+    # the metadata must agree with the tensors before anything is allocated from it
+    masks = tensors.get("mask_embeddings")
+    if masks is None or gamma < 1 or masks.dim() != 2 or masks.shape[0] != gamma - 1 or not 0 <= rank <= config.dim:
+        raise CheckpointError(f"heads {path}: gamma {gamma} and rank {rank} in its metadata do not match its tensors")
     heads = DraftHeads(config, (s, e), gamma, rank, meta, tensors.get("draft_vocab"))
     heads.check_fits(config)
     try:

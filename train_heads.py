@@ -494,6 +494,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
+    if args.rank > model.config.dim or args.gamma > model.config.block_size:
+        raise UsageError(f"--rank may be at most {model.config.dim} (the model's width) and --gamma at most "
+                         f"{model.config.block_size}, got {args.rank} and {args.gamma}")
     heads = load_heads(args.init, model.config) if args.init else None
     if heads is not None:
         args.gamma, args.rank = heads.gamma, heads.rank

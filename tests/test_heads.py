@@ -48,6 +48,25 @@ def test_heads_roundtrip_and_identity_checks(tmp_path):
         load_heads(tmp_path / "bad.safetensors", model.config)
 
 
+def test_heads_metadata_must_agree_with_the_tensors(tmp_path):
+    """A heads file whose metadata lacks skip/gamma/rank, or claims a gamma or rank of 10^9, is refused in one line
+    before anything is allocated from it."""
+    from safetensors.torch import load_file, save_file
+
+    model = with_trained_looking_heads(tiny_model(), skip=(1, 4), gamma=3, rank=2)
+    model.heads.save(tmp_path / "h.safetensors")
+    tensors = load_file(tmp_path / "h.safetensors")
+    good = {"format": "s3d-heads", "skip": "1:4", "gamma": "3", "rank": "2"}
+    for change, message in (({"gamma": None}, "lacks its skip"), ({"skip": "x"}, "lacks its skip"),
+                            ({"gamma": str(10**9)}, "gamma 1000000000 and rank 2"),
+                            ({"rank": str(10**9)}, "gamma 3 and rank 1000000000"),
+                            ({"skip": "3:1"}, "invalid skip range 3:1")):
+        meta = {k: v for k, v in (good | change).items() if v is not None}
+        save_file(tensors, str(tmp_path / "x.safetensors"), metadata=meta)
+        with pytest.raises(UsageError, match=message):
+            load_heads(tmp_path / "x.safetensors", model.config)
+
+
 def test_skip_and_gamma_rules():
     model = tiny_model()
     with pytest.raises(UsageError, match="invalid skip range 4:2"):

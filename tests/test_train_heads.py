@@ -193,6 +193,7 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     (["--limit", "-5"], "--limit must be at least 20"),
     (["--offset_weights", "1,nan,1,1"], "--offset_weights needs 4"),
     (["--offset_weights", "a,b,c,d"], "--offset_weights needs 4 numbers"),
+    (["--rank", "1000000000"], "--rank may be at most 576"),
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
@@ -205,7 +206,8 @@ def test_cli_errors(tmp_path, capsys, flags, message):
         train_heads.main(["--out", str(tmp_path / "h.safetensors"), *flags])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    errors = [line for line in err.splitlines() if "error:" in line]  # (after informational lines, such as the dtype's)
+    assert message in err and "Traceback" not in err and len(errors) == 1 and err.strip().splitlines()[-1] == errors[0]
 
 
 def test_outputs_are_refused_before_any_work(tmp_path, capsys):
