@@ -24,7 +24,7 @@ from heads import check_gamma, check_skip, load_heads, middle_third, new_heads
 from model import Transformer
 from tokenizer import Tokenizer
 
-DEFAULT_CHECKPOINT = Path("checkpoints/SmolLM2-135M-Instruct")
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"  # from any folder
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."
 PERPLEXITY_TEXT = Path(__file__).resolve().parent / "data" / "perplexity.txt"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -136,7 +136,7 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
 
 
 def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
-    if not Path(checkpoint).exists() and Path(checkpoint) == DEFAULT_CHECKPOINT:
+    if not Path(checkpoint).exists() and Path(checkpoint).resolve() == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
     if device.type == "cpu" and "amx_bf16" not in native_bf16():
@@ -148,9 +148,16 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
 
 
 def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> list[int]:
-    if chat:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False)
-    return tokenizer.encode(messages[-1]["content"])
+    for m in messages:
+        try:
+            m["content"].encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python's argv as lone surrogates
+            raise UsageError("the prompt is not valid UTF-8 text") from None
+    tokens = (tokenizer.encode(tokenizer.apply_chat_template(messages), bos=False) if chat
+              else tokenizer.encode(messages[-1]["content"]))
+    if not tokens:
+        raise UsageError("the prompt is empty: give some text with --prompt (or drop --no-chat)")
+    return tokens
 
 
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,

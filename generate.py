@@ -148,6 +148,25 @@ def check_length(model: Transformer, prompt: list[int], max_new_tokens: int, dra
                          f"exceeds the model's context of {context} tokens")
 
 
+def fit_chat(model: Transformer, tokenizer: Tokenizer, messages: list[dict], chat: bool, max_new_tokens: int,
+             draft: Optional[s3d.Draft]) -> Optional[list[dict]]:
+    """The chat's messages without its oldest turns, as many as must go for the answer to fit the context (saying
+    so); None, with a note, if the newest message alone does not fit."""
+    dropped = 0
+    while True:
+        try:
+            check_length(model, cli.encode_prompt(tokenizer, messages, chat), max_new_tokens, draft)
+        except UsageError as e:
+            if len(messages) < 3:
+                print(f"(not answered: {e}; the chat goes on)", file=sys.stderr)
+                return None
+            messages, dropped = messages[2:], dropped + 1  # the oldest question and its answer
+            continue
+        if dropped:
+            print(f"(the {dropped} oldest turn{'s' * (dropped > 1)} left the context to make room)", file=sys.stderr)
+        return messages
+
+
 def run_once(model: Transformer, tokenizer: Tokenizer, prompt: list[int], args: argparse.Namespace,
              draft: Optional[s3d.Draft], stream: bool = True, view: Optional[DraftView] = None,
              max_new_tokens: Optional[int] = None) -> s3d.Result:
@@ -251,9 +270,17 @@ def main(argv: Optional[list[str]] = None) -> None:
                 text = input("\n> " if chat else "\nprompt> ")
             except EOFError:
                 break
+            except UnicodeDecodeError:
+                print("(that line was not UTF-8 text: try again)", file=sys.stderr)
+                continue
             if not text.strip():
                 break
-            messages = (messages if chat and messages[-1]["role"] == "assistant" else []) + [{"role": "user", "content": text}]
+            history = messages if chat and messages[-1]["role"] == "assistant" else []
+            fitted = fit_chat(model, tokenizer, history + [{"role": "user", "content": text}], chat,
+                              args.max_new_tokens, draft)
+            if fitted is None:  # this turn alone cannot be answered: the chat goes on without it
+                continue
+            messages = fitted
         prompt = cli.encode_prompt(tokenizer, messages, chat)
         for _ in range(args.num_samples):
             view = DraftView(tokenizer, color=sys.stdout.isatty()) if args.show_drafts else None

@@ -18,7 +18,7 @@ from model import ModelArgs  # noqa: E402
 from scripts.hf_format import to_interleaved  # noqa: E402
 
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_OUT = Path("checkpoints") / DEFAULT_NAME
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "checkpoints" / DEFAULT_NAME  # the programs' default
 
 # GGUF tensor name (layer index as {}) -> ours. q/k/v are fused into wqkv below.
 TENSOR_MAP = {

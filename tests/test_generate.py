@@ -225,3 +225,41 @@ def test_show_drafts_colours_only_change_the_colour(default_checkpoint):
     assert re.sub(r"\033\[[0-9;]*m", "", outputs[True]) == outputs[False]
     assert outputs[False].splitlines()[0] == "   1  2/4  [ the][ robot] x[ was] -> [ the]  ([ a])"
     assert outputs[False].splitlines()[1] == "   2  4/4  [ the][ robot][ was][ a] + [ robot]"
+
+
+def test_a_chat_drops_its_oldest_turns_to_fit(tiny_checkpoint, capsys):
+    import cli
+    import generate
+
+    model, tokenizer = cli.load(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    long = "word " * 600  # about 600 tokens
+    messages = [{"role": r, "content": long} for r in ("user", "assistant", "user", "assistant")]
+    messages.append({"role": "user", "content": "short"})
+    max_new_tokens = model.config.block_size - 900  # room for one long message, not for three
+    assert generate.fit_chat(model, tokenizer, messages, True, max_new_tokens, None) == messages[4:]
+    assert "(the 2 oldest turns left the context to make room)" in capsys.readouterr().err
+    assert generate.fit_chat(model, tokenizer, messages[2:], True, 16, None) == messages[2:]  # all fit: all kept
+    assert generate.fit_chat(model, tokenizer, [{"role": "user", "content": long * 4}], True, max_new_tokens, None) is None
+    assert "(not answered: the prompt (" in capsys.readouterr().err
+
+
+def test_an_interactive_chat_survives_a_bad_turn(default_checkpoint):
+    """A line that is not UTF-8 and a turn longer than the context are each refused with a note, and the chat goes
+    on: the next question is answered."""
+    stdin = b"Hi\n\xff\xfe\n" + b"word " * 9000 + b"\nBye\n"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "generate.py"), "--interactive", "--max_new_tokens", "4"],
+                          input=stdin, capture_output=True, timeout=300, cwd=ROOT)
+    err = proc.stderr.decode()
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]
+    # (stdin decodes bad bytes as an error or, in a C locale, as surrogates that the prompt check refuses)
+    assert "(that line was not UTF-8 text: try again)" in err or "(not answered: the prompt is not valid UTF-8" in err
+    assert "(not answered: the prompt (" in err
+    assert err.count("tokens/s per GiB") == 2  # Hi and Bye were answered
+
+
+@pytest.mark.parametrize("args,pattern", [
+    (("--prompt", "", "--no-chat"), "the prompt is empty"),
+    (("--prompt", "caf\udcff"), "the prompt is not valid UTF-8 text"),
+])
+def test_empty_or_broken_prompts(args, pattern):
+    assert_one_line_error(run(*args, "--max_new_tokens", "4"), pattern)
