@@ -1,8 +1,11 @@
 """Tokenizers behind one small interface: tokenizer.json files (the tokenizers package) and SentencePiece .model
 files, with the special tokens and the chat template that the checkpoint's tokenizer_config.json declares."""
+import contextlib
 import json
+import signal
+import threading
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from checkpoint import CheckpointError, UsageError
 
@@ -18,10 +21,14 @@ class Tokenizer:
         self.chat_template: Optional[str] = template.read_text() if template.is_file() else config.get("chat_template")
         if isinstance(self.chat_template, list):  # a list of named templates: use the default one
             self.chat_template = next((t["template"] for t in self.chat_template if t.get("name") == "default"), None)
+        self.folder = folder
         if (folder / "tokenizer.json").is_file():
             from tokenizers import Tokenizer as HFTokenizer
 
-            self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            try:
+                self._hf = HFTokenizer.from_file(str(folder / "tokenizer.json"))
+            except Exception as e:  # the tokenizers package raises plain Exceptions for broken files
+                raise CheckpointError(f"cannot read {folder / 'tokenizer.json'}: {str(e)[:200]}") from None
             self._sp = None
             self.vocab_size = self._hf.get_vocab_size()
             self.special_tokens = {t.content: i for i, t in self._hf.get_added_tokens_decoder().items() if t.special}
@@ -29,7 +36,10 @@ class Tokenizer:
             from sentencepiece import SentencePieceProcessor
 
             self._hf = None
-            self._sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            try:
+                self._sp = SentencePieceProcessor(model_file=str(folder / "tokenizer.model"))
+            except Exception as e:
+                raise CheckpointError(f"cannot read {folder / 'tokenizer.model'}: {str(e)[:200]}") from None
             self.vocab_size = self._sp.vocab_size()
             self.special_tokens = {self._sp.id_to_piece(i): i for i in range(self.vocab_size)
                                    if self._sp.is_control(i) or self._sp.is_unknown(i)}
@@ -50,9 +60,12 @@ class Tokenizer:
     @staticmethod
     def _read_json(path: Path) -> dict:
         try:
-            return json.loads(path.read_text()) if path.is_file() else {}
-        except ValueError as e:
-            raise CheckpointError(f"cannot parse {path}: {e}") from None
+            value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError, RecursionError) as e:  # (ValueError includes bad UTF-8)
+            raise CheckpointError(f"cannot parse {path}: {str(e)[:200]}") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path} is not a JSON object")
+        return value
 
     @staticmethod
     def _token_text(token) -> Optional[str]:
@@ -115,8 +128,38 @@ class Tokenizer:
         env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
         env.globals["raise_exception"] = raise_exception
         try:
-            return env.from_string(self.chat_template).render(
-                messages=messages, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        except jinja2.TemplateError as e:
-            raise CheckpointError(f"chat template: {e}") from None
+            with time_limit(TEMPLATE_SECONDS):
+                return env.from_string(self.chat_template).render(
+                    messages=messages, add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except CheckpointError:
+            raise
+        except TimeoutError:
+            raise CheckpointError(f"the chat template of {self.folder} took over {TEMPLATE_SECONDS} s to render "
+                                  "(a loop without end?)") from None
+        except (jinja2.TemplateError, MemoryError, ArithmeticError, TypeError, ValueError, LookupError,
+                AttributeError, RecursionError) as e:  # whatever the template's own code raises
+            raise CheckpointError(f"the chat template of {self.folder} failed: {type(e).__name__}: {e}") from None
+
+
+TEMPLATE_SECONDS = 5  # a chat template renders in milliseconds; the sandbox bounds what it may touch, not its time
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float) -> Iterator[None]:
+    """Raises TimeoutError in the block after `seconds` (SIGALRM: the main thread of a POSIX process; elsewhere no
+    limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

@@ -59,3 +59,30 @@ def test_no_chat_template_is_a_clear_error(sentencepiece_folder, tmp_path):
     (tmp_path / "tokenizer.model").write_bytes((sentencepiece_folder / "tokenizer.model").read_bytes())
     with pytest.raises(ValueError, match="no chat template"):
         Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("tokenizer.json", "{broken", "cannot read .*tokenizer.json"),
+    ("tokenizer_config.json", "[" * 100000, "cannot parse .*tokenizer_config.json"),
+    ("tokenizer_config.json", "[1, 2]", "tokenizer_config.json is not a JSON object"),
+    ("tokenizer.model", "not a sentencepiece model", "cannot read .*tokenizer.model"),
+])
+def test_corrupt_tokenizer_files_are_one_line_errors(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    if name == "tokenizer_config.json":
+        (tmp_path / "tokenizer.model").write_text("unused: the config is read first")
+    with pytest.raises(CheckpointError, match=message):
+        Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("template,message", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}", "took over 5 s to render"),
+    ("{{ 1 / 0 }}", "failed: ZeroDivisionError"),
+    ("{{ messages[5]['content'] }}", "failed: UndefinedError"),
+    ("{{ raise_exception('only user turns') }}", "chat template: only user turns"),
+])
+def test_a_chat_template_that_hangs_or_raises_is_refused(sentencepiece_folder, tmp_path, template, message):
+    (tmp_path / "tokenizer.model").write_bytes((sentencepiece_folder / "tokenizer.model").read_bytes())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
+    with pytest.raises(CheckpointError, match=message):
+        Tokenizer(tmp_path).apply_chat_template([{"role": "user", "content": "x"}])
