@@ -188,6 +188,9 @@ def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
         if not state_dict[name].is_floating_point():  # (quantized weights live in quantize.py's own files)
             raise CheckpointError(f"{name} is {str(state_dict[name].dtype).removeprefix('torch.')} in "
                                   f"{folder / 'model.safetensors'}: expected floating-point weights")
+        if not torch.isfinite(state_dict[name]).all():  # it would decode, silently, to nothing
+            raise CheckpointError(f"{name} in {folder / 'model.safetensors'} holds NaN or infinite values: the "
+                                  "checkpoint is broken")
     model.load_state_dict(state_dict, assign=True, strict=False)
     model.freqs_cis, model.causal_mask = torch.empty(0), torch.empty(0, dtype=torch.bool)  # made by setup_caches
     if config.tie_embeddings:

@@ -105,6 +105,11 @@ class DraftHeads(nn.Module):
             raise CheckpointError(f"these heads were trained for {base or 'another model'} (fingerprint "
                                   f"{fingerprint[:12]}), not for {config.name or 'this model'} "
                                   f"(fingerprint {config.fingerprint[:12]})")
+        if not (fingerprint and config.fingerprint) and base != config.name:
+            # without a fingerprint on both sides, fitting shapes alone could pair heads with another model's weights
+            raise CheckpointError(f"cannot tell whether these heads belong to this model: "
+                                  f"{'the heads' if not fingerprint else 'the model'} record no weights fingerprint "
+                                  f"and the heads' base model {base!r} is not {config.name!r}")
         if self.mask_embeddings.shape[1] != config.dim or self.skip[1] > config.n_layer:
             raise CheckpointError(f"these heads (dim {self.mask_embeddings.shape[1]}, skip {self.skip[0]}:{self.skip[1]}) "
                                   f"do not fit a model of dim {config.dim} and {config.n_layer} layers")

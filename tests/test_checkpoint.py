@@ -129,3 +129,6 @@ def test_deep_json_and_integer_weights_are_refused(tmp_path):
     save_checkpoint(state | {"norm.weight": state["norm.weight"].to(torch.int8)}, config, tmp_path)
     with pytest.raises(CheckpointError, match="norm.weight is int8 in .*expected floating-point weights"):
         load_model(tmp_path)
+    save_checkpoint(state | {"norm.weight": torch.full_like(state["norm.weight"], float("nan"))}, config, tmp_path)
+    with pytest.raises(CheckpointError, match="norm.weight in .*holds NaN or infinite values"):
+        load_model(tmp_path)

@@ -40,6 +40,14 @@ def test_heads_roundtrip_and_identity_checks(tmp_path):
     other.config.fingerprint = "b" * 32
     with pytest.raises(CheckpointError, match="trained for tiny-0"):
         load_heads(tmp_path / "h.safetensors", other.config)
+    for heads_print, model_print in (("", "a" * 32), ("a" * 32, "")):  # a fingerprint missing on either side
+        model.heads.meta["base_fingerprint"], other.config.fingerprint = heads_print, model_print
+        model.heads.save(tmp_path / "h2.safetensors")
+        with pytest.raises(CheckpointError, match="record no weights fingerprint and the heads' base model 'tiny-0'"):
+            load_heads(tmp_path / "h2.safetensors", other.config)
+        other.config.name = "tiny-0"  # the same name and shapes: accepted
+        load_heads(tmp_path / "h2.safetensors", other.config)
+        other.config.name = "tiny-3"
     wide = tiny_model(dim=32)
     with pytest.raises(CheckpointError, match="do not fit"):
         load_heads(tmp_path / "h.safetensors", wide.config)
