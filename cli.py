@@ -8,6 +8,7 @@ import datetime
 import functools
 import gc
 import inspect
+import logging
 import math
 import os
 import platform
@@ -23,6 +24,11 @@ from checkpoint import UsageError, load_model
 from heads import check_gamma, check_skip, load_heads, middle_third, new_heads
 from model import Transformer
 from tokenizer import Tokenizer
+
+# torchao logs a warning for each optional kernel library its build lacks, and torch one for each enum torchao
+# registers: a screenful of noise on every --quantize run that says nothing about the run
+for _logger in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_logger).setLevel(logging.ERROR)
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "SmolLM2-135M-Instruct"  # from any folder
 DEFAULT_PROMPT = "Write a short story about a robot who learns to paint."

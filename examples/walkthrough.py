@@ -18,6 +18,7 @@ sys.path.insert(0, str(ROOT))
 import cli  # noqa: E402
 import s3d  # noqa: E402
 from cli import DEFAULT_CHECKPOINT, DEFAULT_PROMPT, encode_prompt, load  # noqa: E402
+from checkpoint import UsageError  # noqa: E402
 from heads import load_heads  # noqa: E402
 
 DEFAULT_HEADS = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
@@ -35,6 +36,8 @@ def main(argv=None) -> None:
     p.add_argument("--prompt", default=DEFAULT_PROMPT)
     p.add_argument("--iterations", type=int, default=1, help="S3D iterations to walk through")
     args = p.parse_args(argv)
+    if args.iterations < 1:
+        p.error(f"--iterations must be at least 1, got {args.iterations}")
     torch.set_grad_enabled(False)
 
     model, tokenizer = load(args.checkpoint, torch.device("cpu"), torch.float32)
@@ -47,6 +50,9 @@ def main(argv=None) -> None:
           f"layers: {sum(t.numel() for t in heads.parameters()):,} parameters in all")
 
     prompt = encode_prompt(tokenizer, [{"role": "user", "content": args.prompt}], chat=bool(tokenizer.chat_template))
+    if len(prompt) + (g + 1) * args.iterations > c.block_size:
+        raise UsageError(f"the prompt ({len(prompt)} tokens) and {args.iterations} iterations of {g + 1} tokens exceed "
+                         f"the model's context of {c.block_size}")
     s3d.prepare_cache(model, len(prompt) + (g + 1) * args.iterations)
     print(f"\n1. Prefill: the prompt, {len(prompt)} tokens, through all layers fills the KV cache "
           f"{tuple(model.layers[0].attention.kv_cache.k_cache.shape)} (batch, kv heads, positions, head dim) per layer")

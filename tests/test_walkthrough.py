@@ -31,3 +31,11 @@ def test_walkthrough_agrees_with_generate(default_checkpoint):
     text_so_far = ast.literal_eval(re.search(r"^text so far: (.*)$", walk, re.M)[1])
     answer = shown.split("\n\n")[1]  # --show_drafts prints the iterations, then the text, then the histogram
     assert len(text_so_far) > 3 and answer.startswith(text_so_far)
+
+
+def test_bad_iterations_are_one_line_errors(default_checkpoint):
+    for value, message in (("0", "--iterations must be at least 1"), ("100000", "exceed the model's context of 8192")):
+        proc = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "walkthrough.py"), "--iterations", value],
+                              capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        assert message in proc.stderr.strip().splitlines()[-1]
