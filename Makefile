@@ -18,7 +18,7 @@ demo: $(VENV)/.requirements $(DEFAULT_MODEL)
 	$(PY) generate.py --compile --s3d $(HEADS) --compare_ar
 
 test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --durations=10
 
 model: $(DEFAULT_MODEL)
 
