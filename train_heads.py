@@ -490,7 +490,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
     if not args.resume:  # every output checked now, not at the first save after minutes of work
         for path in (args.out, args.out.with_suffix(".train.pt"), args.out.with_suffix(".log.jsonl")):
-            check_output(path, args.force, (args.init, args.checkpoint, args.prompts), "--out")
+            # (--out may be --init's file: it is read whole before anything is written)
+            check_output(path, args.force, (args.checkpoint, args.prompts), "--out")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
