@@ -94,9 +94,13 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
         return s3d.speculative_generate(model, prompt, args.max_new_tokens, drafts[method], **common)
 
     # size the cache for the longest conversation now: growing it later would recompile inside the timed runs
-    longest = max(len(tok.encode(tok.apply_chat_template([{"role": "user", "content": t} for t in r["turns"]])))
-                  + len(r["turns"]) * (args.max_new_tokens + 16) for r in rows)  # + each answer and its markup
-    gamma = max([d.gamma for d in drafts.values()], default=0)
+    lengths = [len(tok.encode(tok.apply_chat_template([{"role": "user", "content": t} for t in r["turns"]])))
+               + len(r["turns"]) * (args.max_new_tokens + 16) for r in rows]  # + each answer and its markup
+    longest, gamma = max(lengths), max([d.gamma for d in drafts.values()], default=0)
+    if longest + gamma + 1 > model.config.block_size:  # now, not when that prompt's turn comes
+        row = rows[lengths.index(longest)]
+        raise UsageError(f"question {row['question_id']} of {args.prompts} with its answers (about {longest} tokens) "
+                         f"exceeds the model's context of {model.config.block_size}: lower --max_new_tokens or drop it")
     for m in [model] + [d.model for d in drafts.values() if d.model is not None]:
         s3d.prepare_cache(m, min(m.config.block_size, longest + gamma + 1))
     records, peaks = [], {}

@@ -181,3 +181,12 @@ def test_roofline_rows_of_every_draft_variant():
     full_head = rows[0]["bytes"]["head"]
     assert [r["bytes"]["head"] for r in rows[2:]] == [full_head // 4, full_head // 4, full_head]
     assert rows[2]["bytes"]["adapters"] == 0 < rows[3]["bytes"]["adapters"]
+
+
+def test_a_prompt_longer_than_the_context_is_refused_before_the_run(tmp_path, default_checkpoint):
+    prompts = tmp_path / "long.jsonl"
+    prompts.write_text(json.dumps({"question_id": 7, "category": "qa", "turns": ["word " * 9000]}) + "\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", "--methods", "ar", "--prompts",
+                           str(prompts)], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "question 7 of" in proc.stderr and "exceeds the model's context of 8192" in proc.stderr.strip().splitlines()[-1]
