@@ -111,10 +111,10 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
         import torch._inductor.config as inductor
 
         inductor.freezing, inductor.max_autotune_gemm_backends = True, "CPP,ATEN"
-        # and the gate and up projections, which read the same input, become one GEMM (as wqkv is by design): 30
-        # fewer library calls a step
-        inductor.cpp.enable_concat_linear = True
         options = {"max_autotune": autotune}
+        # The gate and up projections, which read the same input, become one GEMM (as wqkv is by design): 30
+        # fewer library calls a step.
+        inductor.cpp.enable_concat_linear = True
         # Time outside the kernels (docs/design.md, section 4): a C++ wrapper calls the kernels instead of Python
         # (about 1 ms less per step of the default model), at some seconds more compile time.
         inductor.cpp_wrapper = True
@@ -133,8 +133,9 @@ def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = Fal
     """fn compiled for model's device and dtype (or fn itself). On a CPU, bf16 weights skip autotuning: it times
     each GEMM alone with its weights hot in cache, where Inductor's C++ GEMM of one row wins, while a decode step
     streams every weight from memory, where oneDNN's prepacked bf16 GEMM is about twice as fast (the AR step's
-    linear maps: 11.8 ms autotuned, 6.0 ms with oneDNN's; BENCHMARKS.md, section 9). MKL's float32 GEMM of a few rows is slow on a 2-core AVX2 CPU, so float32 (and
-    the int8 kernels) keep it: S3D's draft and verify steps are exactly such shapes."""
+    linear maps: 11.8 ms autotuned, 6.0 ms with oneDNN's; BENCHMARKS.md, section 9). MKL's float32 GEMM of a few
+    rows is slow on a 2-core AVX2 CPU, so float32 (and the int8 kernels) keep autotuning: S3D's draft and verify
+    steps are exactly such shapes."""
     if not compile:
         return fn
     autotune = model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None
