@@ -26,6 +26,17 @@ class CheckpointError(UsageError):
     """A checkpoint, heads or quantized file that cannot be used."""
 
 
+def read_text_file(path: Path, flag: str) -> str:
+    """A text file the user named: UTF-8 and not empty, or a one-line UsageError naming the flag."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}") from None
+    if not text.strip():
+        raise UsageError(f"{flag} {path} is empty")
+    return text
+
+
 def check_output(path: Path, force: bool = False, inputs: tuple[Optional[Path], ...] = (), flag: str = "") -> Path:
     """Refuses, before any work starts, an output path that would lose something or fail at the end: one of the
     run's own inputs, an existing file or folder (unless force), or a place that cannot be written."""

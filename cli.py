@@ -69,17 +69,6 @@ def skip_range(text: str) -> tuple[int, int]:
     return s, e
 
 
-def read_text_file(path: Path, flag: str) -> str:
-    """A text file the user named: UTF-8 and not empty, or a one-line UsageError naming the flag."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read {flag} {path}: {getattr(e, 'strerror', None) or e}") from None
-    if not text.strip():
-        raise UsageError(f"{flag} {path} is empty")
-    return text
-
-
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """--temperature, --top_k and --top_p, as generate.py and bench.py take them."""
     if not 0 <= temperature < math.inf:

@@ -40,7 +40,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     device = cli.resolve_device(args.device)
     dtype = DTYPES[args.dtype]
     if args.perplexity:
-        text = cli.read_text_file(args.text, "--text")
+        text = checkpoint.read_text_file(args.text, "--text")
     if args.mode is not None:
         checkpoint.check_quantization(args.mode, device, args.groupsize)
         out = checkpoint.check_output(checkpoint.quantized_path(args.checkpoint, args.mode, args.groupsize, dtype),

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 import s3d
-from checkpoint import UsageError
+from checkpoint import UsageError, read_text_file
 from model import Transformer
 
 SPEC_BENCH = Path(__file__).resolve().parent / "data" / "spec_bench_dev.jsonl"
@@ -26,11 +26,7 @@ TIE_ULPS = 4
 def read_spec_bench(path: Path = SPEC_BENCH, limit: Optional[int] = None) -> list[dict]:
     """Rows {question_id, category, turns} of a Spec-Bench JSONL file, the first `limit` of each category."""
     rows, seen = [], {}
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise UsageError(f"cannot read --prompts {path}: {getattr(e, 'strerror', None) or e}") from None
-    for number, line in enumerate(text.splitlines(), 1):
+    for number, line in enumerate(read_text_file(path, "--prompts").splitlines(), 1):
         if not line.strip():
             continue
         try:

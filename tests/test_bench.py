@@ -114,10 +114,17 @@ def test_speed_model_by_hand():
     (("--skip", "40:50"), "invalid skip range 40:50 for a model of 30 layers"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
+    assert_one_line_error(pattern, *args)
+
+
+def assert_one_line_error(pattern: str, *args: str) -> str:
+    """bench.py with args exits 2, without a traceback, its last line holding pattern; returns that line."""
     proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", *args], capture_output=True,
                           text=True, cwd=ROOT, timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert pattern in proc.stderr.strip().splitlines()[-1]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert pattern in last
+    return last
 
 
 def test_weight_formats_table(tiny_checkpoint, prompts, tmp_path, capsys):
@@ -186,7 +193,5 @@ def test_roofline_rows_of_every_draft_variant():
 def test_a_prompt_longer_than_the_context_is_refused_before_the_run(tmp_path, default_checkpoint):
     prompts = tmp_path / "long.jsonl"
     prompts.write_text(json.dumps({"question_id": 7, "category": "qa", "turns": ["word " * 9000]}) + "\n")
-    proc = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--no-compile", "--methods", "ar", "--prompts",
-                           str(prompts)], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
-    assert "question 7 of" in proc.stderr and "exceeds the model's context of 8192" in proc.stderr.strip().splitlines()[-1]
+    error = assert_one_line_error("exceeds the model's context of 8192", "--methods", "ar", "--prompts", str(prompts))
+    assert "question 7 of" in error
