@@ -1,5 +1,6 @@
 """The S3D draft adapters ("heads"): g-1 mask embeddings and low-rank adapters on the kept layers, active only in
-the draft forward (docs/design.md, section 2); the rules for skip ranges and g; their safetensors file format.
+the draft forward (docs/design.md, section 2), optionally a sequential head and a bidirectional draft block; the
+rules for skip ranges and g; their safetensors file format.
 """
 import json
 import math
@@ -64,14 +65,22 @@ class DraftHeads(nn.Module):
     reads only those K rows of the target's (draft_head, copied by Transformer.set_heads); the verify forward keeps
     the full head, so the output is still exactly the target's, and a token outside the K is never drafted.
 
+    Two options change what the draft block computes, not what it costs:
+    - sequential_rank r > 0, the sequential head (DSpark's "Markov" head): draft k's logits get a rank-r bias from
+      the token before it, sequential_out @ sequential_in[token] (markov_bias). A mask position alone can only guess
+      a marginal over what comes two or three tokens ahead; the bias conditions it on the draft before it. It is
+      applied after the one parallel draft forward, one tiny step per draft (s3d.draft_s3d).
+    - bidirectional: every position of the block [cur, M1 .. M(g-1)] attends to all of it (DFlash's layout), not
+      causally; the mask positions then see the ones after them too. Free at inference.
+
     meta records what the heads belong to (base_model, base_fingerprint) and how they were trained.
     """
 
     def __init__(self, config: ModelArgs, skip: tuple[int, int], gamma: int, rank: int, meta: Optional[dict] = None,
-                 draft_vocab: Optional[Tensor] = None):
+                 draft_vocab: Optional[Tensor] = None, sequential_rank: int = 0, bidirectional: bool = False):
         super().__init__()
-        if rank < 0:
-            raise UsageError(f"rank must be at least 0, got {rank}")
+        if rank < 0 or sequential_rank < 0:
+            raise UsageError(f"rank and sequential rank must be at least 0, got {rank} and {sequential_rank}")
         self.skip = check_skip(tuple(skip), config.n_layer)
         self.gamma, self.rank = check_gamma(gamma), rank
         self.meta = dict(meta or {})
@@ -87,8 +96,20 @@ class DraftHeads(nn.Module):
             for i in range(config.n_layer) if not s <= i < e
         }) if rank > 0 else None
         self.register_buffer("draft_vocab", None if draft_vocab is None else check_draft_vocab(draft_vocab, config))
+        self.sequential_rank, self.bidirectional = sequential_rank, bidirectional
+        if sequential_rank > 0:
+            # in: one row per token id; out: one row per logit (the draft vocabulary's when there is one). out starts
+            # at zero, so untrained the head changes nothing.
+            drafted = config.vocab_size if draft_vocab is None else len(draft_vocab)
+            self.sequential_in = nn.Parameter(torch.randn(config.vocab_size, sequential_rank))
+            self.sequential_out = nn.Parameter(torch.zeros(drafted, sequential_rank))
         self.folded = False  # fold_adapters
         self.register_buffer("draft_head", None, persistent=False)  # (K, dim): the output head's draft_vocab rows
+
+    def markov_bias(self, previous: Tensor) -> Tensor:
+        """The sequential head's bias on the logits of the drafts that follow the tokens `previous` (any shape):
+        (*previous.shape, logits)."""
+        return F.linear(F.embedding(previous, self.sequential_in), self.sequential_out)
 
     def fold_adapters(self, fold: bool) -> None:
         """fold=True: the draft forward multiplies by W + BA instead of adding B(Ax) to Wx. The same function, but
@@ -118,7 +139,8 @@ class DraftHeads(nn.Module):
         from safetensors.torch import save_file
 
         metadata = {"format": "s3d-heads", "skip": f"{self.skip[0]}:{self.skip[1]}", "gamma": str(self.gamma),
-                    "rank": str(self.rank), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
+                    "rank": str(self.rank), "sequential_rank": str(self.sequential_rank),
+                    "bidirectional": str(int(self.bidirectional)), **{k: v if isinstance(v, str) else json.dumps(v) for k, v in self.meta.items()}}
         tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         with written_then_renamed(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
@@ -147,11 +169,11 @@ def most_frequent_tokens(sequences: list[list[int]], k: int, vocab_size: int) ->
 
 
 def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int,
-              draft_vocab: Optional[Tensor] = None) -> DraftHeads:
+              draft_vocab: Optional[Tensor] = None, sequential_rank: int = 0, bidirectional: bool = False) -> DraftHeads:
     """Fresh (untrained) heads for this model: they work, with low acceptance."""
     c = model.config
     heads = DraftHeads(c, skip, gamma, rank, meta={"base_model": c.name, "base_fingerprint": c.fingerprint},
-                       draft_vocab=draft_vocab)
+                       draft_vocab=draft_vocab, sequential_rank=sequential_rank, bidirectional=bidirectional)
     return heads.to(device=model.tok_embeddings.weight.device)
 
 
@@ -170,8 +192,12 @@ def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
     try:
         s, e = (int(v) for v in meta.pop("skip").split(":"))
         gamma, rank = int(meta.pop("gamma")), int(meta.pop("rank"))
+        # (heads from before these options have neither)
+        sequential_rank, bidirectional = int(meta.pop("sequential_rank", 0)), meta.pop("bidirectional", "0")
     except (KeyError, ValueError):
         raise CheckpointError(f"{path} lacks its skip (S:E), gamma and rank metadata") from None
+    if bidirectional not in ("0", "1"):
+        raise CheckpointError(f"{path}: its 'bidirectional' metadata must be 0 or 1, got {bidirectional!r}")
     if e > config.n_layer:
         raise CheckpointError(f"heads {path} skip layers {s}:{e}, but the model has {config.n_layer} layers")
     check_skip((s, e), config.n_layer)
@@ -179,7 +205,10 @@ def load_heads(path: Path, config: ModelArgs) -> DraftHeads:
     masks = tensors.get("mask_embeddings")
     if masks is None or gamma < 1 or masks.dim() != 2 or masks.shape[0] != gamma - 1 or not 0 <= rank <= config.dim:
         raise CheckpointError(f"heads {path}: gamma {gamma} and rank {rank} in its metadata do not match its tensors")
-    heads = DraftHeads(config, (s, e), gamma, rank, meta, tensors.get("draft_vocab"))
+    sequential = tensors.get("sequential_in")
+    if (sequential is None) != (sequential_rank == 0) or (sequential is not None and sequential.shape[-1] != sequential_rank):
+        raise CheckpointError(f"heads {path}: sequential rank {sequential_rank} in its metadata does not match its tensors")
+    heads = DraftHeads(config, (s, e), gamma, rank, meta, tensors.get("draft_vocab"), sequential_rank, bidirectional == "1")
     heads.check_fits(config)
     try:
         heads.load_state_dict(tensors)

@@ -114,7 +114,9 @@ class Transformer(nn.Module):
             skip = heads.skip if skip is None else skip
             adapters = heads.adapters
         if mask is None:
-            mask = self.causal_mask[None, None, input_pos]
+            # (bidirectional heads: every position of the draft block sees all of it, as its last position does)
+            rows = input_pos[-1:].expand_as(input_pos) if draft and self.heads.bidirectional else input_pos
+            mask = self.causal_mask[None, None, rows]
         freqs_cis = self.freqs_cis[input_pos]
         for i, layer in enumerate(self.layers):
             if skip is not None and skip[0] <= i < skip[1]:

@@ -242,18 +242,43 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
 # Speculative decoding: draft, verify, accept.
 
 
+def draft_mask(model: Transformer, pos: int, gamma: int) -> Optional[Tensor]:
+    """The draft block's mask rows: causal, or with bidirectional heads every row seeing the whole block, as its
+    last row does."""
+    if not model.heads.bidirectional:
+        return causal_mask(model, pos, gamma)
+    last = causal_mask(model, pos + gamma - 1, 1)
+    if last is None:
+        return None  # (CUDA: Transformer.forward builds it)
+    mask = last.expand(-1, -1, gamma, -1)
+    torch._dynamo.maybe_mark_dynamic(mask, 3)
+    return mask
+
+
 def draft_s3d(model: Transformer, cur: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
               mask: Optional[Tensor] = None) -> tuple[Tensor, Optional[Tensor]]:
     """S3D draft: one forward of [cur, M1 .. M(g-1)] at positions p .. p+g-1 through the kept layers with the
-    adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once."""
+    adapters on. Position i predicts the token after it, so the g logits give d1 .. dg all at once. With a
+    sequential head, draft i's logits then get the bias of the token before it (cur, d1, ..): g tiny steps, one
+    after the other; a sampled draft's p is the biased distribution it was drawn from."""
+    heads = model.heads
     logits = model(cur, input_pos, draft=True, mask=mask)[0]  # (g, vocab), or (g, K) over the draft vocabulary
-    tokens, probs = sample(logits, sampling)
-    vocab = model.heads.draft_vocab
+    vocab = heads.draft_vocab
+    if heads.sequential_rank == 0:
+        indices, probs = sample(logits, sampling)
+    else:
+        previous, rows = cur.view(1), []
+        for row in logits:  # (g is static: unrolled when compiled)
+            index, p = sample(row[None] + heads.markov_bias(previous), sampling)
+            previous = index if vocab is None else vocab[index]
+            rows.append((index, p))
+        indices = torch.cat([i for i, _ in rows])
+        probs = None if rows[0][1] is None else torch.cat([p for _, p in rows])
     if vocab is None:
-        return tokens, probs
+        return indices, probs
     # from the draft vocabulary's indices back to token ids; p is 0 outside the draft vocabulary
     full = None if probs is None else probs.new_zeros(len(probs), model.config.vocab_size).index_copy_(1, vocab, probs)
-    return vocab[tokens], full
+    return vocab[indices], full
 
 
 def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, gamma: int, sampling: Sampling,
@@ -289,7 +314,7 @@ def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: b
     model.heads.fold_adapters(compile and model.output.weight.device.type == "cpu")
     step = step_fn(draft_s3d, model, compile)
     return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling,
-                                 causal_mask(model, pos, draft.gamma))
+                                 draft_mask(model, pos, draft.gamma))
 
 
 def skip_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:

@@ -68,13 +68,16 @@ def main(argv=None) -> None:
         draft_pos = torch.arange(pos, pos + g)
         print(f"2. Draft: one forward of [cur, M1 .. M{g - 1}] at positions {draft_pos.tolist()} through the kept layers, "
               f"adapters on (s3d.draft_s3d)")
-        draft_logits = model(cur, draft_pos, draft=True)[0]
-        drafts = draft_logits.argmax(-1)
-        print(f"   input ids {tuple(cur.shape)} -> embeddings + masks ({g}, {c.dim}) -> logits {tuple(draft_logits.shape)}")
-        if model.heads.draft_vocab is not None:  # logit k is token draft_vocab[k]: the draft's output head has K rows
-            drafts = model.heads.draft_vocab[drafts]
-            print(f"   over the heads' draft vocabulary of {len(model.heads.draft_vocab)} tokens only; verify scores all "
-                  f"{c.vocab_size}")
+        drafts = s3d.draft_s3d(model, cur, draft_pos)[0]  # the argmax of each position's logits, as token ids
+        vocab = model.heads.draft_vocab
+        print(f"   input ids {tuple(cur.shape)} -> embeddings + masks ({g}, {c.dim}) -> logits "
+              f"({g}, {c.vocab_size if vocab is None else len(vocab)})"
+              f"{'; the block attends to all of itself (bidirectional heads)' if heads.bidirectional else ''}")
+        if vocab is not None:  # logit k is token draft_vocab[k]: the draft's output head has K rows
+            print(f"   over the heads' draft vocabulary of {len(vocab)} tokens only; verify scores all {c.vocab_size}")
+        if heads.sequential_rank:
+            print(f"   the sequential head adds to draft i's logits a rank-{heads.sequential_rank} bias from the token "
+                  f"before it (cur, d1, ..), one draft after the other")
         print(f"   position i predicts the token after it: drafts d1..d{g} = {show(tokenizer, drafts.tolist())}")
 
         verify_pos = torch.arange(pos, pos + g + 1)

@@ -75,6 +75,30 @@ def test_heads_metadata_must_agree_with_the_tensors(tmp_path):
             load_heads(tmp_path / "x.safetensors", model.config)
 
 
+def test_sequential_head_and_bidirectional_flag_roundtrip(tmp_path):
+    """Both options survive a save and load (heads from before them load as plain heads), and a file whose
+    sequential rank disagrees with its tensors is refused."""
+    from safetensors.torch import load_file, save_file
+
+    model = with_trained_looking_heads(tiny_model(), skip=(1, 4), gamma=3, rank=2, sequential_rank=5, bidirectional=True)
+    model.heads.save(tmp_path / "h.safetensors")
+    loaded = load_heads(tmp_path / "h.safetensors", model.config)
+    assert (loaded.sequential_rank, loaded.bidirectional) == (5, True)
+    assert torch.equal(loaded.sequential_out, model.heads.sequential_out.float())
+    tensors = load_file(tmp_path / "h.safetensors")
+    old = {"format": "s3d-heads", "skip": "1:4", "gamma": "3", "rank": "2", "base_model": "tiny-0"}
+    plain = {k: v for k, v in tensors.items() if not k.startswith("sequential")}
+    save_file(plain, str(tmp_path / "old.safetensors"), metadata=old)
+    assert (lambda h: (h.sequential_rank, h.bidirectional))(load_heads(tmp_path / "old.safetensors", model.config)) == (0, False)
+    for files_tensors, meta, message in ((tensors, old, "sequential rank 0 in its metadata"),
+                                         (plain, old | {"sequential_rank": "5"}, "sequential rank 5"),
+                                         (tensors, old | {"sequential_rank": "4"}, "sequential rank 4"),
+                                         (plain, old | {"bidirectional": "yes"}, "must be 0 or 1")):
+        save_file(files_tensors, str(tmp_path / "x.safetensors"), metadata=meta)
+        with pytest.raises(UsageError, match=message):
+            load_heads(tmp_path / "x.safetensors", model.config)
+
+
 def test_skip_and_gamma_rules():
     model = tiny_model()
     with pytest.raises(UsageError, match="invalid skip range 4:2"):

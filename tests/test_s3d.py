@@ -22,9 +22,9 @@ def tiny_model(vocab=96, n_layer=6, dim=64, seed=0, scale=1.0) -> Transformer:
     return model.eval()
 
 
-def with_trained_looking_heads(model, skip=(2, 4), gamma=4, rank=4, seed=1):
+def with_trained_looking_heads(model, skip=(2, 4), gamma=4, rank=4, seed=1, sequential_rank=0, bidirectional=False):
     """Heads with non-zero adapters (as after training), so the adapter path is exercised too."""
-    heads = new_heads(model, skip, gamma, rank)
+    heads = new_heads(model, skip, gamma, rank, sequential_rank=sequential_rank, bidirectional=bidirectional)
     torch.manual_seed(seed)
     with torch.no_grad():
         for p in heads.parameters():
@@ -224,6 +224,51 @@ def test_draft_vocabulary_is_lossless_and_drafts_only_its_tokens():
 def test_sampling_with_a_draft_vocabulary_matches_the_ar_distribution():
     """Drafts from 3 of the 5 tokens: the draft's p is 0 on the others, and the rule still gives AR's distribution."""
     model = with_draft_vocab(sampling_model(), torch.tensor([4, 0, 2]))
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
+    counts = speculative_samples(model, prompt, N_SAMPLES, 1.0, None)
+    assert chi_square_p_value(counts, exact, N_SAMPLES) > 1e-3
+
+
+@pytest.mark.parametrize("sequential_rank,bidirectional", [(3, False), (0, True), (3, True)])
+def test_sequential_head_and_bidirectional_block_are_lossless(sequential_rank, bidirectional):
+    """Greedy equals AR token for token, eager and compiled (without recompiling: the bidirectional mask keeps
+    the dynamic width of the causal one); and the options do change the drafts."""
+    import torch._dynamo
+
+    plain = with_trained_looking_heads(tiny_model())
+    model = with_trained_looking_heads(tiny_model(), sequential_rank=sequential_rank, bidirectional=bidirectional)
+    with torch.no_grad():
+        if sequential_rank:
+            model.heads.sequential_in.normal_(0, 1.0)
+            model.heads.sequential_out.normal_(0, 1.0)
+        drafted = {}
+        for m, name in ((plain, "plain"), (model, "option")):
+            drafted[name] = []
+            for prompt in PROMPTS:
+                r = s3d.speculative_generate(m, prompt, 30, s3d.Draft("s3d", 4),
+                                             on_iteration=lambda d, n, t: drafted[name].extend(d))
+                assert r.tokens == s3d.ar_generate(m, prompt, 30).tokens
+        assert drafted["plain"] != drafted["option"]
+        warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft("s3d", 4), compile=True)
+        assert warm.tokens == s3d.ar_generate(model, PROMPTS[0], 20).tokens
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for prompt in PROMPTS[1:]:
+                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft("s3d", 4), compile=True)
+                assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+
+
+def test_sampling_with_a_sequential_head_matches_the_ar_distribution():
+    """Each draft sampled from the logits biased by the draft before it: its p is that biased distribution, and
+    the rule still gives AR's distribution."""
+    model = with_trained_looking_heads(tiny_model(vocab=5, n_layer=4, dim=32, scale=3.0), skip=(1, 3), gamma=3,
+                                       rank=2, sequential_rank=2, bidirectional=True)
+    with torch.no_grad():  # a strong bias, so that a p that left it out would show
+        model.heads.sequential_in.normal_(0, 1.0)
+        model.heads.sequential_out.normal_(0, 2.0)
     prompt = [1, 3, 0, 2]
     exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
     counts = speculative_samples(model, prompt, N_SAMPLES, 1.0, None)
