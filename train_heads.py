@@ -192,17 +192,19 @@ def pack(seqs: list[dict], device: torch.device) -> Packed:
     return Packed(*(t.to(device) for t in (tokens, torch.arange(len(tokens)) - first, first, last)))
 
 
-def block_mask(packed_len: int, anchors: Tensor, gamma: int, first: Optional[Tensor] = None) -> Tensor:
+def block_mask(packed_len: int, anchors: Tensor, gamma: int, first: Optional[Tensor] = None,
+               bidirectional: bool = False) -> Tensor:
     """(1, 1, n*g, packed_len + n*g): offset k of the block at anchor p sees its own sequence before p (from the
-    sequence's first index, `first` of each anchor; 0 for a single sequence) and offsets 0..k of its own block.
-    That is what the draft at p sees when decoding: the cache up to p - 1, then [cur, M1 .. M(g-1)]."""
+    sequence's first index, `first` of each anchor; 0 for a single sequence) and offsets 0..k of its own block
+    (bidirectional: all of its block). That is what the draft at p sees when decoding: the cache up to p - 1, then
+    [cur, M1 .. M(g-1)]."""
     n = anchors.shape[0]
     first = torch.zeros_like(anchors) if first is None else first
     block = torch.arange(n, device=anchors.device).repeat_interleave(gamma)
     offset = torch.arange(gamma, device=anchors.device).repeat(n)
     column = torch.arange(packed_len, device=anchors.device)[None, :]
     sees_prefix = (column < anchors[block][:, None]) & (column >= first[block][:, None])
-    sees_block = (block[:, None] == block[None, :]) & (offset[:, None] >= offset[None, :])
+    sees_block = (block[:, None] == block[None, :]) & ((offset[:, None] >= offset[None, :]) | bidirectional)
     return torch.cat([sees_prefix, sees_block], dim=1)[None, None]
 
 
@@ -230,12 +232,19 @@ def target_pass(model: Transformer, packed: Packed) -> tuple[Tensor, list[Prefix
 
 def draft_pass(model: Transformer, packed: Packed, anchors: Tensor, gamma: int, kv: list[PrefixKV]) -> Tensor:
     """Draft logits (n, g, vocab) of the blocks [x_p, M1 .. M(g-1)] for every anchor p (an index into the packed
-    row), in one forward."""
+    row), in one forward. A sequential head's bias comes from the sequence's own tokens x_p .. x_(p+g-1) (teacher
+    forcing): when decoding, draft k counts only if the drafts before it were the target's tokens, so these are
+    the tokens it follows whenever it matters."""
+    heads = model.heads
     positions = (packed.positions[anchors][:, None] + torch.arange(gamma, device=anchors.device)).view(-1)
-    mask = block_mask(len(packed.tokens), anchors, gamma, packed.first[anchors])
+    mask = block_mask(len(packed.tokens), anchors, gamma, packed.first[anchors], heads.bidirectional)
     logits = with_kv(model, [PrefixKV(c.k, c.v) for c in kv],
                      lambda: model(packed.tokens[anchors][None], positions, draft=True, mask=mask))
-    return logits.view(anchors.shape[0], gamma, -1)
+    logits = logits.view(anchors.shape[0], gamma, -1)
+    if heads.sequential_rank:
+        at = torch.minimum(anchors[:, None] + torch.arange(gamma, device=anchors.device), packed.last[anchors][:, None])
+        logits = logits + heads.markov_bias(packed.tokens[at])
+    return logits
 
 
 def anchors_of(seqs: list[dict]) -> list[Tensor]:
@@ -249,12 +258,14 @@ def anchors_of(seqs: list[dict]) -> list[Tensor]:
 
 
 def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor, last: Tensor,
-                 offset_weights: Tensor, draft_vocab: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+                 offset_weights: Tensor, draft_vocab: Optional[Tensor] = None, tokens: Optional[Tensor] = None,
+                 ce_weight: float = 0.0) -> tuple[Tensor, Tensor, Tensor]:
     """Weighted KL(q || draft) over offsets. Offset k of the block at p predicts the token after p + k, whose
     target distribution is q at p + k; blocks running past their sequence's end (`last`, per anchor) count only up
     to it. With a draft vocabulary (the draft's logits are over those tokens only) q is restricted to it and
-    renormalised. Returns the loss, the mean KL per offset (g,), and whether each draft equals the target's argmax
-    (n, g)."""
+    renormalised. ce_weight adds that much cross-entropy on the sequence's own next tokens (the packed `tokens`;
+    PARD's 0.1 CE + 1.0 KL; with a draft vocabulary, on the tokens inside it). Returns the loss, the mean KL per
+    offset (g,), and whether each draft equals the target's argmax (n, g)."""
     gamma = draft_logits.shape[1]
     at = anchors[:, None] + torch.arange(gamma, device=anchors.device)  # (n, g): the position whose q is the target
     valid = at <= last[:, None] - 1  # the predicted token exists in the sequence
@@ -267,6 +278,15 @@ def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor,
     kl = (q.exp() * (q - logp)).sum(-1) * valid  # (n, g)
     per_offset = kl.sum(0) / valid.sum(0).clamp_min(1)
     loss = (per_offset * offset_weights).sum() / offset_weights.sum()
+    if ce_weight > 0:
+        labels = tokens[torch.minimum(at + 1, last[:, None])]  # the token the draft at offset k stands for
+        if draft_vocab is not None:  # as an index into the draft vocabulary, -1 outside it
+            index = torch.full((target_logprobs.shape[-1],), -1, device=labels.device)
+            labels = index.index_copy(0, draft_vocab, torch.arange(len(draft_vocab), device=labels.device))[labels]
+        counted = valid & (labels >= 0)
+        ce = -logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * counted
+        ce_per_offset = ce.sum(0) / counted.sum(0).clamp_min(1)
+        loss = loss + ce_weight * (ce_per_offset * offset_weights).sum() / offset_weights.sum()
     match = (drafted == target) & valid
     return loss, per_offset.detach(), match
 
@@ -319,12 +339,60 @@ def batches_of(sequences: list[dict], batch_tokens: int) -> list[list[dict]]:
     return groups + [group] if group else groups
 
 
-def learning_rate(step: int, steps: int, lr: float) -> float:
-    """Linear warm-up over the first 5 % of the steps, then cosine decay to a tenth."""
+@torch.no_grad()
+def angular_distances(model: Transformer, sequences: list[dict], n: int) -> list[float]:
+    """For each l, the angular distance arccos(cos(h_l, h_(l+n))) / pi between the hidden states entering layer l
+    and layer l + n (or the final norm), averaged over the answer tokens of the sequences: how little n layers from
+    l change the residual stream, so how little skipping them costs (Gromov et al., 2024)."""
+    inputs: list[Tensor] = []
+    hooks = [m.register_forward_pre_hook(lambda _, args: inputs.append(args[0].float()))
+             for m in [*model.layers, model.norm]]
+    total = torch.zeros(model.config.n_layer - n + 1)
+    count = 0
+    try:
+        for seq in sequences:
+            inputs.clear()
+            model.setup_caches(1, len(seq["tokens"]))
+            model(torch.tensor([seq["tokens"]], device=model.output.weight.device), torch.arange(
+                len(seq["tokens"]), device=model.output.weight.device))
+            h = torch.stack(inputs)[:, 0, seq["prompt_len"]:]  # (L + 1, answer tokens, dim)
+            cos = torch.nn.functional.cosine_similarity(h[:-n], h[n:], dim=-1).clamp(-1, 1)
+            total += (torch.arccos(cos) / math.pi).sum(-1).cpu()
+            count += h.shape[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return (total / max(count, 1)).tolist()
+
+
+def measured_skip(model: Transformer, sequences: list[dict], n: int) -> tuple[int, int]:
+    """The n consecutive layers whose skipping changes the hidden state least (angular_distances); prints all."""
+    distances = angular_distances(model, sequences, n)
+    start = min(range(len(distances)), key=distances.__getitem__)
+    print(f"angular distance across {n} layers from layer l, l = 0..{len(distances) - 1}: "
+          f"{' '.join(f'{d:.3f}' for d in distances)}; skipping {start}:{start + n}")
+    return start, start + n
+
+
+def learning_rate(step: int, steps: int, lr: float, schedule: str = "cosine") -> float:
+    """Linear warm-up over the first 5 % of the steps, then cosine decay to a tenth (or constant)."""
     warmup = max(1, steps // 20)
     if step < warmup:
         return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup))))
+
+
+def reach_weights(acceptance: list[float]) -> list[float]:
+    """Offset weights from the probability that each offset is reached (all drafts before it accepted): 1, a1,
+    a1 a2, ...; a draft that is rarely reached rarely pays, whatever its loss. Floored at 0.05 so that no offset is
+    dropped for good."""
+    weights, reached = [], 1.0
+    for a in [1.0, *acceptance[:-1]]:
+        reached *= a
+        weights.append(max(reached, 0.05))
+    return weights
 
 
 def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args) -> dict:
@@ -347,7 +415,10 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         optimizer.load_state_dict(state["optimizer"])
         step, cursor, order = state["step"], state["cursor"], state["order"]
         seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
-    weights = torch.tensor(args.offset_weights, device=device)
+    if args.offset_weights == "reached":  # from the heads' held-out acceptance, renewed at every evaluation
+        weights = torch.tensor(reach_weights(evaluate(model, heldout, args.gamma, args.eval_anchors)[0]), device=device)
+    else:
+        weights = torch.tensor(args.offset_weights, device=device)
     longest = max(len(s["tokens"]) for s in train_seqs + heldout)
     model.setup_caches(1, longest + args.gamma)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
@@ -355,7 +426,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     log = log_path.open("a" if args.resume else "w")  # a new run starts a new log
     while step < args.steps:
         for param_group in optimizer.param_groups:
-            param_group["lr"] = learning_rate(step, args.steps, args.lr)
+            param_group["lr"] = learning_rate(step, args.steps, args.lr, args.lr_schedule)
         optimizer.zero_grad(set_to_none=True)
         group, drafts = [], 0
         while drafts < args.batch_tokens:  # whole sequences, packed into one forward
@@ -373,7 +444,8 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         with autocast(model):
             q, kv = target_pass(model, packed)
             loss, per_offset, _ = distill_loss(draft_pass(model, packed, anchors, args.gamma, kv), q, anchors,
-                                               packed.last[anchors], weights, heads.draft_vocab)
+                                               packed.last[anchors], weights, heads.draft_vocab, packed.tokens,
+                                               args.ce_weight)
         loss.backward()
         drafts = len(anchors) * args.gamma
         seen_tokens += len(packed.tokens)
@@ -388,6 +460,9 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         if step % args.eval_every == 0 or step == args.steps:
             rates, tau = evaluate(model, heldout, args.gamma, args.eval_anchors)
             record |= {"heldout_acceptance": rates, "heldout_tau": tau}
+            if args.offset_weights == "reached":
+                weights = torch.tensor(reach_weights(rates), device=device)
+                record["offset_weights"] = weights.tolist()
             tqdm.write(f"step {step}: loss {record['loss']:.3f}, held-out acceptance per offset "
                        f"{' '.join(f'{a:.2f}' for a in rates)}, tau {tau:.2f}")
             elapsed = time.perf_counter() - t0
@@ -417,8 +492,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", choices=["auto", *cli.DTYPES],
                    help="the target's dtype (auto: bfloat16 on a GPU or a CPU with native bf16, else float32); the "
                         "heads train in float32 with bf16 autocast")
-    p.add_argument("--skip", metavar="S:E", type=cli.skip_range, default=None,
-                   help="layers S..E-1 to skip in the draft (default: the middle third)")
+    p.add_argument("--skip", metavar="S:E", type=skip_or_auto, default=None,
+                   help="layers S..E-1 to skip in the draft (default: the middle third), or auto:N, the N layers "
+                        "that change the held-out answers' hidden states least (angular distance)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
     p.add_argument("--rank", type=int, default=8, help="adapter rank (0: mask embeddings only)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (0, with --init: measure and write only)")
@@ -427,7 +503,17 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--draft_vocab", type=int, default=None, metavar="K", help="draft only the K most frequent tokens "
                    "of the training answers: the draft's output head reads K rows (verify keeps them all)")
     p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank)")
-    p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default)")
+    p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default), or "
+                   "'reached': the probability that the offset is reached (1, a1, a1 a2, ..., from the held-out "
+                   "acceptance, renewed at every evaluation)")
+    p.add_argument("--ce_weight", type=float, default=0.0,
+                   help="add this much cross-entropy on the answers' own next tokens to the KL (PARD uses 0.1)")
+    p.add_argument("--sequential_rank", type=int, default=0, metavar="R", help="a sequential head of rank R: each "
+                   "draft's logits get a bias from the token drafted before it (0: none)")
+    p.add_argument("--bidirectional", action="store_true",
+                   help="the draft block [cur, M1 ..] attends to all of itself instead of causally")
+    p.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
+                   help="after a 5 %% warm-up: cosine decay to a tenth of --lr, or constant")
     p.add_argument("--resume", action="store_true", help="continue the run saved next to --out")
     p.add_argument("--force", action="store_true", help="replace --out (and its log and training state) if they exist")
     p.add_argument("--eval_every", type=int, default=50, help="steps between held-out evaluations (and saves)")
@@ -450,8 +536,20 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def skip_or_auto(text: str) -> tuple[int, int] | int:
+    """--skip: 'S:E' -> (S, E), or 'auto:N' -> N (the range is measured once the data exist)."""
+    if text.startswith("auto:"):
+        try:
+            return int(text.removeprefix("auto:"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected auto:N (a number of layers), got {text!r}") from None
+    return cli.skip_range(text)
+
+
 def offset_weights(args: argparse.Namespace) -> None:
-    """--offset_weights as g floats (default all 1)."""
+    """--offset_weights as g floats (default all 1), or 'reached'."""
+    if args.offset_weights == "reached":
+        return
     try:
         weights = [float(w) for w in args.offset_weights.split(",")] if args.offset_weights else [1.0] * args.gamma
     except ValueError:
@@ -476,6 +574,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--synth_prompts must be at least 0, got {args.synth_prompts}")
     if args.train_sequences is not None and args.train_sequences < 1:
         raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
+    if not 0 <= args.ce_weight < math.inf:
+        raise UsageError(f"--ce_weight must be a number >= 0, got {args.ce_weight}")
+    if args.sequential_rank < 0:
+        raise UsageError(f"--sequential_rank must be at least 0, got {args.sequential_rank}")
     if not 0 < args.lr < math.inf:
         raise UsageError(f"--lr must be a positive number, got {args.lr}")
     if not 0 < args.data_temperature < math.inf:
@@ -484,8 +586,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--limit must be at least {HELDOUT_EVERY} (every {HELDOUT_EVERY}th prompt is held out), got {args.limit}")
     if not args.init:  # (with --init g comes from the heads file)
         offset_weights(args)
-    if args.init and (args.resume or args.skip):
-        raise UsageError("--init takes the heads' own skip range, g and rank, and cannot be combined with --resume or --skip")
+    if args.init and (args.resume or args.skip or args.sequential_rank or args.bidirectional):
+        raise UsageError("--init takes the heads' own skip range, g, rank, sequential head and mask, and cannot be "
+                         "combined with --resume, --skip, --sequential_rank or --bidirectional")
     if args.resume and not args.out.with_suffix(".train.pt").is_file():
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
     if not args.resume:  # every output checked now, not at the first save after minutes of work
@@ -495,14 +598,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
-    if args.rank > model.config.dim or args.gamma > model.config.block_size:
-        raise UsageError(f"--rank may be at most {model.config.dim} (the model's width) and --gamma at most "
-                         f"{model.config.block_size}, got {args.rank} and {args.gamma}")
+    if max(args.rank, args.sequential_rank) > model.config.dim or args.gamma > model.config.block_size:
+        raise UsageError(f"--rank and --sequential_rank may be at most {model.config.dim} (the model's width) and "
+                         f"--gamma at most {model.config.block_size}, got {args.rank}, {args.sequential_rank} and "
+                         f"{args.gamma}")
     heads = load_heads(args.init, model.config) if args.init else None
     if heads is not None:
         args.gamma, args.rank = heads.gamma, heads.rank
         offset_weights(args)
-    skip = heads.skip if heads is not None else check_skip(args.skip or middle_third(model.config.n_layer), model.config.n_layer)
+    n_layer = model.config.n_layer
+    if isinstance(args.skip, int) and not 1 <= args.skip < n_layer:
+        raise UsageError(f"--skip auto:N needs 1 <= N < {n_layer} (the model's layers), got {args.skip}")
+    if isinstance(args.skip, tuple):
+        check_skip(args.skip, n_layer)
     prompts = read_prompts(args.prompts)[: args.limit]
     data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
     synth = synth_prompts(model, tokenizer, args.synth_prompts, data_dir, args.prompts_per_batch * args.samples,
@@ -516,6 +624,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.train_sequences > len(train_seqs):
             raise UsageError(f"--train_sequences: there are only {len(train_seqs)} training sequences")
         train_seqs = random.Random(args.seed).sample(train_seqs, args.train_sequences)
+    if heads is not None:
+        skip = heads.skip
+    elif isinstance(args.skip, int):
+        skip = measured_skip(model, heldout, args.skip)
+    else:
+        skip = args.skip or middle_third(n_layer)
     print(f"data: {len(train_seqs)} training sequences, {sum(len(s['tokens']) - s['prompt_len'] for s in train_seqs)} "
           f"answer tokens; {len(heldout)} held-out greedy answers")
     vocab = None
@@ -526,8 +640,11 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"draft vocabulary: the {len(vocab)} most frequent tokens of the training answers; they hold "
               f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
     if heads is None:
-        heads = new_heads(model, skip, args.gamma, args.rank, vocab)
+        heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
     elif vocab is not None:  # the same heads with a new draft vocabulary
+        if heads.sequential_rank:
+            raise UsageError("--draft_vocab cannot be given to heads with a sequential head (its output rows are "
+                             "those of their own draft vocabulary)")
         state = {**heads.state_dict(), "draft_vocab": vocab}
         heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab)
         heads.load_state_dict(state)

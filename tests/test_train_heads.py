@@ -41,6 +41,73 @@ def test_block_mask_gives_the_draft_logits_of_the_real_draft_step():
             start += len(s["tokens"])
 
 
+@pytest.mark.parametrize("sequential_rank,bidirectional,draft_vocab", [(3, False, False), (0, True, False),
+                                                                      (3, True, True)])
+def test_training_forward_gives_the_draft_step_of_the_sequential_head_and_bidirectional_block(
+        sequential_rank, bidirectional, draft_vocab):
+    """Sequences made of the drafts the real draft step sampled: the training forward (teacher forcing on those
+    tokens) gives exactly the distributions the draft step sampled each of them from."""
+    model = with_trained_looking_heads(tiny_model(), sequential_rank=sequential_rank, bidirectional=bidirectional)
+    if draft_vocab:
+        vocab = torch.randperm(96, generator=torch.Generator().manual_seed(2))[:60]
+        heads = new_heads(model, (2, 4), 4, 4, vocab, sequential_rank, bidirectional)
+        heads.load_state_dict({k: v[vocab] if k == "sequential_out" else v
+                               for k, v in model.heads.state_dict().items()} | {"draft_vocab": vocab})
+        model.set_heads(heads)
+    with torch.no_grad():
+        if sequential_rank:
+            model.heads.sequential_in.normal_(0, 1.0)
+            model.heads.sequential_out.normal_(0, 1.0)
+        torch.manual_seed(0)
+        seqs, probs = [], []
+        for n in (20, 31):
+            prefix = torch.randint(0, 96, (n,)).tolist()
+            model.setup_caches(1, 64)
+            s3d.prefill(model, torch.tensor([prefix[:-1]]), torch.arange(n - 1))
+            drafts, p = s3d.draft_s3d(model, torch.tensor([prefix[-1:]]), torch.arange(n - 1, n + 3),
+                                      s3d.Sampling(1.0), s3d.draft_mask(model, n - 1, 4))
+            seqs.append({"prompt_len": 3, "tokens": prefix + drafts.tolist()})
+            probs.append(p if not draft_vocab else p[:, vocab])
+        packed = train_heads.pack(seqs, torch.device("cpu"))
+        q, kv = train_heads.target_pass(model, packed)
+        logits = train_heads.draft_pass(model, packed, torch.tensor([19, 24 + 30]), 4, kv)
+    torch.testing.assert_close(logits.softmax(-1), torch.stack(probs), atol=1e-5, rtol=1e-5)
+
+
+def test_cross_entropy_term_scores_the_sequences_own_next_tokens():
+    """ce_weight adds w * CE on the token each draft stands for; with a draft vocabulary, tokens outside it are not
+    scored (the draft cannot propose them)."""
+    torch.manual_seed(0)
+    seqs = [{"prompt_len": 1, "tokens": [5, 6, 7, 8, 2]}]
+    packed = train_heads.pack(seqs, torch.device("cpu"))
+    anchors, last = torch.tensor([1]), packed.last[torch.tensor([1])]
+    q = torch.randn(5, 16).log_softmax(-1)
+    logits = torch.randn(1, 2, 16)
+    kl = train_heads.distill_loss(logits, q, anchors, last, torch.ones(2))[0]
+    with_ce = train_heads.distill_loss(logits, q, anchors, last, torch.ones(2), None, packed.tokens, 0.5)[0]
+    logp = logits.log_softmax(-1)[0]
+    ce = -(logp[0, 7] + logp[1, 8]) / 2  # offset 0 of the block at 6 stands for 7, offset 1 for 8
+    torch.testing.assert_close(with_ce, kl + 0.5 * ce)
+    vocab = torch.tensor([8, 3, 5, 1])  # 7 is outside: only offset 1 (token 8, index 0) is scored
+    logits = torch.randn(1, 2, 4)
+    kl = train_heads.distill_loss(logits, q, anchors, last, torch.ones(2), vocab)[0]
+    with_ce = train_heads.distill_loss(logits, q, anchors, last, torch.ones(2), vocab, packed.tokens, 0.5)[0]
+    torch.testing.assert_close(with_ce, kl + 0.5 * -logits.log_softmax(-1)[0, 1, 0] / 2)
+
+
+def test_reach_weights_and_the_measured_skip_range():
+    assert train_heads.reach_weights([0.5, 0.4, 0.2, 0.9]) == [1.0, 0.5, 0.2, 0.05]  # 0.04 floored at 0.05
+    model = tiny_model()
+    seqs = sequences(3, length=20, prompt_len=4)
+    distances = train_heads.angular_distances(model, seqs, 2)
+    assert len(distances) == 5 and all(0 <= d <= 1 for d in distances)
+    with torch.no_grad():  # make layers 3 and 4 do (almost) nothing: that is the pair to skip
+        for i in (3, 4):
+            for p in model.layers[i].parameters():
+                p.mul_(1e-4) if p.dim() > 1 else None
+    assert train_heads.measured_skip(model, seqs, 2) == (3, 5)
+
+
 def test_distill_loss_stops_at_each_sequence_end():
     seqs = [{"prompt_len": 1, "tokens": [5, 6, 7, 8]}, {"prompt_len": 1, "tokens": [9, 10, 11]}]
     packed = train_heads.pack(seqs, torch.device("cpu"))
@@ -91,7 +158,9 @@ def sequences(n=6, length=30, prompt_len=5, seed=0):
              "tokens": torch.randint(3, 96, (length,), generator=g).tolist()} for i in range(n)]
 
 
-def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path):
+@pytest.mark.parametrize("options", [[], ["--sequential_rank", "4", "--bidirectional", "--ce_weight", "0.1",
+                                      "--offset_weights", "reached", "--lr_schedule", "constant"]])
+def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path, options):
     model = tiny_model()
     target = {k: v.clone() for k, v in model.state_dict().items()}
     # sequences the target itself wrote (greedy), as the real data are
@@ -100,10 +169,10 @@ def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path):
     for i, prompt in enumerate([[3, 4, 5], [10, 11], [50, 7, 9, 2], [20], [33, 34], [60, 61, 62]]):
         out = s3d.ar_generate(model, prompt, 24).tokens
         seqs.append({"id": f"p{i}", "sample": 0, "prompt_len": len(prompt), "tokens": prompt + out})
-    heads = new_heads(model, (2, 4), 3, 4)
     args = train_heads.parse_args(["--out", str(tmp_path / "h.safetensors"), "--steps", "30", "--lr", "1e-2",
-                                   "--gamma", "3", "--batch_tokens", "96", "--eval_every", "30"])
-    args.offset_weights = [1.0, 1.0, 1.0]
+                                   "--gamma", "3", "--batch_tokens", "96", "--eval_every", "30", *options])
+    heads = new_heads(model, (2, 4), 3, 4, None, args.sequential_rank, args.bidirectional)
+    train_heads.offset_weights(args)
     model.set_heads(heads)
     before_rates, before_tau = train_heads.evaluate(model, seqs, 3, 64)
     cost = train_heads.train(model, heads, seqs, seqs, args)
@@ -118,6 +187,9 @@ def test_training_lowers_the_loss_and_leaves_the_target_unchanged(tmp_path):
     # the saved file is what generate.py --s3d loads, and it drafts losslessly
     loaded = load_heads(tmp_path / "h.safetensors", model.config)
     assert loaded.meta["trained_steps"] == "30"
+    assert (loaded.sequential_rank, loaded.bidirectional) == (args.sequential_rank, args.bidirectional)
+    if args.sequential_rank:  # the sequential head trained too
+        assert loaded.sequential_out.abs().max() > 0
     model.set_heads(loaded)
     for seq in seqs[:3]:
         prompt = seq["tokens"][: seq["prompt_len"]]
@@ -193,7 +265,13 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     (["--limit", "-5"], "--limit must be at least 20"),
     (["--offset_weights", "1,nan,1,1"], "--offset_weights needs 4"),
     (["--offset_weights", "a,b,c,d"], "--offset_weights needs 4 numbers"),
-    (["--rank", "1000000000"], "--rank may be at most 576"),
+    (["--rank", "1000000000"], "--rank and --sequential_rank may be at most 576"),
+    (["--sequential_rank", "1000"], "--rank and --sequential_rank may be at most 576"),
+    (["--sequential_rank", "-1"], "--sequential_rank must be at least 0"),
+    (["--ce_weight", "-0.1"], "--ce_weight must be a number >= 0"),
+    (["--skip", "auto:x"], "expected auto:N"),
+    (["--skip", "auto:30"], "--skip auto:N needs 1 <= N < 30"),
+    (["--init", "h.safetensors", "--bidirectional"], "--init takes the heads' own skip range"),
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
