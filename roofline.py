@@ -163,7 +163,8 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
                       (f"verify ({g + 1} tokens)", h, calls["verify"], list(range(n_layer)), g + 1, 0)]
         vocab = 0 if h.draft_vocab is None else len(h.draft_vocab)
         steps.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank}"
-                      f"{', adapters folded' if fold and h.rank else ''}{f', draft vocabulary {vocab}' if vocab else ''})",
+                      f"{', adapters folded' if fold and h.rank else ''}{f', draft vocabulary {vocab}' if vocab else ''}"
+                      f"{f', sequential head rank {h.sequential_rank}' if h.sequential_rank else ''})",
                       h, calls["draft"], kept, g, vocab))
         for step in steps[-3 if i == 0 else -1:]:
             step[2]()  # compiles it
