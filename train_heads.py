@@ -277,7 +277,7 @@ def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor,
     logp = draft_logits.float().log_softmax(-1)
     kl = (q.exp() * (q - logp)).sum(-1) * valid  # (n, g)
     per_offset = kl.sum(0) / valid.sum(0).clamp_min(1)
-    loss = (per_offset * offset_weights).sum() / offset_weights.sum()
+    loss_per_offset = per_offset
     if ce_weight > 0:
         labels = tokens[torch.minimum(at + 1, last[:, None])]  # the token the draft at offset k stands for
         if draft_vocab is not None:  # as an index into the draft vocabulary, -1 outside it
@@ -285,8 +285,8 @@ def distill_loss(draft_logits: Tensor, target_logprobs: Tensor, anchors: Tensor,
             labels = index.index_copy(0, draft_vocab, torch.arange(len(draft_vocab), device=labels.device))[labels]
         counted = valid & (labels >= 0)
         ce = -logp.gather(-1, labels.clamp_min(0)[..., None]).squeeze(-1) * counted
-        ce_per_offset = ce.sum(0) / counted.sum(0).clamp_min(1)
-        loss = loss + ce_weight * (ce_per_offset * offset_weights).sum() / offset_weights.sum()
+        loss_per_offset = per_offset + ce_weight * ce.sum(0) / counted.sum(0).clamp_min(1)
+    loss = (loss_per_offset * offset_weights).sum() / offset_weights.sum()
     match = (drafted == target) & valid
     return loss, per_offset.detach(), match
 
@@ -349,10 +349,10 @@ def angular_distances(model: Transformer, sequences: list[dict], n: int) -> list
              for m in [*model.layers, model.norm]]
     total = torch.zeros(model.config.n_layer - n + 1)
     count = 0
+    model.setup_caches(1, max(len(s["tokens"]) for s in sequences))
     try:
         for seq in sequences:
             inputs.clear()
-            model.setup_caches(1, len(seq["tokens"]))
             model(torch.tensor([seq["tokens"]], device=model.output.weight.device), torch.arange(
                 len(seq["tokens"]), device=model.output.weight.device))
             h = torch.stack(inputs)[:, 0, seq["prompt_len"]:]  # (L + 1, answer tokens, dim)
@@ -395,8 +395,11 @@ def reach_weights(acceptance: list[float]) -> list[float]:
     return weights
 
 
-def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args) -> dict:
-    """Trains heads (attached to model) on the sequences; returns what it cost. Saves heads + state every eval."""
+def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args,
+          acceptance: Optional[list[float]] = None) -> dict:
+    """Trains heads (attached to model) on the sequences; returns what it cost. Saves heads + state every eval.
+    acceptance: the heads' held-out acceptance when the caller has measured it already (--offset_weights reached
+    starts from it)."""
     model.set_heads(heads)
     heads.float()  # float32 weights to train, whatever the target's dtype (autocast runs their matmuls in bf16)
     model.requires_grad_(False)  # the target stays frozen: only the heads' parameters get gradients
@@ -416,7 +419,9 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         step, cursor, order = state["step"], state["cursor"], state["order"]
         seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
     if args.offset_weights == "reached":  # from the heads' held-out acceptance, renewed at every evaluation
-        weights = torch.tensor(reach_weights(evaluate(model, heldout, args.gamma, args.eval_anchors)[0]), device=device)
+        if acceptance is None:
+            acceptance = evaluate(model, heldout, args.gamma, args.eval_anchors)[0]
+        weights = torch.tensor(reach_weights(acceptance), device=device)
     else:
         weights = torch.tensor(args.offset_weights, device=device)
     longest = max(len(s["tokens"]) for s in train_seqs + heldout)
@@ -651,6 +656,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
     # the recipe of heads that started from a file: the command that made it, then this one
     heads.meta["train_command"] = heads.meta.get("train_command", "?") + " && " + command if args.init else command
+    rates = None
     if not args.resume:  # the baseline that training is measured against (a resumed run printed it already)
         model.set_heads(heads)
         model.setup_caches(1, max(len(s["tokens"]) for s in sequences) + args.gamma)
@@ -662,7 +668,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             heads.float().save(args.out)
             print(f"wrote {args.out}")
             return
-    cost = train(model, heads, train_seqs, heldout, args)
+    cost = train(model, heads, train_seqs, heldout, args, rates)
     print(f"wrote {args.out}: {cost['steps']} steps, {cost['sequence_tokens']} sequence tokens and "
           f"{cost['draft_tokens']} draft positions seen, {cost['wall_s'] / 60:.1f} min, peak memory {cost['peak_memory_gib']:.2f} GiB")
 
