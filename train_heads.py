@@ -611,6 +611,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if heads is not None:
         args.gamma, args.rank = heads.gamma, heads.rank
         offset_weights(args)
+        if heads.sequential_rank and args.draft_vocab:  # refused before the data are made
+            raise UsageError("--draft_vocab cannot be given to heads with a sequential head (its output rows are "
+                             "those of their own draft vocabulary)")
     n_layer = model.config.n_layer
     if isinstance(args.skip, int) and not 1 <= args.skip < n_layer:
         raise UsageError(f"--skip auto:N needs 1 <= N < {n_layer} (the model's layers), got {args.skip}")
@@ -647,11 +650,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     if heads is None:
         heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
     elif vocab is not None:  # the same heads with a new draft vocabulary
-        if heads.sequential_rank:
-            raise UsageError("--draft_vocab cannot be given to heads with a sequential head (its output rows are "
-                             "those of their own draft vocabulary)")
         state = {**heads.state_dict(), "draft_vocab": vocab}
-        heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab)
+        heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab,
+                           bidirectional=heads.bidirectional)
         heads.load_state_dict(state)
     command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
     # the recipe of heads that started from a file: the command that made it, then this one

@@ -306,6 +306,30 @@ def test_outputs_are_refused_before_any_work(tmp_path, capsys):
     assert shipped.read_bytes() == b"trained for hours"
 
 
+def test_init_heads_keep_their_options_and_a_sequential_head_refuses_a_new_draft_vocabulary(tmp_path, capsys,
+                                                                                            tiny_checkpoint):
+    """--init with --draft_vocab rebuilds the heads with the vocabulary and keeps their bidirectional block; heads
+    with a sequential head (whose output rows are their own draft vocabulary's) are refused before any data."""
+    import cli
+
+    model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    new_heads(model, (1, 3), 2, 0, bidirectional=True).save(tmp_path / "bidirectional.safetensors")
+    new_heads(model, (1, 3), 2, 0, sequential_rank=2).save(tmp_path / "sequential.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(20)))
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--draft_vocab", "8", "--steps", "0",
+              "--samples", "1", "--data_max_new_tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    with pytest.raises(SystemExit) as e:
+        train_heads.main(["--init", str(tmp_path / "sequential.safetensors"), "--out", str(tmp_path / "s.safetensors"),
+                          "--data_dir", str(tmp_path / "s-data"), *common])
+    assert e.value.code == 2 and "--draft_vocab cannot be given to heads with a sequential head" in capsys.readouterr().err
+    assert not (tmp_path / "s-data").exists()
+    train_heads.main(["--init", str(tmp_path / "bidirectional.safetensors"), "--out", str(tmp_path / "b.safetensors"),
+                      "--data_dir", str(tmp_path / "b-data"), *common])
+    rebuilt = load_heads(tmp_path / "b.safetensors", model.config)
+    assert rebuilt.bidirectional and len(rebuilt.draft_vocab) == 8
+
+
 def test_training_prompts_are_not_evaluation_prompts():
     train = {train_heads.normalized(r["prompt"]) for r in train_heads.read_prompts(train_heads.TRAIN_PROMPTS)}
     evaluation = train_heads.evaluation_prompts()
