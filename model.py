@@ -92,7 +92,7 @@ class Transformer(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
     def forward(self, idx: Tensor, input_pos: Tensor, skip: Optional[tuple[int, int]] = None,
-                draft: bool = False, mask: Optional[Tensor] = None) -> Tensor:
+                draft: bool = False, mask: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
         """Logits (batch, len(input_pos), vocab) for tokens idx at absolute positions input_pos.
 
         skip=(s, e) runs layers [0, s) and [e, L) only: the layer-skip draft. draft=True is the S3D draft: each
@@ -101,7 +101,9 @@ class Transformer(nn.Module):
         adapters act on the kept layers and skip defaults to the heads' range; heads with a draft vocabulary of K
         tokens give K logits, over those tokens only. mask (batch or 1, 1, len(input_pos),
         keys) replaces the causal mask over the whole cache: attention reads only the first `keys` cache positions
-        (s3d.causal_mask gives the rows of the live prefix), or training's block mask.
+        (s3d.causal_mask gives the rows of the live prefix), or training's block mask. positions, when given, are
+        the tokens' positions for RoPE and input_pos only their cache slots: in a token tree siblings share a
+        position but not a slot (s3d.verify_tree_step).
         """
         x = self.tok_embeddings(idx)
         adapters = None
@@ -117,7 +119,7 @@ class Transformer(nn.Module):
             # (bidirectional heads: every position of the draft block sees all of it, as its last position does)
             rows = input_pos[-1:].expand_as(input_pos) if draft and self.heads.bidirectional else input_pos
             mask = self.causal_mask[None, None, rows]
-        freqs_cis = self.freqs_cis[input_pos]
+        freqs_cis = self.freqs_cis[input_pos if positions is None else positions]
         for i, layer in enumerate(self.layers):
             if skip is not None and skip[0] <= i < skip[1]:
                 continue

@@ -12,8 +12,11 @@ The baselines use the same verify and acceptance and differ only in their draft 
 loop (DRAFTERS): the layer-skipped model drafting one token at a time (Draft & Verify style, no adapters) and a
 separate small draft model (as in gpt-fast). The speed model (predicted_speedup) is at the end.
 """
+import collections
 import functools
 import gc
+import itertools
+import math
 import sys
 import time
 import warnings
@@ -172,6 +175,7 @@ class Result:
     accepted: list[int] = field(default_factory=list)  # per speculative iteration: drafts accepted (0 .. g)
     time_to_first_token: float = 0.0  # seconds
     decode_time: float = 0.0  # seconds from the first token to the last
+    paths: list[list[int]] = field(default_factory=list)  # tree verification: the accepted path's nodes per iteration
 
 
 def emit(out: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int],
@@ -298,11 +302,18 @@ def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, 
 @dataclass
 class Draft:
     """What drafts gamma tokens per iteration: kind "s3d" (the target's heads), "skip" (the target with layers
-    skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary)."""
+    skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary). With a tree
+    (S3D only), several candidates per position are verified at once, gamma being the tree's depth."""
     kind: str = "s3d"
     gamma: int = 4
     skip: Optional[tuple[int, int]] = None
     model: Optional[Transformer] = None
+    tree: Optional["Tree"] = None
+
+    @property
+    def slots(self) -> int:
+        """Cache slots one iteration writes beyond the accepted tokens: cur and the drafts, or the tree's nodes."""
+        return self.gamma + 1 if self.tree is None else len(self.tree)
 
 
 # A drafter maps (cur (1, 1), its position p) to drafts (g,) and their distributions (g, vocab), or None for greedy.
@@ -312,6 +323,10 @@ Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
     # compiled on a CPU the weights are frozen into the step: the adapters are then folded into them for free
     model.heads.fold_adapters(compile and model.output.weight.device.type == "cpu")
+    if draft.tree is not None:  # the tree's tokens; its candidates are point masses, so no distributions
+        tree_step = step_fn(draft_tree, model, compile)
+        return lambda cur, pos: (tree_step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device),
+                                           draft.tree, draft_mask(model, pos, draft.gamma)), None)
     step = step_fn(draft_s3d, model, compile)
     return lambda cur, pos: step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device), sampling,
                                  draft_mask(model, pos, draft.gamma))
@@ -384,6 +399,180 @@ def verify_step(model: Transformer, cur: Tensor, drafts: Tensor, draft_probs: Op
     return accept_sampling(drafts, draft_probs, logits_to_probs(logits, sampling))
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Tree verification (docs/design.md, section 5). The S3D draft gives a whole distribution at each of its g
+# positions, so instead of one chain it can offer several candidates per position: a static tree whose paths are
+# the sequences tried, verified together in one forward (Medusa; SpecInfer), since a few-row forward costs little
+# more than a one-row forward. Each node attends to the prefix and to its own ancestors only (the tree mask); its
+# KV goes to its own cache slot, and the accepted path's KV is then moved to the slots of its positions.
+
+
+@dataclass(frozen=True)
+class Tree:
+    """A static token tree. Node 0 is cur (the root); node j > 0 stands for the sequence of draft ranks nodes[j]:
+    (0, 1) is the best candidate at depth 1, then the second best at depth 2 after it. Nodes are in breadth-first
+    order (each depth's nodes contiguous, parents before children), so node j's siblings are its neighbours."""
+    nodes: tuple[tuple[int, ...], ...]  # the rank sequence of every node; the root's is ()
+    parents: tuple[int, ...]  # the root is its own parent
+    depths: tuple[int, ...]
+    paths: tuple[tuple[int, ...], ...]  # per node: the nodes from the root down to it, padded with it to depth + 1
+
+    @property
+    def depth(self) -> int:
+        return max(self.depths)
+
+    def __len__(self) -> int:
+        return len(self.nodes)
+
+    def __str__(self) -> str:  # candidates per depth: a top-k tree's --tree value
+        return ",".join(str(1 + max(n[d] for n in self.nodes if len(n) > d)) for d in range(self.depth))
+
+
+def make_tree(nodes: list[tuple[int, ...]]) -> Tree:
+    """The tree of these rank sequences (every prefix of one must be there too), in breadth-first order."""
+    nodes = sorted(set(nodes) | {()}, key=lambda n: (len(n), n))
+    index = {n: j for j, n in enumerate(nodes)}
+    if any(n[:-1] not in index for n in nodes[1:]):
+        raise ValueError("a tree's rank sequences must include every prefix of each")
+    depth = max(map(len, nodes))
+    paths = tuple(tuple(index[n[:d]] for d in range(len(n) + 1)) + (j,) * (depth - len(n)) for j, n in enumerate(nodes))
+    return Tree(tuple(nodes), tuple(index[n[:-1]] if n else 0 for n in nodes), tuple(map(len, nodes)), paths)
+
+
+MAX_TREE_NODES = 256
+
+
+def top_k_tree(widths: tuple[int, ...]) -> Tree:
+    """Top-k per depth: every node at depth d has widths[d] children, its parent's best candidates. (1, 1, 1, 1)
+    is the chain of g = 4; (3, 2, 1, 1) tries 3 tokens at depth 1, 2 after each of those, and so on: 21 nodes."""
+    if not widths or min(widths) < 1:
+        raise ValueError(f"a tree needs at least one candidate per depth, got {widths}")
+    nodes = sum(math.prod(widths[:d]) for d in range(1, len(widths) + 1))
+    if nodes > MAX_TREE_NODES:  # a bound of sense: a verify forward of that many rows is compute-bound anywhere
+        raise ValueError(f"the tree {','.join(map(str, widths))} has {nodes} nodes; at most {MAX_TREE_NODES}")
+    return make_tree([n for d in range(1, len(widths) + 1) for n in itertools.product(*map(range, widths[:d]))])
+
+
+def parse_tree(text: str) -> Tree:
+    """--tree's value: candidates per depth, "3,2,1,1"."""
+    try:
+        widths = tuple(int(w) for w in text.split(","))
+    except ValueError:
+        raise ValueError(f"--tree takes candidates per depth such as 3,2,1,1, got {text!r}") from None
+    return top_k_tree(widths)
+
+
+def tree_ancestors(tree: Tree, device: torch.device) -> Tensor:
+    """(N, N): ancestors[j, a] when node a is on the path to node j (j included). Built from Python constants, so
+    inside a compiled step it is a constant of the graph."""
+    return torch.tensor([[a in path for a in range(len(tree))] for path in tree.paths], device=device)
+
+
+cached_tree_ancestors = functools.cache(tree_ancestors)  # for the host, which builds the mask at every iteration
+
+
+def tree_mask(model: Transformer, pos: int, tree: Tree) -> Tensor:
+    """The tree's attention mask over the cache: node j (at slot pos + j) sees the prefix 0 .. pos-1 and the
+    slots of its ancestors. As causal_mask: on a CPU only up to the tree's last slot (that width marked dynamic),
+    on a GPU the full width."""
+    n, device = len(tree), model.causal_mask.device
+    width = model.max_seq_length if device.type == "cuda" else pos + n
+    mask = torch.zeros(1, 1, n, width, dtype=torch.bool, device=device)
+    mask[..., :pos] = True
+    mask[..., pos:pos + n] = cached_tree_ancestors(tree, device)
+    if model.causal_mask.device.type != "cuda":
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
+    return mask
+
+
+def draft_tree(model: Transformer, cur: Tensor, input_pos: Tensor, tree: Tree, mask: Optional[Tensor] = None) -> Tensor:
+    """The tree's tokens (N - 1,), the root left out: the same one draft forward as draft_s3d, then node j gets the
+    candidate of its rank at its depth (with a sequential head, after the bias of its parent's token). Candidates
+    are the draft's best tokens, whatever the sampling: point masses, which the acceptance rules allow."""
+    heads = model.heads
+    logits = model(cur, input_pos, draft=True, mask=mask)[0]  # (depth, vocab), or (depth, K)
+    tokens = cur.view(1)
+    for d in range(1, tree.depth + 1):  # (static: unrolled when compiled)
+        level = [j for j, depth in enumerate(tree.depths) if depth == d]
+        rows = logits[d - 1].expand(len(level), -1)
+        if heads.sequential_rank:
+            rows = rows + heads.markov_bias(tokens[[tree.parents[j] for j in level]])
+        width = 1 + max(tree.nodes[j][-1] for j in level)
+        ranks = torch.tensor([tree.nodes[j][-1] for j in level], device=cur.device)
+        chosen = rows.topk(width, dim=-1).indices.gather(1, ranks[:, None]).view(-1)
+        tokens = torch.cat([tokens, chosen if heads.draft_vocab is None else heads.draft_vocab[chosen]])
+    return tokens[1:]
+
+
+def accept_tree_greedy(tree: Tree, tokens: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """tokens (N,), the root's first: a node is right when its token is the target's argmax after its parent; the
+    accepted path ends at the deepest node whose ancestors are all right (at most one child of a node can be: its
+    siblings are other tokens). Returns n (its depth), the tokens to emit (depth + 1,; the first n + 1 count: the
+    target's choices along the path, the bonus last) and the path's nodes (depth + 1,)."""
+    depths, ancestors = torch.tensor(tree.depths, device=tokens.device), tree_ancestors(tree, tokens.device)
+    target = target_logits.argmax(-1)
+    right = tokens == target[torch.tensor(tree.parents, device=tokens.device)]
+    right[0] = True
+    return tree_path(tree, right, depths, ancestors, target)
+
+
+def tree_path(tree: Tree, right: Tensor, depths: Tensor, ancestors: Tensor, choices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The deepest node whose path is right all the way: its depth, choices along its path, its path."""
+    reached = ~(ancestors & ~right[None]).any(-1)
+    best = torch.argmax(torch.where(reached, depths, -1)).view(1)  # (indexing by a 1-element tensor, not a 0-dim
+    path = torch.tensor(tree.paths, device=right.device).index_select(0, best).view(-1)  # one: no host sync)
+    return depths.index_select(0, best).view(()), choices[path], path
+
+
+def accept_tree_sampling(tree: Tree, tokens: Tensor, target_probs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Recursive rejection over siblings with point-mass candidates (SpecInfer; EAGLE-2): at a node whose target
+    distribution is q, try its children in rank order; child c is accepted with probability q(c) / (1 - mass of
+    the siblings tried before it), which is min(1, q'(c) / 1) for q' the residual after those siblings. If none is,
+    emit a sample of q with every child's token removed (renormalized); after an accepted leaf, a sample of its q.
+    Each try is the lossless rule of a point-mass draft, so the output is distributed as the target's. All the
+    tries are drawn at once: a node is taken when it passes and no earlier sibling did. Returns as
+    accept_tree_greedy does."""
+    depths, ancestors = torch.tensor(tree.depths, device=tokens.device), tree_ancestors(tree, tokens.device)
+    n = len(tree)
+    parents = torch.tensor(tree.parents, device=tokens.device)
+    q = target_probs[parents, tokens]  # q of each node's token under its parent's distribution (root: unused)
+    earlier = torch.tensor([[0 < k < j and tree.parents[j] == tree.parents[k] for k in range(n)] for j in range(n)],
+                           device=tokens.device)  # earlier[j, k]: k is a sibling of j, tried before it
+    remaining = (1 - earlier.to(q.dtype) @ q).clamp_min(0)
+    passes = torch.rand_like(q) * remaining < q  # u < q / remaining, without dividing
+    taken = passes & ~(earlier & passes[None]).any(-1)
+    taken[0] = True
+    residual = target_probs.index_put((parents[1:], tokens[1:]), torch.zeros_like(q[1:]))  # children's tokens out
+    mass = residual.sum(-1, keepdim=True)
+    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs)
+    depth, path_tokens, path = tree_path(tree, taken, depths, ancestors, tokens)
+    last = sample_from(residual[path[-1:]])  # (the path is padded with its last node)
+    out = torch.cat([path_tokens[1:], last])
+    keep = torch.arange(len(out), device=tokens.device) < depth
+    return depth, torch.where(keep, out, last), path
+
+
+def verify_tree_step(model: Transformer, cur: Tensor, drafts: Tensor, input_pos: Tensor, tree: Tree,
+                     sampling: Sampling = GREEDY, mask: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """One forward of the tree's N tokens [cur, drafts] at cache slots p .. p+N-1 and positions p + depth, under
+    the tree mask; acceptance; then the accepted path's KV moves from its nodes' slots to the slots of its
+    positions, p+1 .. p+n (the whole padded path is moved, at fixed shape: what lands beyond p+n is stale, as in
+    the chain). Returns n, the tokens to emit (depth + 1,) and the accepted path's nodes."""
+    tokens = torch.cat([cur.view(1), drafts])
+    positions = input_pos[0] + torch.tensor(tree.depths, device=tokens.device)
+    logits = model(tokens[None], input_pos, mask=mask, positions=positions)[0]
+    if sampling.temperature == 0:
+        n, out, path = accept_tree_greedy(tree, tokens, logits)
+    else:
+        n, out, path = accept_tree_sampling(tree, tokens, logits_to_probs(logits, sampling))
+    source, destination = input_pos[path], input_pos[:tree.depth + 1]
+    for layer in model.layers:
+        cache = layer.attention.kv_cache
+        for buffer in (cache.k_cache, cache.v_cache):
+            buffer.index_copy_(2, destination, buffer.index_select(2, source))
+    return n, out, path
+
+
 def check_draft(model: Transformer, draft: Draft) -> None:
     if draft.kind not in DRAFTERS:
         raise ValueError(f"unknown draft kind {draft.kind!r} (choose from {', '.join(DRAFTERS)})")
@@ -394,24 +583,33 @@ def check_draft(model: Transformer, draft: Draft) -> None:
         raise ValueError("the layer-skip draft needs a skip range")
     if draft.kind == "model" and (draft.model is None or draft.model.config.vocab_size != model.config.vocab_size):
         raise ValueError("the model draft needs a draft model with the target's vocabulary")
+    if draft.tree is not None and draft.kind != "s3d":
+        raise ValueError(f"tree verification takes the S3D draft's candidates, not the {draft.kind} draft's")
+    if draft.tree is not None and draft.tree.depth != draft.gamma:
+        raise ValueError(f"a tree {draft.tree.depth} deep drafts g = {draft.tree.depth}, not {draft.gamma}")
+    if draft.tree is not None:
+        choices = model.config.vocab_size if model.heads.draft_vocab is None else len(model.heads.draft_vocab)
+        if max(n[-1] for n in draft.tree.nodes[1:]) >= choices:
+            raise ValueError(f"the tree {draft.tree} asks for more candidates than the draft's {choices} tokens")
 
 
 @torch.no_grad()
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, draft: Draft, *,
                          sampling: Sampling = GREEDY, eos_ids: set[int] = frozenset(), compile: bool = False,
                          compile_prefill: bool = False, on_token: Optional[Callable[[int], None]] = None,
-                         on_iteration: Optional[Callable[[list[int], int, int], None]] = None) -> Result:
+                         on_iteration: Optional[Callable[[list[list[int]], int, int], None]] = None) -> Result:
     """Speculative decoding; the output is exactly the target's (greedy: token for token; sampling: in
-    distribution). on_iteration(drafts, n, target_token) sees every iteration: the g drafts, how many were
-    accepted, and the target's own token after them (the replacement of draft n+1, or the bonus when all g were
-    accepted)."""
+    distribution). on_iteration(candidates, n, target_token) sees every iteration: the drafts tried at each depth
+    ([[d1], [d2], ..] for a chain; for a tree, the candidates after the accepted path's node, down to the first
+    depth where none was accepted, the accepted one first), how many were accepted, and the target's own token
+    after them (the replacement, or the bonus when all g were accepted)."""
     check_draft(model, draft)
-    gamma, device = draft.gamma, model.output.weight.device
+    gamma, tree, device = draft.gamma, draft.tree, model.output.weight.device
     for m in (model, draft.model):
         if m is not None:
-            prepare_cache(m, len(prompt) + max_new_tokens + gamma + 1)
+            prepare_cache(m, len(prompt) + max_new_tokens + draft.slots)
     run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
-    verify = step_fn(verify_step, model, compile)
+    verify = step_fn(verify_step if tree is None else verify_tree_step, model, compile)
 
     t0 = time.perf_counter()
     prompt_t, prompt_pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
@@ -421,21 +619,43 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     out: list[int] = []
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
-    pos, accepted = len(prompt), []
+    pos, result = len(prompt), Result(out)
     while not done:
         # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
         drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
-        n, tokens = verify(model, cur, drafts, probs, torch.arange(pos, pos + gamma + 1, device=device), sampling,
-                           causal_mask(model, pos, gamma + 1))
-        host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
+        slots = torch.arange(pos, pos + draft.slots, device=device)
+        if tree is None:
+            n, tokens = verify(model, cur, drafts, probs, slots, sampling, causal_mask(model, pos, gamma + 1))
+            host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
+            candidates = [[d] for d in host[gamma + 2:]]
+        else:
+            n, tokens, path = verify(model, cur, drafts, slots, tree, sampling, tree_mask(model, pos, tree))
+            host = torch.cat([n.view(1), tokens, path, drafts]).tolist()  # the one host synchronisation
+            path = host[gamma + 2:2 * gamma + 3][:host[0] + 1]
+            result.paths.append(path[1:])
+            candidates = tree_candidates(tree, path, host[2 * gamma + 3:]) if on_iteration is not None else []
         n = host[0]
-        accepted.append(n)
+        result.accepted.append(n)
         if on_iteration is not None:
-            on_iteration(host[gamma + 2:], n, host[n + 1])
+            on_iteration(candidates, n, host[n + 1])
         done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
         cur = tokens[n].view(1, 1).clone()
         pos += n + 1
-    return Result(out, accepted, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
+    result.time_to_first_token, result.decode_time = t1 - t0, time.perf_counter() - t1
+    return result
+
+
+def tree_candidates(tree: Tree, path: list[int], drafts: list[int]) -> list[list[int]]:
+    """For on_iteration: at each depth down to the first without an accepted node, the tokens of the children of
+    the path's node there, the accepted child first."""
+    shown = []
+    for d in range(1, min(len(path), tree.depth) + 1):
+        children = [j for j in range(1, len(tree)) if tree.parents[j] == path[d - 1]]
+        if d < len(path):  # the accepted one first
+            children.remove(path[d])
+            children.insert(0, path[d])
+        shown.append([drafts[j - 1] for j in children])
+    return shown
 
 
 def acceptance_rates(accepted: list[int], gamma: int) -> list[float]:
@@ -460,6 +680,21 @@ def expected_tokens_per_iteration(acceptance: list[float]) -> float:
         survive *= a
         total += survive
     return total
+
+
+def node_rates(tree: Tree, paths: list[list[int]]) -> dict[tuple[int, ...], float]:
+    """Per node (by its rank sequence): the fraction of iterations whose accepted path went through it
+    (Result.paths of a tree run). Greedy, that is the probability that the node's tokens are all the target's."""
+    counts = collections.Counter(j for path in paths for j in path)
+    return {tree.nodes[j]: counts[j] / max(1, len(paths)) for j in range(1, len(tree))}
+
+
+def expected_tree_tokens(tree: Tree, rates: dict[tuple[int, ...], float]) -> float:
+    """E[tau] of a tree: 1 + the sum over its nodes of P(the node is on the accepted path), each such node being
+    one accepted draft (for a chain this is the formula above). Greedy, whether a node is right does not depend
+    on the rest of the tree, so the node_rates of one run of a big tree predict E[tau] of every tree inside it
+    (up to where iterations start: a smaller tree accepts less, so its iterations start elsewhere)."""
+    return 1 + sum(rates[n] for n in tree.nodes[1:])
 
 
 def predicted_speedup(acceptance: list[float], draft_cost: float, verify_cost: float) -> float:

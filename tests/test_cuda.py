@@ -1,5 +1,5 @@
 """The GPU path (skipped without CUDA; `make gpu-check` runs it on a GPU machine): the compiled loop under CUDA graphs
-is lossless for every draft kind in float32 (exactly) and bfloat16 (up to ties), records no new graph and compiles
+is lossless for every draft kind (and a tree) in float32 (exactly) and bfloat16 (up to ties), records no new graph and compiles
 nothing after warm-up, keeps what outlives a replay, samples, runs int8/int4, and synchronises with the host once
 per iteration."""
 import warnings
@@ -24,7 +24,12 @@ def fresh_compiled_steps():
     s3d.release_compiled()
 
 PROMPTS = [[3, 14, 15, 92, 65], list(range(10, 40)), [7] * 12]
-DRAFTS = [s3d.Draft("s3d", 4), s3d.Draft("skip", 3, (2, 4)), s3d.Draft("model", 3)]
+DRAFTS = [s3d.Draft("s3d", 4), s3d.Draft("skip", 3, (2, 4)), s3d.Draft("model", 3),
+          s3d.Draft("s3d", 4, tree=s3d.top_k_tree((3, 2, 1, 1)))]
+
+
+def draft_id(draft: s3d.Draft) -> str:
+    return draft.kind + (f"-tree-{draft.tree}" if draft.tree else "")
 
 
 def cuda_model(dtype: torch.dtype, n_layer: int = 6, seed: int = 0, dim: int = 128) -> Transformer:
@@ -47,7 +52,7 @@ def cuda_model(dtype: torch.dtype, n_layer: int = 6, seed: int = 0, dim: int = 1
 
 def draft_for(draft: s3d.Draft, dtype: torch.dtype) -> s3d.Draft:
     return s3d.Draft(draft.kind, draft.gamma, draft.skip, cuda_model(dtype, n_layer=2, seed=5) if draft.kind == "model"
-                     else None)
+                     else None, draft.tree)
 
 
 def tie_free(spec: list[int], ar: list[int], model: Transformer, prompt: list[int]) -> bool:
@@ -63,7 +68,7 @@ def tie_free(spec: list[int], ar: list[int], model: Transformer, prompt: list[in
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("draft", DRAFTS, ids=lambda d: d.kind)
+@pytest.mark.parametrize("draft", DRAFTS, ids=draft_id)
 def test_greedy_under_cuda_graphs_equals_ar(draft, dtype):
     model, draft = cuda_model(dtype), draft_for(draft, dtype)
     with torch.no_grad():
@@ -88,7 +93,7 @@ class GraphRecordings:
         monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", counting)
 
 
-@pytest.mark.parametrize("draft", DRAFTS, ids=lambda d: d.kind)
+@pytest.mark.parametrize("draft", DRAFTS, ids=draft_id)
 def test_no_recompile_and_no_rerecording_after_warm_up(draft, monkeypatch):
     import torch._dynamo
 
@@ -150,7 +155,7 @@ def test_quantized_s3d_equals_its_own_ar_under_cuda_graphs(mode):
                                 prompt)
 
 
-@pytest.mark.parametrize("draft", DRAFTS, ids=lambda d: d.kind)
+@pytest.mark.parametrize("draft", DRAFTS, ids=draft_id)
 def test_one_host_sync_per_iteration_none_inside_the_steps(draft):
     """CUDA's sync debug mode warns at every synchronising call: after warm-up, a decode makes one per iteration
     (the accepted count and tokens) plus one for the first token, and none inside the draft and verify steps."""

@@ -204,7 +204,8 @@ def test_draft_vocabulary_is_lossless_and_drafts_only_its_tokens():
 
     def run(prompt):
         drafts = []
-        r = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4), on_iteration=lambda d, n, t: drafts.extend(d))
+        r = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4),
+                                     on_iteration=lambda d, n, t: drafts.extend(c[0] for c in d))
         return r.tokens, drafts
 
     with torch.no_grad():
@@ -247,7 +248,7 @@ def test_sequential_head_and_bidirectional_block_are_lossless(sequential_rank, b
             drafted[name] = []
             for prompt in PROMPTS:
                 r = s3d.speculative_generate(m, prompt, 30, s3d.Draft("s3d", 4),
-                                             on_iteration=lambda d, n, t: drafted[name].extend(d))
+                                             on_iteration=lambda d, n, t: drafted[name].extend(c[0] for c in d))
                 assert r.tokens == s3d.ar_generate(m, prompt, 30).tokens
         assert drafted["plain"] != drafted["option"]
         warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft("s3d", 4), compile=True)
@@ -318,7 +319,8 @@ def test_compiled_loop_is_lossless_and_never_recompiles(draft):
             torch._dynamo.config.error_on_recompile = False
 
 
-def test_one_host_sync_per_iteration(monkeypatch):
+@pytest.mark.parametrize("tree", [None, s3d.top_k_tree((3, 2, 1, 1))], ids=["chain", "tree"])
+def test_one_host_sync_per_iteration(monkeypatch, tree):
     calls = {"n": 0}
     for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
@@ -330,7 +332,7 @@ def test_one_host_sync_per_iteration(monkeypatch):
         monkeypatch.setattr(torch.Tensor, name, counting)
     model = with_trained_looking_heads(tiny_model())
     with torch.no_grad():
-        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4))
+        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4, tree=tree))
     assert calls["n"] == len(r.accepted) + 1  # + the first token, sampled by prefill
 
 
@@ -372,3 +374,157 @@ def test_release_compiled_frees_the_generated_code_and_its_frozen_weights():
     s3d.release_compiled()
     gc.collect()
     assert all(ref() is None for ref in generated)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tree verification: several candidates per position in one verify forward, still lossless.
+
+
+def test_top_k_trees_have_the_shape_they_say():
+    tree = s3d.top_k_tree((3, 2, 1, 1))
+    assert len(tree) == 1 + 3 + 6 + 6 + 6 and tree.depth == 4 and str(tree) == "3,2,1,1"
+    assert tree.nodes[:5] == ((), (0,), (1,), (2,), (0, 0)) and tree.parents[:5] == (0, 0, 0, 0, 1)
+    for j, (node, path) in enumerate(zip(tree.nodes, tree.paths)):
+        assert tree.depths[j] == len(node) and len(path) == tree.depth + 1
+        assert [tree.nodes[k] for k in path[:len(node) + 1]] == [node[:d] for d in range(len(node) + 1)]
+        assert set(path[len(node):]) == {j}  # padded with the node itself
+    assert s3d.top_k_tree((1, 1, 1)).nodes == ((), (0,), (0, 0), (0, 0, 0))  # the chain
+    with pytest.raises(ValueError, match="at most 256"):
+        s3d.top_k_tree((7, 7, 7))
+    with pytest.raises(ValueError, match="every prefix"):
+        s3d.make_tree([(0, 1)])
+
+
+def wide_tree_model(**options):
+    """Vocabulary 12 and a tree 12 wide at depth 1: some candidate at depth 1 is always the target's token, so every
+    iteration accepts through a node that is not in the slot of its position, and its KV must be moved."""
+    return with_trained_looking_heads(tiny_model(vocab=12), gamma=3, **options)
+
+
+@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 1, 1), (3, 2, 2), (12, 4, 2)])
+@pytest.mark.parametrize("sequential_rank,bidirectional", [(0, False), (3, True)])
+def test_tree_greedy_is_token_for_token_ar(widths, sequential_rank, bidirectional):
+    model = wide_tree_model(sequential_rank=sequential_rank, bidirectional=bidirectional)
+    tree = s3d.top_k_tree(widths)
+    with torch.no_grad():
+        if sequential_rank:
+            model.heads.sequential_in.normal_(0, 1.0)
+        for prompt in PROMPTS:
+            prompt = [t % 12 for t in prompt]
+            ar = s3d.ar_generate(model, prompt, 40).tokens
+            spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3, tree=tree))
+            assert spec.tokens == ar
+            assert len(spec.paths) == len(spec.accepted) and [len(p) for p in spec.paths] == spec.accepted
+            if widths[0] == 12:
+                assert min(spec.accepted[:-1]) >= 1
+            if widths == (1, 1, 1):  # the chain as a tree: the same drafts, so the same decisions
+                assert spec.accepted == s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3)).accepted
+
+
+def test_tree_with_a_draft_vocabulary_drafts_only_its_tokens():
+    model = with_draft_vocab(wide_tree_model(), torch.tensor([4, 0, 2, 7, 9, 11]))
+    tried = set()
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            prompt = [t % 12 for t in prompt]
+            spec = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 3, tree=s3d.top_k_tree((3, 2, 1))),
+                                            on_iteration=lambda d, n, t: tried.update(x for c in d for x in c))
+            assert spec.tokens == s3d.ar_generate(model, prompt, 30).tokens
+    assert tried <= {4, 0, 2, 7, 9, 11}
+    with pytest.raises(ValueError, match="more candidates than the draft's 6 tokens"):
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("s3d", 2, tree=s3d.top_k_tree((7, 1))))
+
+
+def test_tree_on_iteration_shows_the_candidates_along_the_accepted_path():
+    model = wide_tree_model()
+    tree = s3d.top_k_tree((12, 2, 2))
+    seen = []
+    with torch.no_grad():
+        spec = s3d.speculative_generate(model, [3, 1, 4], 30, s3d.Draft("s3d", 3, tree=tree),
+                                        on_iteration=lambda d, n, t: seen.append((d, n, t)))
+    position = 1
+    for (candidates, n, target), path in zip(seen, spec.paths):
+        assert len(candidates) == min(n + 1, 3) and len(candidates[0]) == 12 and sorted(candidates[0]) == list(range(12))
+        accepted = [c[0] for c in candidates[:n]]  # the accepted candidate first
+        emitted = spec.tokens[position:position + n + 1]  # (the last iteration's cut at max_new_tokens)
+        assert (accepted + [target])[:len(emitted)] == emitted and emitted
+        position += n + 1
+
+
+def test_tree_compiled_is_lossless_and_never_recompiles():
+    import torch._dynamo
+
+    model = wide_tree_model(sequential_rank=3)  # a candidate's rank then depends on its parent's token
+    tree = s3d.top_k_tree((4, 2, 1))
+    prompts = [[t % 12 for t in p] for p in PROMPTS]
+    with torch.no_grad():
+        warm = s3d.speculative_generate(model, prompts[0], 20, s3d.Draft("s3d", 3, tree=tree), compile=True)
+        assert warm.tokens == s3d.ar_generate(model, prompts[0], 20).tokens
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for prompt in prompts[1:]:
+                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft("s3d", 3, tree=s3d.top_k_tree((4, 2, 1))),
+                                                compile=True)
+                assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+
+
+def tree_samples(model, prompt, n_samples, temperature, top_k, widths):
+    counts = {}
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(n_samples):
+            r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", len(widths), tree=s3d.top_k_tree(widths)),
+                                         sampling=s3d.Sampling(temperature, top_k))
+            counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+    return counts
+
+
+@pytest.mark.parametrize("temperature,top_k,widths", [(1.0, None, (2, 2, 1)), (0.7, 3, (5, 1, 1))])
+def test_tree_sampling_matches_the_ar_distribution(temperature, top_k, widths):
+    model = sampling_model()
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, temperature, top_k)
+    counts = tree_samples(model, prompt, N_SAMPLES, temperature, top_k, widths)
+    assert chi_square_p_value(counts, exact, N_SAMPLES) > 1e-3
+
+
+def test_the_tree_sampling_test_catches_a_broken_rule(monkeypatch):
+    """Sampling the replacement from q itself instead of q without the rejected siblings' tokens favours those
+    tokens: the test above must see it."""
+    real_put = torch.Tensor.index_put
+    monkeypatch.setattr(torch.Tensor, "index_put", lambda self, indices, values, accumulate=False: self.clone())
+    model = sampling_model()
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
+    counts = tree_samples(model, prompt, N_SAMPLES, 1.0, None, (2, 2, 1))
+    monkeypatch.setattr(torch.Tensor, "index_put", real_put)
+    assert chi_square_p_value(counts, exact, N_SAMPLES) < 1e-6
+
+
+def test_tree_acceptance_rule_on_known_distributions():
+    """The root's children are tokens 1 and 2 (nodes 1, 2), each with one child of token 0 (nodes 3, 4). After the
+    root the target puts all its mass on 2: node 1 always fails and node 2 always passes; after 2 all on 0, so node
+    4 passes, and the bonus is a sample of node 4's q, all on 3. Then with half of the mass on 4 after the root,
+    the first token is 2 or the replacement 4, sampled with 1 and 2 taken out, never anything else."""
+    tree = s3d.make_tree([(0,), (1,), (0, 0), (1, 0)])
+    tokens = torch.tensor([5, 1, 2, 0, 0])
+    q = torch.zeros(5, 6)
+    q[0, 2] = 1.0
+    q[1:, 0] = 1.0
+    q[4, 0], q[4, 3] = 0.0, 1.0  # after node 4 (tokens 2, 0): the bonus is 3
+    for _ in range(30):
+        n, out, path = s3d.accept_tree_sampling(tree, tokens, q)
+        assert n.item() == 2 and out.tolist() == [2, 0, 3] and path.tolist() == [0, 2, 4]
+    q[0, 2], q[0, 4] = 0.5, 0.5  # half the time neither child: the replacement is 4, never 1 or 2
+    outcomes = {tuple(s3d.accept_tree_sampling(tree, tokens, q)[1][:1].tolist()) for _ in range(100)}
+    assert outcomes == {(2,), (4,)}
+
+
+def test_tree_speed_model_counts_nodes_on_the_accepted_path():
+    tree = s3d.top_k_tree((2, 1))
+    rates = s3d.node_rates(tree, [[1, 3], [2], [], [1]])  # nodes: 1 (0,), 2 (1,), 3 (0, 0), 4 (1, 0)
+    assert rates == {(0,): 0.5, (1,): 0.25, (0, 0): 0.25, (1, 0): 0.0}
+    assert s3d.expected_tree_tokens(tree, rates) == 2.0
+    assert s3d.expected_tree_tokens(s3d.top_k_tree((1, 1)), rates) == 1.75  # a tree inside it
