@@ -69,6 +69,14 @@ def skip_range(text: str) -> tuple[int, int]:
     return s, e
 
 
+def tree_shape(text: str) -> s3d.Tree:
+    """argparse type of --tree: candidates per depth, '3,2,1,1' (s3d.top_k_tree)."""
+    try:
+        return s3d.parse_tree(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """--temperature, --top_k and --top_p, as generate.py and bench.py take them."""
     if not 0 <= temperature < math.inf:
@@ -157,12 +165,19 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> lis
 
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,
                skip: Optional[tuple[int, int]] = None, heads: Optional[Path] = None, rank: int = 8,
-               draft_checkpoint: Optional[Path] = None) -> Optional[s3d.Draft]:
+               draft_checkpoint: Optional[Path] = None, tree: Optional[s3d.Tree] = None) -> Optional[s3d.Draft]:
     """The draft settings from the command line's, with every default and check in one place: the skip range
-    defaults to the heads' (or the middle third), g to the heads' (or 4) and may not exceed theirs; S3D without a
-    heads file gets fresh, untrained heads (attached to model). None when kind is None: plain AR."""
+    defaults to the heads' (or the middle third), g to the tree's depth, else the heads' (or 4), and may not exceed
+    the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). None when kind is None:
+    plain AR."""
     if kind is None:
         return None
+    if tree is not None:
+        if kind != "s3d":
+            raise UsageError(f"--tree verifies the S3D draft's candidates, not the {kind} draft's")
+        if gamma is not None and gamma != tree.depth:
+            raise UsageError(f"--tree {tree} is {tree.depth} deep, so it drafts g = {tree.depth}: drop --gamma {gamma}")
+        gamma = tree.depth
     n_layer = model.config.n_layer
     skip = check_skip(skip, n_layer) if skip is not None else None
     if kind == "s3d":
@@ -172,7 +187,9 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
             model.set_heads(new_heads(model, skip or middle_third(n_layer), gamma or 4, rank))
-        return s3d.Draft("s3d", check_gamma(gamma or model.heads.gamma, model.heads), model.heads.skip)
+        draft = s3d.Draft("s3d", check_gamma(gamma or model.heads.gamma, model.heads), model.heads.skip, tree=tree)
+        s3d.check_draft(model, draft)
+        return draft
     if kind == "model":
         if draft_checkpoint is None:
             raise UsageError("the model draft needs --draft_checkpoint")

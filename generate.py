@@ -49,31 +49,39 @@ class DraftView:
 
     iteration 7 accepted 2 of its 4 drafts (green); the third was rejected (red) and the target's own token
     replaced it (yellow); the drafts after a rejection are never checked (dim). When all g are accepted, the
-    target's next token comes free as the bonus: `+ [ it]`."""
+    target's next token comes free as the bonus: `+ [ it]`. With --tree, the candidates that lost to the accepted
+    one at a depth follow it in braces, and all those tried at the depth where none was accepted are red:
+
+       7  2/4  [ The]{[ A][ In]}[ robot]{[ cat]} x[ was][ is] -> [ had]"""
 
     GREEN, RED, YELLOW, DIM, RESET = "\033[32m", "\033[9;31m", "\033[33m", "\033[2m", "\033[0m"
 
-    def __init__(self, tokenizer: Tokenizer, color: bool):
-        self.tokenizer, self.color, self.accepted, self.gamma = tokenizer, color, [], 0
+    def __init__(self, tokenizer: Tokenizer, gamma: int, color: bool):
+        self.tokenizer, self.gamma, self.color, self.accepted = tokenizer, gamma, color, []
 
     def piece(self, token: int, style: str) -> str:
         text = "[" + self.tokenizer.decode([token]).replace("\n", "\\n") + "]"
         return f"{style}{text}{self.RESET}" if self.color else text
 
+    def pieces(self, tokens: list[int], style: str) -> str:
+        return "".join(self.piece(t, style) for t in tokens)
+
     def first_token(self, token: int) -> None:
         print(f"{0:4d}  prefill  {self.piece(token, self.YELLOW)}", flush=True)
 
-    def __call__(self, drafts: list[int], n: int, target: int) -> None:
+    def __call__(self, candidates: list[list[int]], n: int, target: int) -> None:
+        """candidates: s3d.speculative_generate's, the tokens tried at each depth (the accepted one first)."""
         self.accepted.append(n)
-        self.gamma = len(drafts)
-        line = "".join(self.piece(t, self.GREEN) for t in drafts[:n])
-        if n == len(drafts):
+        line = ""
+        for tried in candidates[:n]:
+            line += self.piece(tried[0], self.GREEN) + (f"{{{self.pieces(tried[1:], self.RED)}}}" if tried[1:] else "")
+        if n == self.gamma:
             line += " + " + self.piece(target, self.YELLOW)
         else:
-            line += f" x{self.piece(drafts[n], self.RED)} -> {self.piece(target, self.YELLOW)}"
-            if n + 1 < len(drafts):
-                line += "  (" + "".join(self.piece(t, self.DIM) for t in drafts[n + 1:]) + ")"
-        print(f"{len(self.accepted):4d}  {n}/{len(drafts)}  {line.strip()}", flush=True)
+            line += f" x{self.pieces(candidates[n], self.RED)} -> {self.piece(target, self.YELLOW)}"
+            if n + 1 < len(candidates):  # a chain's drafts after the rejected one
+                line += "  (" + "".join(self.piece(tried[0], self.DIM) for tried in candidates[n + 1:]) + ")"
+        print(f"{len(self.accepted):4d}  {n}/{self.gamma}  {line.strip()}", flush=True)
 
     def histogram(self) -> str:
         if not self.accepted:
@@ -120,6 +128,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="skip layers S..E-1 in the draft (default: the heads' range, or the middle third)")
     spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
     spec.add_argument("--draft_checkpoint", type=Path, help="the small draft model for --draft model")
+    spec.add_argument("--tree", metavar="K1,K2,..", type=cli.tree_shape, default=None,
+                      help="verify a tree of the S3D draft's candidates in one forward: how many at each depth (its "
+                           "depth is g), e.g. 3,2,1,1: the best 3 at depth 1, the best 2 after each, .. (21 nodes); "
+                           "bench.py --sweep --trees picks one for this machine")
     spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
     spec.add_argument("--show_drafts", action="store_true",
                       help="show every iteration: accepted drafts (green), the first rejected one (red) and the "
@@ -131,6 +143,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.draft = "s3d"
     if args.show_drafts and args.draft is None:
         p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
+    if args.tree is not None:
+        if args.draft not in (None, "s3d"):
+            p.error(f"--tree verifies the S3D draft's candidates, not the {args.draft} draft's")
+        if args.draft is None:
+            p.error("--tree verifies the S3D draft's candidates: add --s3d HEADS")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:
@@ -143,7 +160,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 
 def check_length(model: Transformer, prompt: list[int], max_new_tokens: int, draft: Optional[s3d.Draft]) -> None:
     context = model.config.block_size
-    if len(prompt) + max_new_tokens + (draft.gamma if draft else 0) + 1 > context:
+    if len(prompt) + max_new_tokens + (draft.slots if draft else 1) > context:
         raise UsageError(f"the prompt ({len(prompt)} tokens) plus --max_new_tokens ({max_new_tokens}) "
                          f"exceeds the model's context of {context} tokens")
 
@@ -251,7 +268,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
-    draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint)
+    draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint, args.tree)
     messages = [{"role": "user", "content": args.prompt}]
     check_length(model, cli.encode_prompt(tokenizer, messages, chat), args.max_new_tokens, draft)
     compile_time = None
@@ -283,7 +300,7 @@ def main(argv: Optional[list[str]] = None) -> None:
             messages = fitted
         prompt = cli.encode_prompt(tokenizer, messages, chat)
         for _ in range(args.num_samples):
-            view = DraftView(tokenizer, color=sys.stdout.isatty()) if args.show_drafts else None
+            view = DraftView(tokenizer, draft.gamma, color=sys.stdout.isatty()) if args.show_drafts else None
             result = run_once(model, tokenizer, prompt, args, draft, view=view)
             if view is not None:
                 print(f"\n{tokenizer.decode(result.tokens, skip_special=True)}\n\n{view.histogram()}")

@@ -166,12 +166,22 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--s3d", "/nonexistent/heads.safetensors"), "cannot read heads file"),
     (("--s3d", "x.safetensors", "--draft", "skip"), "--s3d goes with --draft s3d"),
     (("--show_drafts",), "--show_drafts shows speculative iterations"),
+    (("--tree", "3,2,1,1"), "--tree verifies the S3D draft's candidates: add --s3d HEADS"),
+    (("--draft", "skip", "--tree", "2,1"), "not the skip draft's"),
+    (("--draft", "s3d", "--tree", "3,x"), "--tree takes candidates per depth such as 3,2,1,1"),
+    (("--draft", "s3d", "--tree", "3,0"), "at least one candidate per depth"),
+    (("--draft", "s3d", "--tree", "20,20"), "has 420 nodes; at most 256"),
+    (("--draft", "s3d", "--tree", "2,1", "--gamma", "3"), "drop --gamma 3"),
 ])
 def test_bad_speculative_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(run(*args), pattern)
 
 
 HEADS = os.path.join(ROOT, "heads", "smollm2-135m-instruct.safetensors")
+
+
+def test_a_tree_deeper_than_the_heads_is_refused(default_checkpoint):
+    assert_one_line_error(run("--s3d", HEADS, "--tree", "2,1,1,1,1"), "exceeds")
 ITERATION = re.compile(r"^ *(\d+)  (\d+)/(\d+)  ")
 
 
@@ -181,7 +191,8 @@ def show_drafts_lines(stdout: str) -> list[tuple[int, int]]:
     return [(int(m[2]), int(m[3])) for m in found if m]
 
 
-@pytest.mark.parametrize("draft_args,kind", [(("--s3d", HEADS), "s3d"), (("--draft", "skip", "--skip", "8:22"), "skip")])
+@pytest.mark.parametrize("draft_args,kind", [(("--s3d", HEADS), "s3d"), (("--draft", "skip", "--skip", "8:22"), "skip"),
+                                             (("--s3d", HEADS, "--tree", "3,2,1,1"), "s3d")])
 def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     """--show_drafts prints one line per iteration whose accepted length is the loop's, then the text and a
     histogram of the same lengths; piped, it has no escape codes."""
@@ -198,8 +209,9 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     if kind == "s3d":
         model.set_heads(load_heads(HEADS, model.config))
     with torch.no_grad():
-        result = s3d.speculative_generate(model, prompt, 24, s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None),
-                                          eos_ids=tokenizer.eos_ids)
+        tree = s3d.parse_tree(draft_args[-1]) if "--tree" in draft_args else None
+        result = s3d.speculative_generate(model, prompt, 24, s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None,
+                                                                       tree=tree), eos_ids=tokenizer.eos_ids)
     assert show_drafts_lines(proc.stdout) == [(n, 4) for n in result.accepted]
     assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout
     for k in range(5):
@@ -212,12 +224,14 @@ def test_show_drafts_colours_only_change_the_colour(default_checkpoint):
     from tokenizer import Tokenizer
 
     tokenizer = Tokenizer(default_checkpoint)
-    drafts, outputs = tokenizer.encode(" the robot was a", bos=False), {}
+    drafts, outputs = [[t] for t in tokenizer.encode(" the robot was a", bos=False)], {}
+    the, robot, was, a = (d[0] for d in drafts)
     for color in (False, True):
-        view = DraftView(tokenizer, color)
+        view = DraftView(tokenizer, 4, color)
         with contextlib.redirect_stdout(io.StringIO()) as out:
-            view(drafts, 2, drafts[0])
-            view(drafts, len(drafts), drafts[1])
+            view(drafts, 2, the)
+            view(drafts, len(drafts), robot)
+            view([[the, a], [robot], [was, a]], 2, the)  # a tree: the accepted candidate first, then its rivals
         outputs[color] = out.getvalue()
     assert "\033" not in outputs[False]
     assert f"{DraftView.GREEN}[ the]{DraftView.RESET}" in outputs[True]
@@ -225,6 +239,7 @@ def test_show_drafts_colours_only_change_the_colour(default_checkpoint):
     assert re.sub(r"\033\[[0-9;]*m", "", outputs[True]) == outputs[False]
     assert outputs[False].splitlines()[0] == "   1  2/4  [ the][ robot] x[ was] -> [ the]  ([ a])"
     assert outputs[False].splitlines()[1] == "   2  4/4  [ the][ robot][ was][ a] + [ robot]"
+    assert outputs[False].splitlines()[2] == "   3  2/4  [ the]{[ a]}[ robot] x[ was][ a] -> [ the]"
 
 
 def test_a_chat_drops_its_oldest_turns_to_fit(tiny_checkpoint, capsys):
