@@ -4,6 +4,7 @@
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
+    python bench.py --sweep --heads H --gammas 4 --trees 4,2,2,1 3,2,1,1 2,1,1,1   # chain or tree: which is fastest
     python bench.py --formats float32 bfloat16 int8 --heads H             # weight formats: perplexity, speed, memory
 
 The evaluation answers Spec-Bench prompts (multi-turn rows turn by turn) with every method in one process, after a
@@ -97,12 +98,13 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     lengths = [len(tok.encode(tok.apply_chat_template([{"role": "user", "content": t} for t in r["turns"]])))
                + len(r["turns"]) * (args.max_new_tokens + 16) for r in rows]  # + each answer and its markup
     longest, gamma = max(lengths), max([d.gamma for d in drafts.values()], default=0)
-    if longest + gamma + 1 > model.config.block_size:  # now, not when that prompt's turn comes
+    slots = max([d.slots for d in drafts.values()], default=1)
+    if longest + slots > model.config.block_size:  # now, not when that prompt's turn comes
         row = rows[lengths.index(longest)]
         raise UsageError(f"question {row['question_id']} of {args.prompts} with its answers (about {longest} tokens) "
                          f"exceeds the model's context of {model.config.block_size}: lower --max_new_tokens or drop it")
     for m in [model] + [d.model for d in drafts.values() if d.model is not None]:
-        s3d.prepare_cache(m, min(m.config.block_size, longest + gamma + 1))
+        s3d.prepare_cache(m, min(m.config.block_size, longest + slots))
     records, peaks = [], {}
     ar_answers = {(r["question_id"], r["turn"]): r["tokens"] for r in reference or []}
     with torch.no_grad():
@@ -133,6 +135,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                                     "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
                                     if result.decode_time > 0 else None,
                                     "iterations": len(result.accepted), "accepted": result.accepted,
+                                    "paths": result.paths,
                                     "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
                                     "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
                                     "tokens": result.tokens})
@@ -159,7 +162,8 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
 def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
     d = drafts.get(method)
     if method == "s3d":
-        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}"
+        tree = f", tree {d.tree} ({len(d.tree) - 1} nodes)" if d.tree else ""
+        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}{tree}"
     if method == "skip":
         return f"skip {d.skip[0]}:{d.skip[1]}"
     if method == "model":
@@ -197,8 +201,10 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
 
 
 def profile(args, model, tok, rows: list[dict]) -> list[dict]:
-    """For every (skip range, g) of the grid: cd and cv in AR steps, the acceptance per position and measured speedup
-    on the prompts, and the speed model's prediction."""
+    """For every (skip range, g) of the grid, as a chain and as each tree of --trees that is g deep: cd and cv in AR
+    steps, the acceptance per position and measured speedup on the prompts, and the speed model's prediction. For
+    each g the biggest tree runs first; its node rates predict tau of the smaller trees and of the chain, whose
+    own runs then check the prediction."""
     n_layer = model.config.n_layer
     skips = [check_skip(skip, n_layer) for skip in args.skips] if args.skips else symmetric_skips(n_layer)
     if args.draft == "skip":
@@ -213,21 +219,33 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
         skip = heads.skip if heads is not None else source
         model.set_heads(heads)
         for g in [g for g in args.gammas if heads is None or g <= heads.gamma]:
-            draft = s3d.Draft(args.draft, g, skip)
-            run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft]})
-            result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar["records"])
-            figures = result["summary"][args.draft]
-            report_mismatches(result["records"], result["mismatches"], args.dtype)
-            costs = roofline.step_costs(model, draft, args.compile)
-            cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
-            points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
-                           "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g, "cd": cd, "cv": cv,
-                           "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
-                           "predicted_speedup": s3d.predicted_speedup(figures["acceptance"], cd, cv),
-                           "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
-                           "ties": figures["ties"], "answers": figures["answers"], "mismatches": result["mismatches"]})
-            tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={g}: cd {cd:.2f}, cv {cv:.2f}, tau {figures['tau']:.2f}, "
-                       f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
+            trees = sorted((t for t in args.trees if t.depth == g), key=len, reverse=True) if args.draft == "s3d" else []
+            rates = None  # the biggest tree's node rates
+            for tree in [*trees, None]:
+                draft = s3d.Draft(args.draft, g, skip, tree=tree)
+                run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft]})
+                result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar["records"])
+                figures = result["summary"][args.draft]
+                report_mismatches(result["records"], result["mismatches"], args.dtype)
+                costs = roofline.step_costs(model, draft, args.compile)
+                cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
+                own = tree or s3d.top_k_tree((1,) * g)
+                if rates is None:  # the first of this g: its tau predicts itself (as the chain's acceptance does)
+                    paths = [p for r in result["records"] for p in r["paths"]]
+                    rates = s3d.node_rates(own, paths) if tree else None
+                    predicted_tau = figures["tau"] if tree else s3d.expected_tokens_per_iteration(figures["acceptance"])
+                else:
+                    predicted_tau = s3d.expected_tree_tokens(own, rates)
+                points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
+                               "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g,
+                               "tree": str(tree) if tree else None, "nodes": len(own) - 1, "cd": cd, "cv": cv,
+                               "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
+                               "predicted_tau": predicted_tau, "predicted_speedup": predicted_tau / (cd + cv),
+                               "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
+                               "ties": figures["ties"], "answers": figures["answers"], "mismatches": result["mismatches"]})
+                tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={g}{f' tree {tree}' if tree else ''}: cd {cd:.2f}, "
+                           f"cv {cv:.2f}, tau {figures['tau']:.2f} (predicted {predicted_tau:.2f}), "
+                           f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
     model.set_heads(None)
     return points
 
@@ -237,12 +255,14 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
           f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
           f"{machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
           f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
-    print("| skip | layers skipped | g | cd | cv | acceptance per position | tau | predicted | measured | output == AR |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position | tau (predicted) | predicted "
+          "| measured | output == AR |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for p in points:
-        print(f"| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {p['cd']:.2f} | {p['cv']:.2f} | "
-              f"{' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} | {p['predicted_speedup']:.2f}x | "
-              f"{p['measured_speedup']:.2f}x | {same_as_ar(p)} |")
+        tree = f"{p['tree']} ({p['nodes']})" if p.get("tree") else "chain"
+        print(f"| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {tree} | {p['cd']:.2f} | "
+              f"{p['cv']:.2f} | {' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} "
+              f"({p['predicted_tau']:.2f}) | {p['predicted_speedup']:.2f}x | {p['measured_speedup']:.2f}x | {same_as_ar(p)} |")
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:
@@ -254,7 +274,7 @@ def plot(points: list[dict], path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, g in enumerate(sorted({p["gamma"] for p in points})):
-        mine = sorted((p for p in points if p["gamma"] == g), key=lambda p: p["skipped_layers"])
+        mine = sorted((p for p in points if p["gamma"] == g and not p.get("tree")), key=lambda p: p["skipped_layers"])
         x = [p["skipped_layers"] for p in mine]
         ax.plot(x, [p["measured_speedup"] for p in mine], "o-", color=f"C{i}", label=f"g = {g}, measured")
         ax.plot(x, [p["predicted_speedup"] for p in mine], "x--", color=f"C{i}", label=f"g = {g}, predicted")
@@ -402,8 +422,10 @@ def bench_speculative(args) -> list[dict]:
         if args.sweep:
             best = output["best"] = max(points, key=lambda p: p["measured_speedup"])
             flags = (f"--s3d {best['heads']}" if best["heads"] else f"--draft {best['draft']} --skip "
-                     f"{best['skip'][0]}:{best['skip'][1]}") + f" --gamma {best['gamma']}"
-            print(f"\nBest measured: skip {best['skip'][0]}:{best['skip'][1]}, g = {best['gamma']}, "
+                     f"{best['skip'][0]}:{best['skip'][1]}") + (f" --tree {best['tree']}" if best["tree"] else
+                                                                  f" --gamma {best['gamma']}")
+            shape = f"tree {best['tree']}, " if best["tree"] else ""
+            print(f"\nBest measured: skip {best['skip'][0]}:{best['skip'][1]}, g = {best['gamma']}, {shape}"
                   f"{best['measured_speedup']:.2f}x (predicted {best['predicted_speedup']:.2f}x): generate.py {flags}")
         if args.plot:
             plot(points, args.plot, f"{args.draft} draft, {model.config.name}; {machine_line()}")
@@ -412,7 +434,8 @@ def bench_speculative(args) -> list[dict]:
         drafts = {}
         for kind in [m for m in args.methods if m in SPECULATIVE]:
             skip = args.skip or (drafts["s3d"].skip if "s3d" in drafts else None)  # skip draws on the heads' range
-            drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint)
+            drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
+                                          args.tree if kind == "s3d" else None)
         output = evaluate(args, model, tok, rows, drafts)
         print_evaluation(output, args, len(rows), drafts)
         output = {"machine": machine_line(), "args": vars(args)} | output
@@ -460,7 +483,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skip", type=cli.skip_range, default=None, metavar="S:E",
                    help="skip range of the layer-skip draft and of fresh heads (default: the heads', or the middle third)")
     p.add_argument("--draft_checkpoint", type=Path, help="the small draft model of --methods model")
-    p.add_argument("--gamma", type=int, default=4)
+    p.add_argument("--gamma", type=int, default=None, help="tokens drafted per iteration (default: --tree's depth, or 4)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (outputs are then checked against AR)")
     p.add_argument("--top_k", type=int, default=None)
     p.add_argument("--top_p", type=float, default=None)
@@ -469,6 +492,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skips", type=cli.skip_range, nargs="+", metavar="S:E",
                    help="for --profile/--sweep (default: symmetric middle ranges)")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
+    p.add_argument("--tree", type=cli.tree_shape, metavar="K1,K2,..", help="the s3d method verifies this tree of "
+                   "candidates (generate.py --tree); its depth is g")
+    p.add_argument("--trees", type=cli.tree_shape, nargs="+", default=[], metavar="K1,K2,..",
+                   help="for --profile/--sweep with the s3d draft: these trees too, beside the chain, at each g of "
+                        "--gammas their depth equals")
     p.add_argument("--quantize", choices=checkpoint.QUANTIZATIONS, help="quantize the weights (torchao, weight-only) first")
     p.add_argument("--formats", nargs="+", choices=["none", *DTYPES, *checkpoint.QUANTIZATIONS], metavar="FORMAT",
                    help="a table of weight formats: float32, bfloat16, float16 (unquantized in that dtype), none "
@@ -482,11 +510,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("choose one of --roofline, --random_weights, --decode, --speculative (the default), --profile/--sweep")
     if "ar" not in args.methods:
         p.error("--methods needs ar: speedups are measured against it")
+    if args.tree is not None and args.gamma not in (None, args.tree.depth):
+        p.error(f"--tree {args.tree} is {args.tree.depth} deep, so g = {args.tree.depth}: drop --gamma {args.gamma}")
+    args.gamma = args.tree.depth if args.tree is not None else args.gamma or 4
     if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
         p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
     cli.check_sampling(args.temperature, args.top_k, args.top_p)
     if args.plot and not (args.profile or args.sweep):
         p.error("--plot goes with --profile or --sweep")
+    if args.tree is not None:
+        if "s3d" not in args.methods or args.profile or args.sweep:
+            p.error("--tree goes with --methods s3d (for --profile/--sweep: --trees)")
+    if args.trees and not ((args.profile or args.sweep) and args.draft == "s3d"):
+        p.error("--trees goes with --profile or --sweep of the s3d draft")
+    if [t for t in args.trees if t.depth not in args.gammas]:
+        p.error(f"every tree of --trees must be as deep as a g of --gammas ({' '.join(map(str, args.gammas))})")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
     args.heads_files = args.heads or []
     inputs = (args.prompts, args.checkpoint, args.gguf, args.draft_checkpoint, *args.heads_files)

@@ -121,19 +121,27 @@ def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...], repe
 
 
 def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) -> dict[str, Callable]:
-    """The AR step, the draft (draft.kind's drafter, as the loop calls it) and the verify step (g + 1 tokens), at
-    position pos: the same compiled code the decoding loops run."""
+    """The AR step, the draft (draft.kind's drafter, as the loop calls it) and the verify step (g + 1 tokens, or the
+    tree's nodes), at position pos: the same compiled code the decoding loops run."""
     device = model.output.weight.device
     cur = torch.tensor([[1]], device=device)
     drafts = torch.ones(draft.gamma, dtype=torch.long, device=device)
     one_token = s3d.step_fn(s3d.decode_one_token, model, compile)
     drafter = s3d.DRAFTERS[draft.kind](model, draft, s3d.GREEDY, compile, None)
-    verify = s3d.step_fn(s3d.verify_step, model, compile)
-    return {"ar": lambda: one_token(model, cur.clone(), torch.arange(pos, pos + 1, device=device), s3d.GREEDY, None,
-                                    s3d.causal_mask(model, pos, 1)),
-            "draft": lambda: drafter(cur, pos),
-            "verify": lambda: verify(model, cur, drafts.clone(), None, torch.arange(pos, pos + draft.gamma + 1, device=device),
-                                     s3d.GREEDY, s3d.causal_mask(model, pos, draft.gamma + 1))}
+    calls = {"ar": lambda: one_token(model, cur.clone(), torch.arange(pos, pos + 1, device=device), s3d.GREEDY, None,
+                                     s3d.causal_mask(model, pos, 1)),
+             "draft": lambda: drafter(cur, pos)}
+    slots = torch.arange(pos, pos + draft.slots, device=device)
+    if draft.tree is None:
+        verify = s3d.step_fn(s3d.verify_step, model, compile)
+        calls["verify"] = lambda: verify(model, cur, drafts.clone(), None, slots, s3d.GREEDY,
+                                         s3d.causal_mask(model, pos, draft.gamma + 1))
+    else:
+        verify_tree = s3d.step_fn(s3d.verify_tree_step, model, compile)
+        nodes = torch.ones(len(draft.tree) - 1, dtype=torch.long, device=device)
+        calls["verify"] = lambda: verify_tree(model, cur, nodes.clone(), slots, draft.tree, s3d.GREEDY,
+                                              s3d.tree_mask(model, pos, draft.tree))
+    return calls
 
 
 @torch.no_grad()

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import bench
 import s3d
@@ -94,6 +95,30 @@ def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompt
     assert result["best"] == max(points, key=lambda p: p["measured_speedup"])
 
 
+def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoint, prompts, tmp_path):
+    from checkpoint import load_model
+    from heads import new_heads
+
+    heads = new_heads(load_model(tiny_checkpoint), (1, 3), 2, 4)
+    with torch.no_grad():  # trained-looking: non-zero adapters and mask embeddings
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    heads.save(tmp_path / "heads.safetensors")
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
+                        "--heads", str(tmp_path / "heads.safetensors"), "--gammas", "2", "--trees", "2,1", "3,2",
+                        "--dtype", "float32")
+    points = result["points"]
+    assert [(p["tree"], p["nodes"]) for p in points] == [("3,2", 9), ("2,1", 4), (None, 2)]  # the biggest first
+    assert points[0]["predicted_tau"] == points[0]["tau"]
+    for p in points:
+        assert p["predicted_speedup"] == pytest.approx(p["predicted_tau"] / (p["cd"] + p["cv"]))
+        assert p["matches_ar"] == p["answers"] == 3
+    # the smaller trees' nodes are some of the biggest's: their predicted tau sums some of its node rates
+    assert 1 <= points[2]["predicted_tau"] <= points[1]["predicted_tau"] <= points[0]["tau"]
+    best = result["best"]
+    assert best == max(points, key=lambda p: p["measured_speedup"])
+
+
 def test_speed_model_by_hand():
     # a = (0.8, 0.5): E[tau] = 1 + 0.8 + 0.4 = 2.2; costs 0.3 + 1.1 = 1.4 -> 1.5714...
     assert s3d.predicted_speedup([0.8, 0.5], 0.3, 1.1) == pytest.approx(2.2 / 1.4)
@@ -112,6 +137,11 @@ def test_speed_model_by_hand():
     (("--top_p", "1.5"), "--top_p must be in (0, 1]"),
     (("--temperature", "inf"), "--temperature must be a number >= 0, got inf"),
     (("--skip", "40:50"), "invalid skip range 40:50 for a model of 30 layers"),
+    (("--tree", "2,1", "--gamma", "3"), "drop --gamma 3"),
+    (("--tree", "2,1", "--methods", "ar", "skip"), "--tree goes with --methods s3d"),
+    (("--trees", "2,1"), "--trees goes with --profile or --sweep of the s3d draft"),
+    (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
+    (("--tree", "2,x"), "--tree takes candidates per depth"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(pattern, *args)
