@@ -43,8 +43,8 @@ def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
     for r in result["records"]:
         assert set(r) == {"question_id", "category", "turn", "method", "prompt_tokens", "new_tokens", "decode_s",
                           "time_to_first_token_s", "tokens_per_s", "iterations", "accepted", "tau", "matches_ar",
-                          "first_difference", "gap_ulps", "tokens"}
-        assert 1 <= r["new_tokens"] <= 6
+                          "first_difference", "gap_ulps", "tokens", "paths"}
+        assert 1 <= r["new_tokens"] <= 6 and r["paths"] == []  # (a tree's accepted nodes: no tree here)
     second_turn = next(r for r in result["records"] if r["turn"] == 1 and r["method"] == "ar")
     first_turn = next(r for r in result["records"] if r["question_id"] == 1 and r["turn"] == 0 and r["method"] == "ar")
     assert second_turn["prompt_tokens"] > first_turn["prompt_tokens"] + first_turn["new_tokens"]  # the answer is in it
