@@ -170,14 +170,16 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
     defaults to the heads' (or the middle third), g to the tree's depth, else the heads' (or 4), and may not exceed
     the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). None when kind is None:
     plain AR."""
-    if kind is None:
-        return None
     if tree is not None:
+        if kind is None:
+            raise UsageError("--tree verifies the S3D draft's candidates: add --s3d HEADS")
         if kind != "s3d":
             raise UsageError(f"--tree verifies the S3D draft's candidates, not the {kind} draft's")
         if gamma is not None and gamma != tree.depth:
             raise UsageError(f"--tree {tree} is {tree.depth} deep, so it drafts g = {tree.depth}: drop --gamma {gamma}")
         gamma = tree.depth
+    if kind is None:
+        return None
     n_layer = model.config.n_layer
     skip = check_skip(skip, n_layer) if skip is not None else None
     if kind == "s3d":

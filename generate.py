@@ -80,7 +80,7 @@ class DraftView:
         else:
             line += f" x{self.pieces(candidates[n], self.RED)} -> {self.piece(target, self.YELLOW)}"
             if n + 1 < len(candidates):  # a chain's drafts after the rejected one
-                line += "  (" + "".join(self.piece(tried[0], self.DIM) for tried in candidates[n + 1:]) + ")"
+                line += f"  ({self.pieces([tried[0] for tried in candidates[n + 1:]], self.DIM)})"
         print(f"{len(self.accepted):4d}  {n}/{self.gamma}  {line.strip()}", flush=True)
 
     def histogram(self) -> str:
@@ -143,11 +143,6 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.draft = "s3d"
     if args.show_drafts and args.draft is None:
         p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
-    if args.tree is not None:
-        if args.draft not in (None, "s3d"):
-            p.error(f"--tree verifies the S3D draft's candidates, not the {args.draft} draft's")
-        if args.draft is None:
-            p.error("--tree verifies the S3D draft's candidates: add --s3d HEADS")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:

@@ -26,6 +26,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from checkpoint import UsageError
 from heads import check_gamma
 from model import Transformer
 
@@ -369,6 +370,14 @@ def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor
     return n, target
 
 
+def normalized_residual(residual: Tensor, target_probs: Tensor) -> Tensor:
+    """The residual rows (what is left of q once the rejected drafts' mass is taken out), normalized. Where nothing
+    is left, the drafts covered all of q and one of them is always accepted, so that row is never sampled: q itself
+    keeps it finite."""
+    mass = residual.sum(-1, keepdim=True)
+    return torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs)
+
+
 def accept_sampling(drafts: Tensor, draft_probs: Optional[Tensor], target_probs: Tensor) -> tuple[Tensor, Tensor]:
     """The lossless rejection rule (Leviathan et al.; Chen et al.): accept d_i with probability min(1, q(d_i)/p(d_i));
     at the first rejection emit a sample of norm(max(0, q - p)) instead; if all g pass, a bonus sample of q_g.
@@ -381,9 +390,7 @@ def accept_sampling(drafts: Tensor, draft_probs: Optional[Tensor], target_probs:
     p = draft_probs.gather(-1, drafts[:, None]).squeeze(-1)
     accepted = torch.rand_like(q) * p < q  # u < q/p, without dividing by p
     n = accepted.int().cumprod(0).sum()
-    residual = (target_probs[:-1] - draft_probs).clamp_min(0)
-    mass = residual.sum(-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs[:-1])  # p == q: never rejected
+    residual = normalized_residual((target_probs[:-1] - draft_probs).clamp_min(0), target_probs[:-1])
     fallback = sample_from(torch.cat([residual, target_probs[-1:]]))  # a replacement for every position, + bonus
     keep = torch.arange(g + 1, device=drafts.device) < n
     return n, torch.where(keep, torch.cat([drafts, drafts[-1:]]), fallback)
@@ -480,7 +487,7 @@ def tree_mask(model: Transformer, pos: int, tree: Tree) -> Tensor:
     mask = torch.zeros(1, 1, n, width, dtype=torch.bool, device=device)
     mask[..., :pos] = True
     mask[..., pos:pos + n] = cached_tree_ancestors(tree, device)
-    if model.causal_mask.device.type != "cuda":
+    if device.type != "cuda":
         torch._dynamo.maybe_mark_dynamic(mask, 3)
     return mask
 
@@ -509,16 +516,16 @@ def accept_tree_greedy(tree: Tree, tokens: Tensor, target_logits: Tensor) -> tup
     accepted path ends at the deepest node whose ancestors are all right (at most one child of a node can be: its
     siblings are other tokens). Returns n (its depth), the tokens to emit (depth + 1,; the first n + 1 count: the
     target's choices along the path, the bonus last) and the path's nodes (depth + 1,)."""
-    depths, ancestors = torch.tensor(tree.depths, device=tokens.device), tree_ancestors(tree, tokens.device)
     target = target_logits.argmax(-1)
     right = tokens == target[torch.tensor(tree.parents, device=tokens.device)]
     right[0] = True
-    return tree_path(tree, right, depths, ancestors, target)
+    return tree_path(tree, right, target)
 
 
-def tree_path(tree: Tree, right: Tensor, depths: Tensor, ancestors: Tensor, choices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def tree_path(tree: Tree, right: Tensor, choices: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """The deepest node whose path is right all the way: its depth, choices along its path, its path."""
-    reached = ~(ancestors & ~right[None]).any(-1)
+    depths = torch.tensor(tree.depths, device=right.device)
+    reached = ~(tree_ancestors(tree, right.device) & ~right[None]).any(-1)
     best = torch.argmax(torch.where(reached, depths, -1)).view(1)  # (indexing by a 1-element tensor, not a 0-dim
     path = torch.tensor(tree.paths, device=right.device).index_select(0, best).view(-1)  # one: no host sync)
     return depths.index_select(0, best).view(()), choices[path], path
@@ -532,7 +539,6 @@ def accept_tree_sampling(tree: Tree, tokens: Tensor, target_probs: Tensor) -> tu
     Each try is the lossless rule of a point-mass draft, so the output is distributed as the target's. All the
     tries are drawn at once: a node is taken when it passes and no earlier sibling did. Returns as
     accept_tree_greedy does."""
-    depths, ancestors = torch.tensor(tree.depths, device=tokens.device), tree_ancestors(tree, tokens.device)
     n = len(tree)
     parents = torch.tensor(tree.parents, device=tokens.device)
     q = target_probs[parents, tokens]  # q of each node's token under its parent's distribution (root: unused)
@@ -542,10 +548,9 @@ def accept_tree_sampling(tree: Tree, tokens: Tensor, target_probs: Tensor) -> tu
     passes = torch.rand_like(q) * remaining < q  # u < q / remaining, without dividing
     taken = passes & ~(earlier & passes[None]).any(-1)
     taken[0] = True
-    residual = target_probs.index_put((parents[1:], tokens[1:]), torch.zeros_like(q[1:]))  # children's tokens out
-    mass = residual.sum(-1, keepdim=True)
-    residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), target_probs)
-    depth, path_tokens, path = tree_path(tree, taken, depths, ancestors, tokens)
+    children_out = target_probs.index_put((parents[1:], tokens[1:]), torch.zeros_like(q[1:]))
+    residual = normalized_residual(children_out, target_probs)
+    depth, path_tokens, path = tree_path(tree, taken, tokens)
     last = sample_from(residual[path[-1:]])  # (the path is padded with its last node)
     out = torch.cat([path_tokens[1:], last])
     keep = torch.arange(len(out), device=tokens.device) < depth
@@ -583,14 +588,14 @@ def check_draft(model: Transformer, draft: Draft) -> None:
         raise ValueError("the layer-skip draft needs a skip range")
     if draft.kind == "model" and (draft.model is None or draft.model.config.vocab_size != model.config.vocab_size):
         raise ValueError("the model draft needs a draft model with the target's vocabulary")
-    if draft.tree is not None and draft.kind != "s3d":
-        raise ValueError(f"tree verification takes the S3D draft's candidates, not the {draft.kind} draft's")
-    if draft.tree is not None and draft.tree.depth != draft.gamma:
-        raise ValueError(f"a tree {draft.tree.depth} deep drafts g = {draft.tree.depth}, not {draft.gamma}")
-    if draft.tree is not None:
+    if draft.tree is not None:  # the user's tree: UsageError, one line from the programs (cli.make_draft calls this)
+        if draft.kind != "s3d":
+            raise UsageError(f"tree verification takes the S3D draft's candidates, not the {draft.kind} draft's")
+        if draft.tree.depth != draft.gamma:
+            raise UsageError(f"a tree {draft.tree.depth} deep drafts g = {draft.tree.depth}, not {draft.gamma}")
         choices = model.config.vocab_size if model.heads.draft_vocab is None else len(model.heads.draft_vocab)
         if max(n[-1] for n in draft.tree.nodes[1:]) >= choices:
-            raise ValueError(f"the tree {draft.tree} asks for more candidates than the draft's {choices} tokens")
+            raise UsageError(f"the tree {draft.tree} asks for more candidates than the draft's {choices} tokens")
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import s3d
+from checkpoint import UsageError
 from heads import new_heads
 from model import ModelArgs, Transformer
 
@@ -431,7 +432,7 @@ def test_tree_with_a_draft_vocabulary_drafts_only_its_tokens():
                                             on_iteration=lambda d, n, t: tried.update(x for c in d for x in c))
             assert spec.tokens == s3d.ar_generate(model, prompt, 30).tokens
     assert tried <= {4, 0, 2, 7, 9, 11}
-    with pytest.raises(ValueError, match="more candidates than the draft's 6 tokens"):
+    with pytest.raises(UsageError, match="more candidates than the draft's 6 tokens"):  # one line from the programs
         s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("s3d", 2, tree=s3d.top_k_tree((7, 1))))
 
 
