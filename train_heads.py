@@ -514,7 +514,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--ce_weight", type=float, default=0.0,
                    help="add this much cross-entropy on the answers' own next tokens to the KL (PARD uses 0.1)")
     p.add_argument("--sequential_rank", type=int, default=0, metavar="R", help="a sequential head of rank R: each "
-                   "draft's logits get a bias from the token drafted before it (0: none)")
+                   "draft's logits get a bias from the token drafted before it (0: none; with --init, added to the file's heads)")
     p.add_argument("--bidirectional", action="store_true",
                    help="the draft block [cur, M1 ..] attends to all of itself instead of causally")
     p.add_argument("--lr_schedule", choices=["cosine", "constant"], default="cosine",
@@ -591,9 +591,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--limit must be at least {HELDOUT_EVERY} (every {HELDOUT_EVERY}th prompt is held out), got {args.limit}")
     if not args.init:  # (with --init g comes from the heads file)
         offset_weights(args)
-    if args.init and (args.resume or args.skip or args.sequential_rank or args.bidirectional):
-        raise UsageError("--init takes the heads' own skip range, g, rank, sequential head and mask, and cannot be "
-                         "combined with --resume, --skip, --sequential_rank or --bidirectional")
+    if args.init and (args.resume or args.skip or args.bidirectional):
+        raise UsageError("--init takes the heads' own skip range, g, rank and mask, and cannot be combined with "
+                         "--resume, --skip or --bidirectional")
     if args.resume and not args.out.with_suffix(".train.pt").is_file():
         raise UsageError(f"nothing to resume: {args.out.with_suffix('.train.pt')} does not exist")
     if not args.resume:  # every output checked now, not at the first save after minutes of work
@@ -614,6 +614,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         if heads.sequential_rank and args.draft_vocab:  # refused before the data are made
             raise UsageError("--draft_vocab cannot be given to heads with a sequential head (its output rows are "
                              "those of their own draft vocabulary)")
+        if heads.sequential_rank and args.sequential_rank:
+            raise UsageError(f"--sequential_rank: {args.init} has a sequential head already")
     n_layer = model.config.n_layer
     if isinstance(args.skip, int) and not 1 <= args.skip < n_layer:
         raise UsageError(f"--skip auto:N needs 1 <= N < {n_layer} (the model's layers), got {args.skip}")
@@ -649,11 +651,13 @@ def main(argv: Optional[list[str]] = None) -> None:
               f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
     if heads is None:
         heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
-    elif vocab is not None:  # the same heads with a new draft vocabulary
+    elif vocab is not None or args.sequential_rank:  # the same heads with a new draft vocabulary or sequential head
+        vocab = heads.draft_vocab if vocab is None else vocab
         state = {**heads.state_dict(), "draft_vocab": vocab}
         heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab,
-                           bidirectional=heads.bidirectional)
-        heads.load_state_dict(state)
+                           args.sequential_rank or heads.sequential_rank, heads.bidirectional)
+        missing, _ = heads.load_state_dict(state, strict=False)
+        assert set(missing) <= {"sequential_in", "sequential_out"}, missing  # a new sequential head starts untrained
     command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
     # the recipe of heads that started from a file: the command that made it, then this one
     heads.meta["train_command"] = heads.meta.get("train_command", "?") + " && " + command if args.init else command

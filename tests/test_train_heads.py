@@ -330,6 +330,35 @@ def test_init_heads_keep_their_options_and_a_sequential_head_refuses_a_new_draft
     assert rebuilt.bidirectional and len(rebuilt.draft_vocab) == 8
 
 
+def test_init_heads_take_a_new_sequential_head(tmp_path, capsys, tiny_checkpoint):
+    """--init with --sequential_rank keeps every trained tensor of the file (adapters, masks, draft vocabulary) and
+    adds an untrained sequential head (it changes nothing until trained); heads that have one are refused."""
+    import cli
+
+    model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    trained = new_heads(model, (1, 3), 3, 2, draft_vocab=torch.arange(8))
+    for p in trained.parameters():
+        torch.nn.init.normal_(p)
+    trained.save(tmp_path / "trained.safetensors")
+    new_heads(model, (1, 3), 2, 0, sequential_rank=2).save(tmp_path / "sequential.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(20)))
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sequential_rank", "3", "--steps", "0",
+              "--samples", "1", "--data_max_new_tokens", "2", "--device", "cpu", "--dtype", "float32",
+              "--data_dir", str(tmp_path / "data")]
+    with pytest.raises(SystemExit) as e:
+        train_heads.main(["--init", str(tmp_path / "sequential.safetensors"), "--out", str(tmp_path / "s.safetensors"),
+                          *common])
+    assert e.value.code == 2 and "has a sequential head already" in capsys.readouterr().err
+    train_heads.main(["--init", str(tmp_path / "trained.safetensors"), "--out", str(tmp_path / "t.safetensors"), *common])
+    rebuilt = load_heads(tmp_path / "t.safetensors", model.config)
+    assert (rebuilt.skip, rebuilt.gamma, rebuilt.rank, rebuilt.sequential_rank) == ((1, 3), 3, 2, 3)
+    assert rebuilt.sequential_out.shape == (8, 3) and not rebuilt.sequential_out.any()
+    state = rebuilt.state_dict()
+    for name, tensor in trained.state_dict().items():
+        assert torch.equal(state[name], tensor), name
+
+
 def test_training_prompts_are_not_evaluation_prompts():
     train = {train_heads.normalized(r["prompt"]) for r in train_heads.read_prompts(train_heads.TRAIN_PROMPTS)}
     evaluation = train_heads.evaluation_prompts()
