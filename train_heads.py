@@ -57,9 +57,24 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def read_sequences(path: Path) -> list[dict]:
+    """The rows of an append-only JSON-lines cache. A run killed mid-write leaves a last line without its newline:
+    it is cut off here (and made again), so that the next append starts a line of its own."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text()
+    if not text.endswith("\n") and text:
+        text = text[: text.rfind("\n") + 1]
+        with path.open("r+") as f:
+            f.truncate(len(text.encode()))
+    rows = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            raise UsageError(f"{path}, line {number}: not JSON; delete the file to make its data again") from None
+    return rows
 
 
 def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict], data_dir: Path, samples: int,

@@ -229,18 +229,19 @@ def test_a_planted_pickle_in_the_training_state_never_runs(tmp_path):
     assert not marker.exists()
 
 
+class Tok:
+    """A tokenizer of one token per character, whose chat template is the message itself."""
+    eos_ids = {1}
+
+    def encode(self, text, bos=True):
+        return [3 + ord(c) % 90 for c in text]
+
+    def apply_chat_template(self, messages):
+        return messages[-1]["content"]
+
+
 def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     model = tiny_model()
-
-    class Tok:
-        eos_ids = {1}
-
-        def encode(self, text, bos=True):
-            return [3 + ord(c) % 90 for c in text]
-
-        def apply_chat_template(self, messages):
-            return messages[-1]["content"]
-
     prompts = [{"id": f"p{i}", "prompt": f"prompt {i}" * (i + 1)} for i in range(5)]
     seqs = train_heads.generate_data(model, Tok(), prompts[:3], tmp_path, 2, 8, 0.8, 2, False)
     assert len(seqs) == 6
@@ -254,6 +255,25 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     assert sorted({s["id"] for s in seqs}) == [p["id"] for p in prompts]
     with pytest.raises(train_heads.UsageError, match="other settings"):
         train_heads.generate_data(model, Tok(), prompts, tmp_path, 3, 8, 0.8, 2, False)
+
+
+def test_a_cache_cut_off_mid_line_is_completed_and_a_corrupt_one_named(tmp_path):
+    """A run killed while appending leaves half a line: the next run drops it, remakes that answer and appends
+    after a whole line; a line broken in the middle of the file is a one-line error naming the file and line."""
+    model = tiny_model()
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(3)]
+    whole = train_heads.generate_data(model, Tok(), prompts, tmp_path, 1, 8, 0.8, 4, False)
+    path = tmp_path / "sequences.jsonl"
+    text = path.read_text()
+    path.write_text(text[: text.rfind("\n", 0, -1) + 20])  # the last row cut after 19 characters
+    again = train_heads.generate_data(model, Tok(), prompts, tmp_path, 1, 8, 0.8, 4, False)
+    key = lambda s: (s["id"], s["sample"])  # noqa: E731
+    assert sorted(again, key=key) == sorted(whole, key=key)  # greedy answers: the remade one is the same
+    assert [json.loads(line) for line in path.read_text().splitlines()] == again
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1][:19], *lines[2:]]) + "\n")
+    with pytest.raises(train_heads.UsageError, match="sequences.jsonl, line 2: not JSON"):
+        train_heads.generate_data(model, Tok(), prompts, tmp_path, 1, 8, 0.8, 4, False)
 
 
 @pytest.mark.parametrize("flags,message", [
