@@ -472,7 +472,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: the embedded model's)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on CUDA and for --quantize or --formats, else float32 (as generate.py)")
+                   help="auto: bfloat16 on GPUs, for --quantize or --formats and on CPUs with native bf16, else "
+                        "float32 (as generate.py)")
     p.add_argument("--max_new_tokens", "--tokens", type=int, default=128, help="new tokens per answer")
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")

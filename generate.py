@@ -109,8 +109,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on GPUs and for --quantize, else float32 on CPUs (without native bf16 a "
-                        "multi-token bf16 forward is slow on CPU, and S3D's verify forward is one; see BENCHMARKS.md)")
+                   help="auto: bfloat16 on GPUs, for --quantize and on CPUs with native bf16 (AVX512_BF16, AMX), "
+                        "else float32 (there a multi-token bf16 forward, as S3D's verify is, is slow); it says which")
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
