@@ -255,12 +255,14 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
           f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
           f"{machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
           f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
-    print("| skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position | tau (predicted) | predicted "
-          "| measured | output == AR |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    several = len({p["heads"] for p in points}) > 1  # then a column says which heads file each row measured
+    print(f"|{' heads |' * several} skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position "
+          "| tau (predicted) | predicted | measured | output == AR |")
+    print("|---" * (11 + several) + "|")
     for p in points:
         tree = f"{p['tree']} ({p['nodes']})" if p.get("tree") else "chain"
-        print(f"| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {tree} | {p['cd']:.2f} | "
+        heads = f"| {Path(p['heads'] or 'untrained').name} " if several else ""
+        print(f"{heads}| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {tree} | {p['cd']:.2f} | "
               f"{p['cv']:.2f} | {' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} "
               f"({p['predicted_tau']:.2f}) | {p['predicted_speedup']:.2f}x | {p['measured_speedup']:.2f}x | {same_as_ar(p)} |")
 

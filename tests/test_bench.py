@@ -1,5 +1,6 @@
 """bench.py on a tiny model and a tiny prompt file: every JSON field, multi-turn rows, the speed model, the sweep's
 plot, and a deliberately wrong speculative answer reported as a mismatch."""
+import argparse
 import json
 import os
 import subprocess
@@ -117,6 +118,22 @@ def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoi
     assert 1 <= points[2]["predicted_tau"] <= points[1]["predicted_tau"] <= points[0]["tau"]
     best = result["best"]
     assert best == max(points, key=lambda p: p["measured_speedup"])
+
+
+def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(capsys):
+    point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "cd": 0.5,
+             "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
+             "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
+    args = argparse.Namespace(draft="s3d", limit=1, max_new_tokens=8, dtype="float32", compile=False)
+    tables = []
+    for files in (["runs/a.safetensors"], ["runs/a.safetensors", "heads/b.safetensors"]):
+        bench.print_profile([{**point, "heads": f} for f in files], args, 2)
+        tables.append([line for line in capsys.readouterr().out.splitlines() if line.startswith("|")])
+    one, two = tables
+    assert one[0].startswith("| skip |") and "a.safetensors" not in "".join(one)
+    assert two[0].startswith("| heads | skip |") and [row.split(" | ")[0] for row in two[2:]] == \
+        ["| a.safetensors", "| b.safetensors"]
+    assert {row.count("|") for row in one} == {12} and {row.count("|") for row in two} == {13}
 
 
 def test_speed_model_by_hand():
