@@ -513,9 +513,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("choose one of --roofline, --random_weights, --decode, --speculative (the default), --profile/--sweep")
     if "ar" not in args.methods:
         p.error("--methods needs ar: speedups are measured against it")
-    if args.tree is not None and args.gamma not in (None, args.tree.depth):
-        p.error(f"--tree {args.tree} is {args.tree.depth} deep, so g = {args.tree.depth}: drop --gamma {args.gamma}")
-    args.gamma = args.tree.depth if args.tree is not None else args.gamma or 4
+    args.gamma = cli.tree_gamma(args.tree, args.gamma) or 4
     if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
         p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
     cli.check_sampling(args.temperature, args.top_k, args.top_p)

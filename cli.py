@@ -163,6 +163,15 @@ def encode_prompt(tokenizer: Tokenizer, messages: list[dict], chat: bool) -> lis
     return tokens
 
 
+def tree_gamma(tree: Optional[s3d.Tree], gamma: Optional[int]) -> Optional[int]:
+    """g of a draft: a tree's depth when there is a tree (--gamma may only repeat it), else --gamma."""
+    if tree is None:
+        return gamma
+    if gamma is not None and gamma != tree.depth:
+        raise UsageError(f"--tree {tree} is {tree.depth} deep, so it drafts g = {tree.depth}: drop --gamma {gamma}")
+    return tree.depth
+
+
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,
                skip: Optional[tuple[int, int]] = None, heads: Optional[Path] = None, rank: int = 8,
                draft_checkpoint: Optional[Path] = None, tree: Optional[s3d.Tree] = None) -> Optional[s3d.Draft]:
@@ -175,9 +184,7 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
             raise UsageError("--tree verifies the S3D draft's candidates: add --s3d HEADS")
         if kind != "s3d":
             raise UsageError(f"--tree verifies the S3D draft's candidates, not the {kind} draft's")
-        if gamma is not None and gamma != tree.depth:
-            raise UsageError(f"--tree {tree} is {tree.depth} deep, so it drafts g = {tree.depth}: drop --gamma {gamma}")
-        gamma = tree.depth
+        gamma = tree_gamma(tree, gamma)
     if kind is None:
         return None
     n_layer = model.config.n_layer
