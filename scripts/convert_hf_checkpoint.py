@@ -13,7 +13,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import cli  # noqa: E402
-from checkpoint import CheckpointError, check_output, save_checkpoint, written_then_renamed  # noqa: E402
+from checkpoint import CheckpointError, check_output, load_without_code, save_checkpoint, written_then_renamed  # noqa: E402
 from scripts.hf_format import config_from_hf, from_hf_weights  # noqa: E402
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -28,9 +28,11 @@ def read_hf_weights(folder: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
     weights = {}
     for f in files:
+        if f.suffix != ".safetensors":  # a pickle: unpickled without running code, or refused
+            weights.update(load_without_code(f, map_location="cpu"))
+            continue
         try:
-            weights.update(load_file(str(f)) if f.suffix == ".safetensors"
-                           else torch.load(f, map_location="cpu", weights_only=True))
+            weights.update(load_file(str(f)))
         except Exception as e:
             raise CheckpointError(f"cannot read {f} (truncated or corrupt?): {e}") from None
     return weights

@@ -54,3 +54,18 @@ def test_the_command_line_refuses_in_one_line(tmp_path, old_checkpoint):
                            "--out_dir", str(old_checkpoint)], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
         f"convert_gguf.py: error: --out_dir {old_checkpoint} exists: pass --force to replace it"]
+
+
+def test_a_planted_pickle_in_pytorch_weights_never_runs(tmp_path):
+    import torch
+
+    from test_quantize import Payload
+
+    hf_tiny_model("LlamaForCausalLM").save_pretrained(tmp_path / "hf")
+    (tmp_path / "hf" / "model.safetensors").unlink()  # the older format: a pickled pytorch_model.bin
+    marker = tmp_path / "ran"
+    torch.save({"model.embed_tokens.weight": Payload(marker)}, tmp_path / "hf" / "pytorch_model.bin")
+    with pytest.raises(UsageError, match="pytorch_model.bin refers to posix.system, which a weights file may not"):
+        convert_hf_checkpoint(tmp_path / "hf", tmp_path / "ours")
+    assert not marker.exists()
+    assert sorted(os.listdir(tmp_path)) == ["hf"]  # nothing converted, no temporary folder left behind
