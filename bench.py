@@ -80,8 +80,8 @@ def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
 
 def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
              reference: Optional[list[dict]] = None) -> dict:
-    """Runs every method of args.methods (the speculative ones with their drafts) over every row, turn by turn;
-    returns per-prompt records and summaries (JSON-ready). Answers are compared with AR's, from this run or, when
+    """Runs every method of args.methods (the speculative ones with their drafts) over every row, turn by turn
+    (method after method, or with args.interleave row after row, every method answering each row); returns per-prompt records and summaries (JSON-ready). Answers are compared with AR's, from this run or, when
     AR is not among the methods, from reference records."""
     device, hf = model.output.weight.device, None
     sampling = s3d.Sampling(args.temperature, args.top_k, args.top_p)
@@ -107,42 +107,60 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
         s3d.prepare_cache(m, min(m.config.block_size, longest + slots))
     records, peaks = [], {}
     ar_answers = {(r["question_id"], r["turn"]): r["tokens"] for r in reference or []}
+
+    def answer_row(method: str, row: dict) -> None:
+        """The method's answers to the row's turns, one record per turn."""
+        messages = []
+        for turn, text in enumerate(row["turns"]):
+            messages.append({"role": "user", "content": text})
+            prompt = tok.encode(tok.apply_chat_template(messages))
+            torch.manual_seed(args.seed)
+            result = run(method, prompt)
+            if method == "ar":
+                ar_answers[(row["question_id"], turn)] = result.tokens
+            ar_tokens = ar_answers[(row["question_id"], turn)]
+            i = first_difference(result.tokens, ar_tokens) if result.tokens != ar_tokens else None
+            gap = None if i is None or method not in SPECULATIVE or args.temperature > 0 or i >= len(result.tokens) \
+                else gap_in_ulps(model, prompt, ar_tokens, i, result.tokens[i])
+            records.append({"question_id": row["question_id"], "category": row["category"], "turn": turn,
+                            "method": method, "prompt_tokens": len(prompt), "new_tokens": len(result.tokens),
+                            "decode_s": result.decode_time, "time_to_first_token_s": result.time_to_first_token,
+                            "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
+                            if result.decode_time > 0 else None,
+                            "iterations": len(result.accepted), "accepted": result.accepted,
+                            "paths": result.paths,
+                            "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
+                            "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
+                            "tokens": result.tokens})
+            # greedy: the conversation goes on from AR's answer, so every turn is compared on AR's prompt
+            # (after a tie, a method's own answer would make all its later turns differ)
+            reply = ar_tokens if args.temperature == 0 else result.tokens
+            messages.append({"role": "assistant", "content": tok.decode(reply, skip_special=True)})
+
+    warm_up = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
     with torch.no_grad():
-        for n, method in enumerate(args.methods):
+        if args.interleave:
+            # every method answers a row before the next row: a shared machine's changing load then slows all
+            # methods alike, and the ratios to AR hold; the peak memory is that of all methods together
+            hf = peers.transformers_copy(model) if "hf" in args.methods else None
+            for method in args.methods:
+                run(method, warm_up)
+            cli.return_freed_memory()
+            cli.reset_peak_memory(device)
+            for row in tqdm(rows, desc=" ".join(args.methods), unit="prompt"):
+                for method in args.methods:
+                    answer_row(method, row)
+            peaks = dict.fromkeys(args.methods, cli.peak_memory_bytes(device))
+        for n, method in enumerate([] if args.interleave else args.methods):
             if method == "hf":  # built only now, so that the other methods' peak memory does not include it
                 hf = peers.transformers_copy(model)
             if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
                 s3d.release_compiled()
-            run(method, tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}])))  # warm-up
+            run(method, warm_up)
             cli.return_freed_memory()
             cli.reset_peak_memory(device)
             for row in tqdm(rows, desc=method, unit="prompt"):
-                messages = []
-                for turn, text in enumerate(row["turns"]):
-                    messages.append({"role": "user", "content": text})
-                    prompt = tok.encode(tok.apply_chat_template(messages))
-                    torch.manual_seed(args.seed)
-                    result = run(method, prompt)
-                    if method == "ar":
-                        ar_answers[(row["question_id"], turn)] = result.tokens
-                    ar_tokens = ar_answers[(row["question_id"], turn)]
-                    i = first_difference(result.tokens, ar_tokens) if result.tokens != ar_tokens else None
-                    gap = None if i is None or method not in SPECULATIVE or args.temperature > 0 or i >= len(result.tokens) \
-                        else gap_in_ulps(model, prompt, ar_tokens, i, result.tokens[i])
-                    records.append({"question_id": row["question_id"], "category": row["category"], "turn": turn,
-                                    "method": method, "prompt_tokens": len(prompt), "new_tokens": len(result.tokens),
-                                    "decode_s": result.decode_time, "time_to_first_token_s": result.time_to_first_token,
-                                    "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
-                                    if result.decode_time > 0 else None,
-                                    "iterations": len(result.accepted), "accepted": result.accepted,
-                                    "paths": result.paths,
-                                    "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
-                                    "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
-                                    "tokens": result.tokens})
-                    # greedy: the conversation goes on from AR's answer, so every turn is compared on AR's prompt
-                    # (after a tie, a method's own answer would make all its later turns differ)
-                    reply = ar_tokens if args.temperature == 0 else result.tokens
-                    messages.append({"role": "assistant", "content": tok.decode(reply, skip_special=True)})
+                answer_row(method, row)
             peaks[method] = cli.peak_memory_bytes(device)
     summary = {}
     for method in args.methods:
@@ -171,6 +189,9 @@ def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
     return {"ar": "ar (ours, compiled)" if args.compile else "ar (ours, eager)", "hf": "transformers generate()"}[method]
 
 
+INTERLEAVED = ", AR and the other methods in turn on each prompt (--interleave)"
+
+
 def table_row(label: str, f: dict) -> str:
     rates = " ".join(f"{a:.2f}" for a in f["acceptance"]) or "-"
     return f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | {same_as_ar(f)} |"
@@ -181,7 +202,7 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, at most {args.limit} per category) from {args.prompts}, "
           f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, {args.dtype}, "
-          f"{'compiled' if args.compile else 'eager'}. {machine_line()}.\n")
+          f"{'compiled' if args.compile else 'eager'}{INTERLEAVED * args.interleave}. {machine_line()}.\n")
     print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for method, f in result["summary"].items():
@@ -213,7 +234,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
         configs = [(load_heads(h, model.config), h) for h in args.heads_files]
     else:  # fresh heads: for trying the machinery; their acceptance is that of untrained heads
         configs = [(new_heads(model, skip, max(args.gammas), 8), None) for skip in skips]
-    ar = evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar"]}), model, tok, rows, {})
+    # AR once, first; or with --interleave beside every point, so that each measured ratio is of one stretch of time
+    ar = None if args.interleave else evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar"]}), model, tok, rows, {})
     points = []
     for heads, source in configs:
         skip = heads.skip if heads is not None else source
@@ -223,8 +245,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
             rates = None  # the biggest tree's node rates
             for tree in [*trees, None]:
                 draft = s3d.Draft(args.draft, g, skip, tree=tree)
-                run_args = argparse.Namespace(**{**vars(args), "methods": [args.draft]})
-                result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar["records"])
+                run_args = argparse.Namespace(**{**vars(args), "methods": ["ar"] * args.interleave + [args.draft]})
+                result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar and ar["records"])
                 figures = result["summary"][args.draft]
                 report_mismatches(result["records"], result["mismatches"], args.dtype)
                 costs = roofline.step_costs(model, draft, args.compile)
@@ -252,8 +274,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
 
 def print_profile(points: list[dict], args, n_rows: int) -> None:
     print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts (at most {args.limit} per category), "
-          f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}. "
-          f"{machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
+          f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}"
+          f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
           f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
     several = len({p["heads"] for p in points}) > 1  # then a column says which heads file each row measured
     print(f"|{' heads |' * several} skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position "
@@ -394,7 +416,8 @@ def bench_formats(args) -> list[dict]:
         tqdm.write(f"{row['format']}: perplexity {row['perplexity']:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
     print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
-          f"greedy tokens, S3D with {args.heads.name}, {'compiled' if args.compile else 'eager'}. Perplexity of "
+          f"greedy tokens, S3D with {args.heads.name}, {'compiled' if args.compile else 'eager'}"
+          f"{INTERLEAVED * args.interleave}. Perplexity of "
           f"{cli.PERPLEXITY_TEXT.name}. {machine_line()}.\n")
     print("| weights | perplexity | weight memory | AR tokens/s | S3D tokens/s | S3D vs AR | tau | S3D == AR | "
           "peak memory (AR, S3D) | tokens/s per GiB (AR, S3D) |\n|---|---|---|---|---|---|---|---|---|---|")
@@ -507,6 +530,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "tau, memory")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--interleave", action="store_true", help="run the methods one after another on each prompt, not "
+                   "one after another over all prompts: on a machine whose load changes, the ratios to AR then hold "
+                   "(the peak memory is that of all methods together); with --profile/--sweep, AR runs beside each point")
     args = p.parse_args(argv)
     args.device = str(cli.resolve_device(args.device))
     if args.roofline + args.decode + args.speculative + (args.profile or args.sweep) + bool(args.random_weights) > 1:
@@ -517,6 +543,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
         p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
     cli.check_sampling(args.temperature, args.top_k, args.top_p)
+    if args.interleave and (args.roofline or args.random_weights or args.decode):
+        p.error("--interleave goes with the evaluation, --profile/--sweep and --formats")
     if args.plot and not (args.profile or args.sweep):
         p.error("--plot goes with --profile or --sweep")
     if args.tree is not None:

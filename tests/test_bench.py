@@ -82,6 +82,40 @@ def test_a_wrong_speculative_answer_is_reported(tiny_checkpoint, prompts, tmp_pa
     assert "MISMATCH: skip differs from AR on question 1 turn 0" in capsys.readouterr().err
 
 
+def test_interleaved_evaluation_answers_each_row_with_every_method_in_turn(tiny_checkpoint, prompts, tmp_path,
+                                                                          capsys):
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5", "--methods", "ar",
+              "s3d", "skip", "--skip", "1:3", "--gamma", "3"]
+    blocked = bench_json(tmp_path, *common, "--force")
+    capsys.readouterr()
+    mixed = bench_json(tmp_path, *common, "--interleave", "--force")
+    assert "AR and the other methods in turn on each prompt" in capsys.readouterr().out
+    order = [(r["question_id"], r["method"]) for r in mixed["records"]]
+    assert order == [(q, m) for q, turns in ((1, 2), (2, 1), (3, 1)) for m in ("ar", "s3d", "skip")
+                     for _ in range(turns)]  # row by row, every method answering all of a row's turns
+    assert [(r["question_id"], r["method"]) for r in blocked["records"]] == \
+        [(q, m) for m in ("ar", "s3d", "skip") for q, turns in ((1, 2), (2, 1), (3, 1)) for _ in range(turns)]
+    key = lambda r: (r["method"], r["question_id"], r["turn"])  # noqa: E731
+    assert {key(r): r["tokens"] for r in mixed["records"]} == {key(r): r["tokens"] for r in blocked["records"]}
+    assert mixed["mismatches"] == [] and {f["matches_ar"] for f in mixed["summary"].values()} == {4}
+    assert len({f["peak_memory_gib"] for f in mixed["summary"].values()}) == 1  # one peak: all methods' together
+
+
+def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts, tmp_path, monkeypatch):
+    calls = []
+    ar_generate = s3d.ar_generate
+    monkeypatch.setattr(s3d, "ar_generate", lambda *a, **k: calls.append(1) or ar_generate(*a, **k))
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--profile", "--draft", "skip",
+              "--skips", "1:2", "--gammas", "1", "2", "--force"]
+    once = bench_json(tmp_path, *common)
+    runs_once = len(calls)
+    beside = bench_json(tmp_path, *common, "--interleave")
+    assert runs_once == 1 + 3  # a warm-up and the 3 turns of --limit 1, once
+    assert len(calls) - runs_once == 2 * (1 + 3)  # the same beside each of the 2 points
+    assert [p["tau"] for p in beside["points"]] == [p["tau"] for p in once["points"]]
+    assert all(p["matches_ar"] == p["answers"] == 3 for p in beside["points"])
+
+
 def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path):
     png = tmp_path / "sweep.png"
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
@@ -124,7 +158,7 @@ def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(c
     point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "cd": 0.5,
              "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
              "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
-    args = argparse.Namespace(draft="s3d", limit=1, max_new_tokens=8, dtype="float32", compile=False)
+    args = argparse.Namespace(draft="s3d", limit=1, max_new_tokens=8, dtype="float32", compile=False, interleave=False)
     tables = []
     for files in (["runs/a.safetensors"], ["runs/a.safetensors", "heads/b.safetensors"]):
         bench.print_profile([{**point, "heads": f} for f in files], args, 2)
@@ -159,6 +193,7 @@ def test_speed_model_by_hand():
     (("--trees", "2,1"), "--trees goes with --profile or --sweep of the s3d draft"),
     (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
     (("--tree", "2,x"), "--tree takes candidates per depth"),
+    (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(pattern, *args)
