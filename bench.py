@@ -325,6 +325,7 @@ def bench_roofline(args) -> list:
     s3d.prepare_cache(model, args.context + g + 1)
     bandwidth = roofline.read_bandwidth(device)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
+    call_us = roofline.linear_call_us(DTYPES[args.dtype], device)
     # the heads' draft as decoding runs it, the same with the adapters not folded into the weights (CPU) and without
     # their draft vocabulary if they have one, and the draft without adapters (rank 0); fresh heads cost what
     # trained ones do
@@ -341,16 +342,19 @@ def bench_roofline(args) -> list:
     print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
           f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "
           f"{flops['float32']:.3g} GFLOP/s in float32, {flops['bfloat16']:.3g} in bfloat16. Floor: the bytes a step "
-          f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler.\n")
+          f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler. A compiled "
+          f"linear map costs {call_us:.1f} us a call with next to nothing to do (a chain of 64 x 64 maps): the GEMM "
+          f"calls' fixed cost is their number times that.\n")
     kinds = list(rows[0]["parts_ms"])
-    print(f"| step | ms | AR steps | MB read | floor ms | % of floor | {' | '.join(kinds)} |")
-    print("|---|---|---|---|---|---|" + "---|" * len(kinds))
+    print(f"| step | ms | AR steps | MB read | floor ms | % of floor | {' | '.join(kinds)} | GEMM calls (fixed cost ms) |")
+    print("|---|---|---|---|---|---|" + "---|" * (len(kinds) + 1))
     for r in rows:
         print(f"| {r['step']} | {r['ms']:.2f} | {r['ms'] / ar_ms:.2f} | {sum(r['bytes'].values()) / 1e6:.0f} | "
               f"{r['floor_ms']:.2f} | {100 * r['floor_ms'] / r['ms']:.0f} % | "
-              + " | ".join(f"{r['parts_ms'][k]:.2f}" for k in kinds) + " |")
+              + " | ".join(f"{r['parts_ms'][k]:.2f}" for k in kinds)
+              + f" | {r['gemm_calls']} ({r['gemm_calls'] * call_us / 1000:.2f}) |")
     write_json(args, {"machine": machine_line(), "args": vars(args), "bandwidth_gb_s": bandwidth,
-                      "matmul_gflop_s": flops, "steps": rows})
+                      "matmul_gflop_s": flops, "linear_call_us": call_us, "steps": rows})
     return []
 
 

@@ -60,6 +60,18 @@ def matmul_throughput(dtype: torch.dtype, device: torch.device, n: int = 2048) -
         size *= 2
 
 
+def linear_call_us(dtype: torch.dtype, device: torch.device, calls: int = 100) -> float:
+    """Microseconds a compiled linear map costs per call when it has next to nothing to do (a chain of 64 x 64 maps,
+    compiled as the decoding steps are): the fixed cost of each of a step's library calls, whatever their size."""
+    chain = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False, dtype=dtype, device=device)
+                                  for _ in range(calls)])
+    first, x = chain[:1], torch.randn(1, 64, dtype=dtype, device=device)
+    step = s3d.compiled(lambda net, x: net(x), device.type, False, autotune=dtype != torch.bfloat16)  # as step_fn
+    with torch.no_grad():
+        one, every = median_ms(lambda: step(first, x), repeats=200), median_ms(lambda: step(chain, x), repeats=200)
+    return 1000 * max(0.0, every - one) / (calls - 1)
+
+
 def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab: int = 0,
                adapters: bool = False) -> dict[str, int]:
     """Bytes one forward must read: the linear maps of `layers`, the output head (or the draft's rows of it), the
@@ -96,9 +108,10 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     return ""
 
 
-def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...], repeats: int = 10) -> dict[str, float]:
-    """Milliseconds per call of each kernel kind, from the profiler; 'outside kernels' is the rest of the
-    unprofiled wall time: guard checks, the wrapper between kernels, host work."""
+def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
+              repeats: int = 10) -> tuple[dict[str, float], int]:
+    """Milliseconds per call of each kernel kind, from the profiler ('outside kernels' is the rest of the
+    unprofiled wall time: guard checks, the wrapper between kernels, host work), and the GEMM calls per call."""
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
@@ -117,7 +130,7 @@ def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...], repe
         if kind:
             parts[kind] += event.self_cpu_time_total / 1000 / repeats
     parts["outside kernels"] = max(0.0, wall_ms - sum(parts.values()))
-    return parts
+    return parts, sum(kind in ("linear maps", "output head") for kind in kinds) // repeats
 
 
 def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) -> dict[str, Callable]:
@@ -188,8 +201,9 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
         model.heads = h
         ms = statistics.median(times[label])
         moved = step_bytes(model, context + tokens, layers, vocab, adapters=layers is kept)
+        parts, gemm_calls = breakdown(call, ms, (model.config.vocab_size, vocab))
         rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
-                     "parts_ms": breakdown(call, ms, (model.config.vocab_size, vocab))})
+                     "parts_ms": parts, "gemm_calls": gemm_calls})
         print(f"{label}: {ms:.2f} ms", flush=True)
     return rows
 
