@@ -12,6 +12,7 @@ warm-up, and checks every greedy speculative answer against AR token for token. 
 torch version and date with its table; a greedy answer that differs from AR's (beyond a tie) exits with code 1.
 """
 import argparse
+import dataclasses
 import json
 import multiprocessing
 import os
@@ -61,7 +62,7 @@ def bench_decode(args) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # Spec-Bench-style evaluation: every method answers the same prompts, turn by turn, in one process.
 
-SPECULATIVE = tuple(s3d.DRAFTERS)
+SPECULATIVE = (*s3d.DRAFTERS, "adaptive")  # adaptive: the s3d draft, with AR steps wherever they are faster
 METHODS = ("ar", *SPECULATIVE, "hf")
 
 
@@ -75,7 +76,8 @@ def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
     return {"answers": len(records), "new_tokens": sum(r["new_tokens"] for r in records), "tokens_per_s": rate,
             "speedup": rate / ar_rate, "tau": s3d.mean_tokens_per_iteration(accepted) if accepted else 1.0,
             "acceptance": s3d.acceptance_rates(accepted, gamma) if accepted else [],
-            "matches_ar": sum(r["matches_ar"] for r in records), "ties": sum(map(is_tie, records))}
+            "matches_ar": sum(r["matches_ar"] for r in records), "ties": sum(map(is_tie, records)),
+            "ar_steps": sum(r.get("ar_steps", 0) for r in records)}
 
 
 def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
@@ -128,6 +130,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                             "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
                             if result.decode_time > 0 else None,
                             "iterations": len(result.accepted), "accepted": result.accepted,
+                            "ar_steps": result.ar_steps,
                             "paths": result.paths,
                             "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
                             "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
@@ -179,9 +182,10 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
 
 def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
     d = drafts.get(method)
-    if method == "s3d":
+    if method in ("s3d", "adaptive"):
         tree = f", tree {d.tree} ({len(d.tree) - 1} nodes)" if d.tree else ""
-        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}{tree}"
+        adaptive = ", adaptive" if d.adaptive else ""
+        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}{tree}{adaptive}"
     if method == "skip":
         return f"skip {d.skip[0]}:{d.skip[1]}"
     if method == "model":
@@ -208,6 +212,10 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
     for method, f in result["summary"].items():
         print(f"{table_row(method_label(method, args, drafts), f)} {f['peak_memory_gib']:.2f} GiB | "
               f"{f['tokens_per_s_per_gib']:.1f} |")
+    for method, f in result["summary"].items():
+        if f["ar_steps"]:
+            print(f"\n{method_label(method, args, drafts)}: {f['ar_steps']} of its {f['new_tokens']} tokens "
+                  f"({100 * f['ar_steps'] / f['new_tokens']:.0f} %) came from AR steps taken instead of iterations")
     for method, f in result["summary"].items():
         if method != "ar" and len(f["categories"]) > 1:
             print(f"\nPer category, {method_label(method, args, drafts)} against AR on the same prompts:\n")
@@ -463,6 +471,10 @@ def bench_speculative(args) -> list[dict]:
         drafts = {}
         for kind in [m for m in args.methods if m in SPECULATIVE]:
             skip = args.skip or (drafts["s3d"].skip if "s3d" in drafts else None)  # skip draws on the heads' range
+            if kind == "adaptive":  # the s3d method's draft, or the one it would have
+                base = drafts.get("s3d") or cli.make_draft(model, "s3d", args.gamma, skip, args.heads, 8, None, args.tree)
+                drafts[kind] = dataclasses.replace(base, adaptive=True)
+                continue
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
                                           args.tree if kind == "s3d" else None)
         output = evaluate(args, model, tok, rows, drafts)
@@ -507,7 +519,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
     p.add_argument("--limit", "--per_category", type=int, default=1, help="prompts per category")
-    p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS,
+                   help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive)")
     p.add_argument("--heads", type=Path, nargs="+", default=None,
                    help="S3D heads file (default: fresh, untrained heads); --profile/--sweep take several")
     p.add_argument("--skip", type=cli.skip_range, default=None, metavar="S:E",
@@ -552,8 +565,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.plot and not (args.profile or args.sweep):
         p.error("--plot goes with --profile or --sweep")
     if args.tree is not None:
-        if "s3d" not in args.methods or args.profile or args.sweep:
-            p.error("--tree goes with --methods s3d (for --profile/--sweep: --trees)")
+        if not {"s3d", "adaptive"} & set(args.methods) or args.profile or args.sweep:
+            p.error("--tree goes with --methods s3d or adaptive (for --profile/--sweep: --trees)")
     if args.trees and not ((args.profile or args.sweep) and args.draft == "s3d"):
         p.error("--trees goes with --profile or --sweep of the s3d draft")
     if [t for t in args.trees if t.depth not in args.gammas]:

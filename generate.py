@@ -6,6 +6,7 @@
     python generate.py --draft skip --skip 10:20 --gamma 3                    # training-free layer-skip draft
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -52,7 +53,9 @@ class DraftView:
     target's next token comes free as the bonus: `+ [ it]`. With --tree, the candidates that lost to the accepted
     one at a depth follow it in braces, and all those tried at the depth where none was accepted are red:
 
-       7  2/4  [ The]{[ A][ In]}[ robot]{[ cat]} x[ was][ is] -> [ had]"""
+       7  2/4  [ The]{[ A][ In]}[ robot]{[ cat]} x[ was][ is] -> [ had]
+
+    With --adaptive, a plain AR step taken instead of an iteration shows as `AR -> [ had]`."""
 
     GREEN, RED, YELLOW, DIM, RESET = "\033[32m", "\033[9;31m", "\033[33m", "\033[2m", "\033[0m"
 
@@ -70,7 +73,11 @@ class DraftView:
         print(f"{0:4d}  prefill  {self.piece(token, self.YELLOW)}", flush=True)
 
     def __call__(self, candidates: list[list[int]], n: int, target: int) -> None:
-        """candidates: s3d.speculative_generate's, the tokens tried at each depth (the accepted one first)."""
+        """candidates: s3d.speculative_generate's, the tokens tried at each depth (the accepted one first); None
+        for an AR step."""
+        if candidates is None:
+            print(f"{'':4s}  AR   -> {self.piece(target, self.YELLOW)}", flush=True)
+            return
         self.accepted.append(n)
         line = ""
         for tried in candidates[:n]:
@@ -132,6 +139,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="verify a tree of the S3D draft's candidates in one forward: how many at each depth (its "
                            "depth is g), e.g. 3,2,1,1: the best 3 at depth 1, the best 2 after each, .. (21 nodes); "
                            "bench.py --sweep --trees picks one for this machine")
+    spec.add_argument("--adaptive", action="store_true",
+                      help="take plain AR steps instead of speculating wherever they have been making tokens faster "
+                           "(timed as decoding runs); the output is the same")
     spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
     spec.add_argument("--show_drafts", action="store_true",
                       help="show every iteration: accepted drafts (green), the first rejected one (red) and the "
@@ -143,6 +153,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         args.draft = "s3d"
     if args.show_drafts and args.draft is None:
         p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
+    if args.adaptive and args.draft in (None, "model"):
+        p.error("--adaptive chooses between AR steps and S3D or layer-skip drafts: add --s3d HEADS or --draft skip")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:
@@ -223,6 +235,9 @@ def report(result: s3d.Result, model: Transformer, device: torch.device, compile
         lines.append(f"{len(result.accepted)} iterations, tau {s3d.mean_tokens_per_iteration(result.accepted):.2f} tokens "
                      f"per iteration (bonus included), acceptance per draft position "
                      f"{' '.join(f'{a:.2f}' for a in rates)}")
+    if result.ar_steps:
+        lines.append(f"{result.ar_steps} AR steps taken instead of iterations (--adaptive: speculating was the slower "
+                     f"there)")
     if ar is not None:
         same = "identical output" if ar.tokens == result.tokens else "outputs differ (sampling, or a near-tie)"
         lines.append(f"AR {tokens_per_second(ar):.1f} tokens/s: speedup {tokens_per_s / tokens_per_second(ar):.2f}x, {same}")
@@ -264,6 +279,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
     draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint, args.tree)
+    if args.adaptive:
+        draft = dataclasses.replace(draft, adaptive=True)
     messages = [{"role": "user", "content": args.prompt}]
     check_length(model, cli.encode_prompt(tokenizer, messages, chat), args.max_new_tokens, draft)
     compile_time = None

@@ -10,13 +10,15 @@ One S3D iteration (docs/design.md, section 2), with `cur` the last accepted toke
 
 The baselines use the same verify and acceptance and differ only in their draft function, chosen once before the
 loop (DRAFTERS): the layer-skipped model drafting one token at a time (Draft & Verify style, no adapters) and a
-separate small draft model (as in gpt-fast). The speed model (predicted_speedup) is at the end.
+separate small draft model (as in gpt-fast). Adaptive decoding (Pace) takes plain AR steps instead of iterations
+wherever speculating has been the slower of the two. The speed model (predicted_speedup) is at the end.
 """
 import collections
 import functools
 import gc
 import itertools
 import math
+import statistics
 import sys
 import time
 import warnings
@@ -177,6 +179,7 @@ class Result:
     time_to_first_token: float = 0.0  # seconds
     decode_time: float = 0.0  # seconds from the first token to the last
     paths: list[list[int]] = field(default_factory=list)  # tree verification: the accepted path's nodes per iteration
+    ar_steps: int = 0  # adaptive decoding: the AR steps taken instead of iterations
 
 
 def emit(out: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int],
@@ -304,12 +307,14 @@ def draft_one_by_one(step: Callable, model: Transformer, cur: Tensor, pos: int, 
 class Draft:
     """What drafts gamma tokens per iteration: kind "s3d" (the target's heads), "skip" (the target with layers
     skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary). With a tree
-    (S3D only), several candidates per position are verified at once, gamma being the tree's depth."""
+    (S3D only), several candidates per position are verified at once, gamma being the tree's depth. Adaptive: take
+    AR steps instead of iterations wherever they have been making tokens faster (Pace)."""
     kind: str = "s3d"
     gamma: int = 4
     skip: Optional[tuple[int, int]] = None
     model: Optional[Transformer] = None
     tree: Optional["Tree"] = None
+    adaptive: bool = False
 
     @property
     def slots(self) -> int:
@@ -588,6 +593,9 @@ def check_draft(model: Transformer, draft: Draft) -> None:
         raise ValueError("the layer-skip draft needs a skip range")
     if draft.kind == "model" and (draft.model is None or draft.model.config.vocab_size != model.config.vocab_size):
         raise ValueError("the model draft needs a draft model with the target's vocabulary")
+    if draft.adaptive and draft.kind == "model":  # the small model's cache would miss the AR steps' tokens
+        raise UsageError("adaptive decoding goes with the drafts that share the target's cache (s3d, skip), not the "
+                         "model draft")
     if draft.tree is not None:  # the user's tree: UsageError, one line from the programs (cli.make_draft calls this)
         if draft.kind != "s3d":
             raise UsageError(f"tree verification takes the S3D draft's candidates, not the {draft.kind} draft's")
@@ -596,6 +604,47 @@ def check_draft(model: Transformer, draft: Draft) -> None:
         choices = model.config.vocab_size if model.heads.draft_vocab is None else len(model.heads.draft_vocab)
         if max(n[-1] for n in draft.tree.nodes[1:]) >= choices:
             raise UsageError(f"the tree {draft.tree} asks for more candidates than the draft's {choices} tokens")
+
+
+class Pace:
+    """Adaptive decoding's choice, before each step, between a speculative iteration and a plain AR step: whichever
+    has been making tokens faster, timed as decoding runs, so that it holds for this machine and this text.
+    Speculation pays only where the text is predictable enough (docs/design.md, section 4: E[tau] against cd + cv);
+    where it is not (a translation, say), AR steps cost less. Either way each token is the target's (the choice
+    depends on the past only), so the output stays exactly AR's.
+
+    The first few steps are AR steps, to time one. Then iterations run until their median time over their mean
+    tokens (the last 16) is `margin` more than the median AR step (the last 16). The tokens an iteration makes vary
+    a lot (1 to g + 1: the mean of 16 varies by some 13 %), so that is judged on at least `probe` iterations since
+    the last switch, and with a margin against switching on noise; when they lose, a stretch of AR steps follows,
+    twice as long each time they lose again, before the next try."""
+
+    def __init__(self, ar_probe: int = 3, probe: int = 8, stretch: int = 16, longest: int = 128, margin: float = 0.15):
+        self.probe, self.shortest, self.longest, self.margin = probe, stretch, longest, margin
+        self.iterations = collections.deque(maxlen=16)  # (seconds, tokens) of the latest iterations
+        self.ar_seconds = collections.deque(maxlen=16)  # seconds of the latest AR steps
+        # the AR steps still to take, the next stretch's length, the iterations since the last AR step
+        self.ar_left, self.stretch, self.since_switch = ar_probe, stretch, 0
+
+    def speculate(self) -> bool:
+        return self.ar_left == 0
+
+    def ar_step_took(self, seconds: float) -> None:
+        self.ar_seconds.append(seconds)
+        self.ar_left -= 1
+        self.since_switch = 0
+
+    def iteration_took(self, seconds: float, tokens: int) -> None:
+        self.iterations.append((seconds, tokens))
+        self.since_switch += 1
+        if self.since_switch < self.probe:
+            return
+        per_token = statistics.median(s for s, _ in self.iterations) / statistics.mean(t for _, t in self.iterations)
+        if per_token <= (1 + self.margin) * statistics.median(self.ar_seconds):
+            self.stretch = self.shortest
+            return
+        self.ar_left, self.stretch = self.stretch, min(2 * self.stretch, self.longest)
+        self.iterations.clear()
 
 
 @torch.no_grad()
@@ -607,7 +656,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     distribution). on_iteration(candidates, n, target_token) sees every iteration: the drafts tried at each depth
     ([[d1], [d2], ..] for a chain; for a tree, the candidates after the accepted path's node, down to the first
     depth where none was accepted, the accepted one first), how many were accepted, and the target's own token
-    after them (the replacement, or the bonus when all g were accepted)."""
+    after them (the replacement, or the bonus when all g were accepted); with draft.adaptive, an AR step taken
+    instead of an iteration shows as on_iteration(None, 0, its token)."""
     check_draft(model, draft)
     gamma, tree, device = draft.gamma, draft.tree, model.output.weight.device
     for m in (model, draft.model):
@@ -615,6 +665,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             prepare_cache(m, len(prompt) + max_new_tokens + draft.slots)
     run_prefill = step_fn(prefill, model, compile_prefill, dynamic=True)
     verify = step_fn(verify_step if tree is None else verify_tree_step, model, compile)
+    ar_step, pace = (step_fn(decode_one_token, model, compile), Pace()) if draft.adaptive else (None, None)
 
     t0 = time.perf_counter()
     prompt_t, prompt_pos = torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)
@@ -626,6 +677,19 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     t1 = time.perf_counter()
     pos, result = len(prompt), Result(out)
     while not done:
+        if pace is not None and not pace.speculate():
+            start = time.perf_counter()
+            cur, _ = ar_step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None,
+                             causal_mask(model, pos, 1))
+            token = cur.item()  # the step's one host synchronisation
+            pace.ar_step_took(time.perf_counter() - start)
+            result.ar_steps += 1
+            if on_iteration is not None:
+                on_iteration(None, 0, token)
+            done = emit(out, [token], max_new_tokens, eos_ids, on_token)
+            cur, pos = cur.clone(), pos + 1  # a copy: under CUDA graphs the next replay writes over the output
+            continue
+        start = time.perf_counter()
         # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
         drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
         slots = torch.arange(pos, pos + draft.slots, device=device)
@@ -641,6 +705,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             candidates = tree_candidates(tree, path, host[2 * gamma + 3:]) if on_iteration is not None else []
         n = host[0]
         result.accepted.append(n)
+        if pace is not None:
+            pace.iteration_took(time.perf_counter() - start, n + 1)
         if on_iteration is not None:
             on_iteration(candidates, n, host[n + 1])
         done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)

@@ -172,6 +172,8 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "s3d", "--tree", "3,0"), "at least one candidate per depth"),
     (("--draft", "s3d", "--tree", "20,20"), "has 420 nodes; at most 256"),
     (("--draft", "s3d", "--tree", "2,1", "--gamma", "3"), "drop --gamma 3"),
+    (("--adaptive",), "--adaptive chooses between AR steps and S3D or layer-skip drafts"),
+    (("--draft", "model", "--draft_checkpoint", "x", "--adaptive"), "--adaptive chooses between AR steps"),
 ])
 def test_bad_speculative_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(run(*args), pattern)
@@ -216,6 +218,20 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout
     for k in range(5):
         assert re.search(rf"^ +{k} \| #* +{result.accepted.count(k)}$", proc.stdout, re.M), proc.stdout
+
+
+def test_adaptive_show_drafts_marks_the_ar_steps_and_the_text_is_ar(default_checkpoint):
+    """With --adaptive the first steps are AR steps (they time one), shown as such; the answer is AR's."""
+    prompt_text = "Name three prime numbers."
+    common = ("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text)
+    proc = run(*common, "--show_drafts", "--adaptive", "--s3d", HEADS)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ar_lines = re.findall(r"^ +AR +-> \[", proc.stdout, re.M)
+    assert len(ar_lines) >= 3
+    assert re.search(rf"^{len(ar_lines)} AR steps taken instead of iterations", proc.stderr, re.M), proc.stderr
+    ar = run(*common)
+    assert ar.returncode == 0, ar.stderr[-2000:]
+    assert ar.stdout.strip() in proc.stdout
 
 
 def test_show_drafts_colours_only_change_the_colour(default_checkpoint):

@@ -1,5 +1,6 @@
 """s3d.py: speculative decoding is lossless (greedy: token for token; sampling: in distribution), for every draft
-kind and g, with exact EOS and max_new_tokens handling, no recompilation and one host sync per iteration."""
+kind and g, adaptive decoding included, with exact EOS and max_new_tokens handling, no recompilation and one host
+sync per iteration."""
 import itertools
 import math
 import sys
@@ -298,30 +299,127 @@ def test_errors():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Compiled loop: no recompilation after warm-up, one host synchronisation per iteration.
+# Adaptive decoding: AR steps wherever they have been making tokens faster.
+
+
+def test_pace_times_ar_first_then_falls_back_for_longer_stretches_while_speculating_loses():
+    pace = s3d.Pace(ar_probe=3, probe=8, stretch=16, longest=128, margin=0.15)
+    for _ in range(3):  # the first steps time an AR step
+        assert not pace.speculate()
+        pace.ar_step_took(1.0)
+    assert pace.speculate()
+    for _ in range(8):  # 3 tokens per 2 s against 1 token per s: speculating wins
+        pace.iteration_took(2.0, 3)
+        assert pace.speculate()
+    for _ in range(16):  # 1 token per 1.1 s: slower, but within the margin
+        pace.iteration_took(1.1, 1)
+        assert pace.speculate()
+    for stretch in (16, 32, 64, 128, 128):  # 1 token per 2 s: it loses, and each time it tries again it loses again
+        iterations = 0
+        while pace.speculate():
+            pace.iteration_took(2.0, 1)
+            iterations += 1
+        assert iterations >= 8  # judged on at least 8 iterations since the switch
+        steps = 0
+        while not pace.speculate():
+            pace.ar_step_took(1.0)
+            steps += 1
+        assert steps == stretch
+    for _ in range(8):  # once it wins again, the next stretch is the shortest
+        pace.iteration_took(2.0, 3)
+        assert pace.speculate()
+    while pace.speculate():
+        pace.iteration_took(2.0, 1)
+    assert pace.ar_left == 16
+
+
+class ScriptedPace:
+    """AR steps (A) and iterations (S) in a fixed pattern, whatever the timings."""
+
+    def __init__(self, pattern: str):
+        self.pattern, self.steps = pattern, 0
+
+    def speculate(self) -> bool:
+        return self.pattern[self.steps % len(self.pattern)] == "S"
+
+    def ar_step_took(self, seconds: float) -> None:
+        self.steps += 1
+
+    def iteration_took(self, seconds: float, tokens: int) -> None:
+        self.steps += 1
 
 
 @pytest.mark.parametrize("draft", ["s3d", "skip"])
-def test_compiled_loop_is_lossless_and_never_recompiles(draft):
+@pytest.mark.parametrize("pattern", ["AS", "SAAS", None], ids=["AS", "SAAS", "timed"])
+def test_adaptive_greedy_is_token_for_token_ar(monkeypatch, draft, pattern):
+    if pattern is not None:
+        monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace(pattern))
+    model = with_trained_looking_heads(tiny_model())
+    with torch.no_grad():
+        for prompt in PROMPTS:
+            spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft(draft, 4, (2, 4), adaptive=True))
+            assert spec.tokens == s3d.ar_generate(model, prompt, 40).tokens
+            assert sum(n + 1 for n in spec.accepted) + spec.ar_steps >= 39
+            if pattern is not None:
+                assert spec.ar_steps > 0 and spec.accepted
+
+
+def test_adaptive_refuses_the_model_draft():
+    model = tiny_model()
+    with pytest.raises(UsageError, match="adaptive decoding goes with"):
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("model", 3, model=tiny_model(n_layer=2), adaptive=True))
+
+
+@pytest.mark.parametrize("temperature,top_k", SAMPLING_CASES)
+def test_adaptive_sampling_matches_the_ar_distribution(monkeypatch, temperature, top_k):
+    """The first token after prefill from an AR step, the next from an iteration (and the reverse)."""
+    model = sampling_model()
+    prompt = [1, 3, 0, 2]
+    exact = exact_first_tokens_distribution(model, prompt, 3, temperature, top_k)
+    for pattern in ("AS", "SA"):
+        monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace(pattern))
+        counts = {}
+        torch.manual_seed(0)
+        with torch.no_grad():
+            for _ in range(N_SAMPLES):
+                r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", 3, adaptive=True),
+                                             sampling=s3d.Sampling(temperature, top_k))
+                counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+        p = chi_square_p_value(counts, exact, N_SAMPLES)
+        assert p > 1e-3, f"adaptive sampling ({pattern}) differs from AR sampling: chi-square p={p:.2e}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compiled loop: no recompilation after warm-up, one host synchronisation per iteration.
+
+
+@pytest.mark.parametrize("draft,adaptive", [("s3d", False), ("skip", False), ("s3d", True)])
+def test_compiled_loop_is_lossless_and_never_recompiles(monkeypatch, draft, adaptive):
     import torch._dynamo
 
+    monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace("ASS"))  # adaptive: AR steps and iterations both
     model = with_trained_looking_heads(tiny_model())
     if draft == "s3d":  # compiled on a CPU: adapters folded into the frozen weights, and a draft vocabulary
         with_draft_vocab(model, torch.randperm(96, generator=torch.Generator().manual_seed(1))[:48])
     with torch.no_grad():
-        warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft(draft, 4, (2, 4)), compile=True)
+        warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft(draft, 4, (2, 4), adaptive=adaptive),
+                                        compile=True)
         assert warm.tokens == s3d.ar_generate(model, PROMPTS[0], 20).tokens
         torch._dynamo.config.error_on_recompile = True
         try:
             for prompt in PROMPTS[1:]:
-                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft(draft, 4, (2, 4)), compile=True)
+                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft(draft, 4, (2, 4), adaptive=adaptive),
+                                                compile=True)
                 assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+                assert (spec.ar_steps > 0) == adaptive
         finally:
             torch._dynamo.config.error_on_recompile = False
 
 
-@pytest.mark.parametrize("tree", [None, s3d.top_k_tree((3, 2, 1, 1))], ids=["chain", "tree"])
-def test_one_host_sync_per_iteration(monkeypatch, tree):
+@pytest.mark.parametrize("tree,adaptive", [(None, False), (s3d.top_k_tree((3, 2, 1, 1)), False), (None, True)],
+                         ids=["chain", "tree", "adaptive"])
+def test_one_host_sync_per_iteration(monkeypatch, tree, adaptive):
+    monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace("AS"))
     calls = {"n": 0}
     for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
         original = getattr(torch.Tensor, name)
@@ -333,8 +431,9 @@ def test_one_host_sync_per_iteration(monkeypatch, tree):
         monkeypatch.setattr(torch.Tensor, name, counting)
     model = with_trained_looking_heads(tiny_model())
     with torch.no_grad():
-        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4, tree=tree))
-    assert calls["n"] == len(r.accepted) + 1  # + the first token, sampled by prefill
+        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4, tree=tree, adaptive=adaptive))
+    assert calls["n"] == len(r.accepted) + r.ar_steps + 1  # + the first token, sampled by prefill
+    assert (r.ar_steps > 0) == adaptive
 
 
 def test_batched_generation_equals_one_by_one_greedy():
