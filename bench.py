@@ -77,14 +77,15 @@ def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
             "speedup": rate / ar_rate, "tau": s3d.mean_tokens_per_iteration(accepted) if accepted else 1.0,
             "acceptance": s3d.acceptance_rates(accepted, gamma) if accepted else [],
             "matches_ar": sum(r["matches_ar"] for r in records), "ties": sum(map(is_tie, records)),
-            "ar_steps": sum(r.get("ar_steps", 0) for r in records)}
+            "ar_steps": sum(r["ar_steps"] for r in records)}
 
 
 def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
              reference: Optional[list[dict]] = None) -> dict:
     """Runs every method of args.methods (the speculative ones with their drafts) over every row, turn by turn
-    (method after method, or with args.interleave row after row, every method answering each row); returns per-prompt records and summaries (JSON-ready). Answers are compared with AR's, from this run or, when
-    AR is not among the methods, from reference records."""
+    (method after method, or with args.interleave row after row, every method answering each row); returns
+    per-prompt records and summaries (JSON-ready). Answers are compared with AR's, from this run or, when AR is not
+    among the methods, from reference records."""
     device, hf = model.output.weight.device, None
     sampling = s3d.Sampling(args.temperature, args.top_k, args.top_p)
 
@@ -154,17 +155,18 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                 for method in args.methods:
                     answer_row(method, row)
             peaks = dict.fromkeys(args.methods, cli.peak_memory_bytes(device))
-        for n, method in enumerate([] if args.interleave else args.methods):
-            if method == "hf":  # built only now, so that the other methods' peak memory does not include it
-                hf = peers.transformers_copy(model)
-            if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
-                s3d.release_compiled()
-            run(method, warm_up)
-            cli.return_freed_memory()
-            cli.reset_peak_memory(device)
-            for row in tqdm(rows, desc=method, unit="prompt"):
-                answer_row(method, row)
-            peaks[method] = cli.peak_memory_bytes(device)
+        else:
+            for n, method in enumerate(args.methods):
+                if method == "hf":  # built only now, so that the other methods' peak memory does not include it
+                    hf = peers.transformers_copy(model)
+                if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
+                    s3d.release_compiled()
+                run(method, warm_up)
+                cli.return_freed_memory()
+                cli.reset_peak_memory(device)
+                for row in tqdm(rows, desc=method, unit="prompt"):
+                    answer_row(method, row)
+                peaks[method] = cli.peak_memory_bytes(device)
     summary = {}
     for method in args.methods:
         mine, ar = [r for r in records if r["method"] == method], [r for r in records + (reference or []) if r["method"] == "ar"]

@@ -621,10 +621,10 @@ class Pace:
 
     def __init__(self, ar_probe: int = 3, probe: int = 8, stretch: int = 16, longest: int = 128, margin: float = 0.15):
         self.probe, self.shortest, self.longest, self.margin = probe, stretch, longest, margin
-        self.iterations = collections.deque(maxlen=16)  # (seconds, tokens) of the latest iterations
+        # (seconds, tokens) of the latest iterations since the last AR step (a stretch of AR steps empties it)
+        self.iterations = collections.deque(maxlen=max(16, probe))
         self.ar_seconds = collections.deque(maxlen=16)  # seconds of the latest AR steps
-        # the AR steps still to take, the next stretch's length, the iterations since the last AR step
-        self.ar_left, self.stretch, self.since_switch = ar_probe, stretch, 0
+        self.ar_left, self.stretch = ar_probe, stretch  # the AR steps still to take, the next stretch's length
 
     def speculate(self) -> bool:
         return self.ar_left == 0
@@ -632,12 +632,10 @@ class Pace:
     def ar_step_took(self, seconds: float) -> None:
         self.ar_seconds.append(seconds)
         self.ar_left -= 1
-        self.since_switch = 0
 
     def iteration_took(self, seconds: float, tokens: int) -> None:
         self.iterations.append((seconds, tokens))
-        self.since_switch += 1
-        if self.since_switch < self.probe:
+        if len(self.iterations) < self.probe:
             return
         per_token = statistics.median(s for s, _ in self.iterations) / statistics.mean(t for _, t in self.iterations)
         if per_token <= (1 + self.margin) * statistics.median(self.ar_seconds):
