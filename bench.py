@@ -332,6 +332,8 @@ def bench_roofline(args) -> list:
     device = torch.device(args.device)
     model, _ = cli.load(args.checkpoint, device, DTYPES[args.dtype])
     n_layer, g = model.config.n_layer, args.gamma
+    if args.context + g + 1 > model.config.block_size:
+        raise UsageError(f"--context {args.context} does not fit the model's context of {model.config.block_size} tokens")
     s3d.prepare_cache(model, args.context + g + 1)
     bandwidth = roofline.read_bandwidth(device)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
@@ -558,9 +560,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("choose one of --roofline, --random_weights, --decode, --speculative (the default), --profile/--sweep")
     if "ar" not in args.methods:
         p.error("--methods needs ar: speedups are measured against it")
-    args.gamma = cli.tree_gamma(args.tree, args.gamma) or 4
-    if min([args.gamma, args.max_new_tokens, args.limit, *args.gammas]) < 1:
-        p.error("--gamma, --gammas, --max_new_tokens and --limit must be at least 1")
+    g = cli.tree_gamma(args.tree, args.gamma)
+    args.gamma = 4 if g is None else g
+    if min([args.gamma, args.max_new_tokens, args.limit, args.repeats, args.context, *args.gammas]) < 1:
+        p.error("--gamma, --gammas, --max_new_tokens, --limit, --repeats and --context must be at least 1")
+    if args.random_weights and args.context + max(args.gammas) + 1 > roofline.SHAPES[args.random_weights]["block_size"]:
+        p.error(f"--context {args.context} does not fit {args.random_weights}'s context of "
+                f"{roofline.SHAPES[args.random_weights]['block_size']} tokens")
     cli.check_sampling(args.temperature, args.top_k, args.top_p)
     if args.interleave and (args.roofline or args.random_weights or args.decode):
         p.error("--interleave goes with the evaluation, --profile/--sweep and --formats")

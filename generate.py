@@ -155,6 +155,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
     if args.adaptive and args.draft in (None, "model"):
         p.error("--adaptive chooses between AR steps and S3D or layer-skip drafts: add --s3d HEADS or --draft skip")
+    if args.skip is not None and args.draft in (None, "model"):
+        p.error("--skip sets the layers the S3D or layer-skip draft leaves out: add --s3d HEADS or --draft {s3d,skip}")
+    if args.gamma is not None and args.draft is None:
+        p.error("--gamma sets the tokens drafted per iteration: add --s3d HEADS or --draft {s3d,skip,model}")
     if args.gamma is not None and args.gamma < 1:
         p.error(f"--gamma must be at least 1, got {args.gamma}")
     if args.max_new_tokens < 1:

@@ -587,7 +587,8 @@ def main(argv: Optional[list[str]] = None) -> None:
                                ("--steps", args.steps, 0 if args.init else 1), ("--draft_vocab", 1 if args.draft_vocab is None else args.draft_vocab, 1),
                                ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
                                ("--data_max_new_tokens", args.data_max_new_tokens, 2),
-                               ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1)):
+                               ("--prompts_per_batch", args.prompts_per_batch, 1), ("--eval_every", args.eval_every, 1),
+                               ("--eval_anchors", args.eval_anchors, 1)):
         if value < least:
             raise UsageError(f"{name} must be at least {least}, got {value}")
     if args.synth_prompts < 0:

@@ -196,6 +196,11 @@ def test_speed_model_by_hand():
     (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
     (("--tree", "2,x"), "--tree takes candidates per depth"),
     (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
+    (("--gamma", "0"), "must be at least 1"),
+    (("--decode", "--repeats", "0"), "must be at least 1"),
+    (("--roofline", "--context", "0"), "must be at least 1"),
+    (("--roofline", "--context", "100000"), "--context 100000 does not fit the model's context of 8192 tokens"),
+    (("--random_weights", "tiny", "--context", "5000"), "--context 5000 does not fit tiny's context of 1024 tokens"),
 ])
 def test_bad_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(pattern, *args)

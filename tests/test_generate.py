@@ -93,6 +93,8 @@ def test_prompt_longer_than_context(default_checkpoint):
     (("--dtype", "float8"), "argument --dtype: invalid choice: 'float8'"),
     (("--top_p", "1.5"), "--top_p must be in (0, 1]"),
     (("--temperature", "nan"), "--temperature must be a number >= 0, got nan"),
+    (("--skip", "5:3"), "--skip sets the layers the S3D or layer-skip draft leaves out"),
+    (("--gamma", "3"), "--gamma sets the tokens drafted per iteration"),
 ])
 def test_bad_arguments(args, pattern):
     if args == ("--device", "cuda") and torch.cuda.is_available():

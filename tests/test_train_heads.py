@@ -297,6 +297,7 @@ def test_a_cache_cut_off_mid_line_is_completed_and_a_corrupt_one_named(tmp_path)
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--draft_vocab", "0"], "--draft_vocab must be at least 1"),
+    (["--eval_anchors", "0"], "--eval_anchors must be at least 1"),
     (["--init", "h.safetensors", "--skip", "1:3"], "--init takes the heads' own skip range"),
 ])
 def test_cli_errors(tmp_path, capsys, flags, message):
