@@ -433,6 +433,11 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         optimizer.load_state_dict(state["optimizer"])
         step, cursor, order = state["step"], state["cursor"], state["order"]
         seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
+        # the log ran on past the last save (and may end in a torn line): keep what the saved state had seen
+        kept = [line for line in log_path.read_text().splitlines(keepends=True) if logged_step(line) <= step] \
+            if log_path.is_file() else []
+        with written_then_renamed(log_path) as tmp:
+            tmp.write_text("".join(kept))
     if args.offset_weights == "reached":  # from the heads' held-out acceptance, renewed at every evaluation
         if acceptance is None:
             acceptance = evaluate(model, heldout, args.gamma, args.eval_anchors)[0]
@@ -502,6 +507,14 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
+
+
+def logged_step(line: str) -> float:
+    """The step of one line of the training log; infinity for a line cut off by a killed run."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

@@ -210,9 +210,13 @@ def test_resume_continues_where_it_stopped(tmp_path):
     straight = run(4, False).state_dict()
     (tmp_path / "h.log.jsonl").unlink()
     run(2, False)
+    with (tmp_path / "h.log.jsonl").open("a") as log:  # a step logged after the last save, then a torn line
+        log.write(json.dumps({"step": 3, "loss": 9.0}) + "\n" + '{"step": 4, "lo')
     resumed = run(4, True).state_dict()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k])
+    logged = [json.loads(line)["step"] for line in (tmp_path / "h.log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4]  # each step once, the resumed run's step 3 instead of the dead one's
 
 
 def test_a_planted_pickle_in_the_training_state_never_runs(tmp_path):
