@@ -57,15 +57,15 @@ def read_prompts(path: Path) -> list[dict]:
 
 
 def read_sequences(path: Path) -> list[dict]:
-    """The rows of an append-only JSON-lines cache. A run killed mid-write leaves a last line without its newline:
-    it is cut off here (and made again), so that the next append starts a line of its own."""
+    """The rows of a JSON-lines cache. One that a killed run of an older version left with a last line cut short is
+    cut back to its last whole line here (that row is then made again)."""
     if not path.is_file():
         return []
     text = path.read_text()
     if not text.endswith("\n") and text:
         text = text[: text.rfind("\n") + 1]
-        with path.open("r+") as f:
-            f.truncate(len(text.encode()))
+        with written_then_renamed(path) as tmp:
+            tmp.write_text(text)
     rows = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -75,6 +75,15 @@ def read_sequences(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             raise UsageError(f"{path}, line {number}: not JSON; delete the file to make its data again") from None
     return rows
+
+
+def append_lines(path: Path, lines: list[str]) -> None:
+    """Adds lines to a JSON-lines cache: the whole file is written anew under a temporary name and renamed over the
+    old one, so that a run killed mid-write leaves the file as it was (a batch of rows to make again, nothing torn)."""
+    if lines:
+        old = path.read_text() if path.is_file() else ""
+        with written_then_renamed(path) as tmp:
+            tmp.write_text(old + "".join(lines))
 
 
 def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict], data_dir: Path, samples: int,
@@ -102,18 +111,16 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
         model.setup_caches(rows, -(-(max(len(t[2]) for t in todo) + max_new_tokens) // 64) * 64)
     bar = tqdm(total=len(todo), desc="self-distillation", unit="answer", disable=not todo)
     made, t0 = 0, time.perf_counter()
-    with seq_path.open("a") as f:
-        for batch in batches:
-            # keep the batch shape static (no recompile): fill a short batch with copies, dropped below
-            padded = [p for _, _, p in batch] + [batch[-1][2]] * (rows - len(batch))
-            sampling = s3d.Sampling(temperature if batch[0][1] > 0 else 0.0)
-            answers = s3d.generate_batch(model, padded, max_new_tokens, sampling, tokenizer.eos_ids, compile)
-            for (pid, k, prompt), answer in zip(batch, answers):
-                f.write(json.dumps({"id": pid, "sample": k, "prompt_len": len(prompt), "tokens": prompt + answer}) + "\n")
-                made += len(answer)
-            f.flush()
-            bar.update(len(batch))
-            bar.set_postfix(tokens=made, tok_s=f"{made / (time.perf_counter() - t0):.0f}")
+    for batch in batches:
+        # keep the batch shape static (no recompile): fill a short batch with copies, dropped below
+        padded = [p for _, _, p in batch] + [batch[-1][2]] * (rows - len(batch))
+        sampling = s3d.Sampling(temperature if batch[0][1] > 0 else 0.0)
+        answers = s3d.generate_batch(model, padded, max_new_tokens, sampling, tokenizer.eos_ids, compile)
+        append_lines(seq_path, [json.dumps({"id": pid, "sample": k, "prompt_len": len(prompt), "tokens": prompt + answer})
+                                + "\n" for (pid, k, prompt), answer in zip(batch, answers)])
+        made += sum(map(len, answers[:len(batch)]))
+        bar.update(len(batch))
+        bar.set_postfix(tokens=made, tok_s=f"{made / (time.perf_counter() - t0):.0f}")
     bar.close()
     if todo:
         print(f"self-distillation: {made} answer tokens, {len(todo)} answers in {(time.perf_counter() - t0) / 60:.1f} min")
@@ -124,8 +131,8 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
                   compile: bool, banned: set[str]) -> list[dict]:
     """n training prompts written by the instruct model itself (the Magpie method): given only its chat template's
     opening of a user turn, it samples what a user would ask. Kept: whole messages (ended by EOS) of 3 words to
-    1500 characters, none twice, none among `banned` (the evaluation prompts). Appended to
-    data_dir/synth_prompts.jsonl as they come, so a run asks only for what is missing."""
+    1500 characters, none twice, none among `banned` (the evaluation prompts). Added to
+    data_dir/synth_prompts.jsonl batch by batch, so a run asks only for what is missing."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "synth_prompts.jsonl"
     rows = read_sequences(path)[:n]
@@ -135,20 +142,20 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
     length = min(model.config.block_size, -(-(len(prefix) + 256) // 64) * 64)
     model.setup_caches(rows_per_batch, length)
     bar = tqdm(total=n, initial=len(rows), desc="synthetic prompts", unit="prompt", disable=len(rows) >= n)
-    with path.open("a") as f:
-        for _ in range(50 * n // rows_per_batch + 1):  # a generous bound, in case most samples are dropped
-            if len(rows) >= n:
-                break
-            for answer in s3d.generate_batch(model, [prefix] * rows_per_batch, length - len(prefix),
-                                             s3d.Sampling(1.0, None, 0.95), tokenizer.eos_ids, compile):
-                text = tokenizer.decode(answer[:-1], skip_special=True).strip()
-                key = normalized(text)
-                if (len(rows) < n and answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500
-                        and key not in seen):
-                    seen.add(key)
-                    rows.append({"id": f"synth_{len(rows)}", "prompt": text})
-                    f.write(json.dumps(rows[-1]) + "\n")
-                    bar.update(1)
+    for _ in range(50 * n // rows_per_batch + 1):  # a generous bound, in case most samples are dropped
+        if len(rows) >= n:
+            break
+        kept = len(rows)
+        for answer in s3d.generate_batch(model, [prefix] * rows_per_batch, length - len(prefix),
+                                         s3d.Sampling(1.0, None, 0.95), tokenizer.eos_ids, compile):
+            text = tokenizer.decode(answer[:-1], skip_special=True).strip()
+            key = normalized(text)
+            if (len(rows) < n and answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500
+                    and key not in seen):
+                seen.add(key)
+                rows.append({"id": f"synth_{len(rows)}", "prompt": text})
+        append_lines(path, [json.dumps(row) + "\n" for row in rows[kept:]])
+        bar.update(len(rows) - kept)
     bar.close()
     return rows
 
@@ -424,6 +431,7 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     state_path = args.out.with_suffix(".train.pt")
     log_path = args.out.with_suffix(".log.jsonl")
     step, cursor, seen_tokens, seen_drafts, elapsed = 0, 0, 0, 0, 0.0
+    logged: list[str] = []  # the log's lines, written out with every save, so that log and state always agree
     rng = random.Random(args.seed)
     order = list(range(len(train_seqs)))
     rng.shuffle(order)
@@ -433,11 +441,9 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
         optimizer.load_state_dict(state["optimizer"])
         step, cursor, order = state["step"], state["cursor"], state["order"]
         seen_tokens, seen_drafts, elapsed = state["seen_tokens"], state["seen_drafts"], state["elapsed"]
-        # the log ran on past the last save (and may end in a torn line): keep what the saved state had seen
-        kept = [line for line in log_path.read_text().splitlines(keepends=True) if logged_step(line) <= step] \
-            if log_path.is_file() else []
-        with written_then_renamed(log_path) as tmp:
-            tmp.write_text("".join(kept))
+        # the log as it was saved with the state (a log from an older version may run on past it, or end torn)
+        logged = [line.rstrip("\n") + "\n" for line in log_path.read_text().splitlines(keepends=True)
+                  if logged_step(line) <= step] if log_path.is_file() else []
     if args.offset_weights == "reached":  # from the heads' held-out acceptance, renewed at every evaluation
         if acceptance is None:
             acceptance = evaluate(model, heldout, args.gamma, args.eval_anchors)[0]
@@ -448,7 +454,6 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
     model.setup_caches(1, longest + args.gamma)
     bar = tqdm(total=args.steps, initial=step, desc="training", unit="step")
     t0 = time.perf_counter() - elapsed
-    log = log_path.open("a" if args.resume else "w")  # a new run starts a new log
     while step < args.steps:
         for param_group in optimizer.param_groups:
             param_group["lr"] = learning_rate(step, args.steps, args.lr, args.lr_schedule)
@@ -493,14 +498,14 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
             elapsed = time.perf_counter() - t0
             heads.meta |= {"trained_steps": step, "trained_tokens": seen_tokens, "heldout_tau": round(tau, 3)}
             heads.save(args.out)
+            with written_then_renamed(log_path) as tmp:
+                tmp.write_text("".join(logged) + json.dumps(record) + "\n")
             with written_then_renamed(state_path) as tmp:
                 torch.save({"heads": heads.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                             "cursor": cursor, "order": order, "seen_tokens": seen_tokens, "seen_drafts": seen_drafts,
                             "elapsed": elapsed}, tmp)
-        log.write(json.dumps(record) + "\n")
-        log.flush()
+        logged.append(json.dumps(record) + "\n")
     bar.close()
-    log.close()
     return {"steps": step, "sequence_tokens": seen_tokens, "draft_tokens": seen_drafts,
             "wall_s": time.perf_counter() - t0, "peak_memory_gib": cli.peak_memory_bytes(device) / 2**30}
 

@@ -2,6 +2,7 @@
 loss and leaves the target untouched, batched self-distillation equals one-by-one decoding, and the CLI's errors."""
 import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -259,6 +260,28 @@ def test_self_distillation_is_cached_and_resumed(tmp_path, monkeypatch):
     assert sorted({s["id"] for s in seqs}) == [p["id"] for p in prompts]
     with pytest.raises(train_heads.UsageError, match="other settings"):
         train_heads.generate_data(model, Tok(), prompts, tmp_path, 3, 8, 0.8, 2, False)
+
+
+def test_a_run_killed_while_writing_its_cache_leaves_the_cache_as_it_was(tmp_path, monkeypatch):
+    """The cache is written whole under a temporary name and renamed: killed mid-write, the old file stands."""
+    model = tiny_model()
+    prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(4)]
+    train_heads.generate_data(model, Tok(), prompts[:2], tmp_path, 1, 4, 0.8, 2, False)
+    before = (tmp_path / "sequences.jsonl").read_text()
+    real_write = Path.write_text
+
+    def killed_mid_write(self, text, *args, **kwargs):  # the sequences' write stops short; others go through
+        if "sequences" not in self.name:
+            return real_write(self, text, *args, **kwargs)
+        real_write(self, text[:-10], *args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_text", killed_mid_write)
+    with pytest.raises(KeyboardInterrupt):
+        train_heads.generate_data(model, Tok(), prompts, tmp_path, 1, 4, 0.8, 2, False)
+    monkeypatch.undo()
+    assert (tmp_path / "sequences.jsonl").read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["meta.json", "sequences.jsonl"]  # no temporary file left
 
 
 def test_a_cache_cut_off_mid_line_is_completed_and_a_corrupt_one_named(tmp_path):
