@@ -417,6 +417,14 @@ def reach_weights(acceptance: list[float]) -> list[float]:
     return weights
 
 
+def logged_step(line: str) -> float:
+    """The step of one line of the training log; infinity for a line cut off by a killed run."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout: list[dict], args,
           acceptance: Optional[list[float]] = None) -> dict:
     """Trains heads (attached to model) on the sequences; returns what it cost. Saves heads + state every eval.
@@ -512,14 +520,6 @@ def train(model: Transformer, heads: DraftHeads, train_seqs: list[dict], heldout
 
 # ---------------------------------------------------------------------------------------------------------------
 # CLI
-
-
-def logged_step(line: str) -> float:
-    """The step of one line of the training log; infinity for a line cut off by a killed run."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
 
 
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:

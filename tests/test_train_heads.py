@@ -285,8 +285,9 @@ def test_a_run_killed_while_writing_its_cache_leaves_the_cache_as_it_was(tmp_pat
 
 
 def test_a_cache_cut_off_mid_line_is_completed_and_a_corrupt_one_named(tmp_path):
-    """A run killed while appending leaves half a line: the next run drops it, remakes that answer and appends
-    after a whole line; a line broken in the middle of the file is a one-line error naming the file and line."""
+    """A cache that ends in half a line (an older version, killed while appending): the next run drops it, remakes
+    that answer and adds it after a whole line; a line broken in the middle of the file is a one-line error naming
+    the file and line."""
     model = tiny_model()
     prompts = [{"id": f"p{i}", "prompt": f"prompt {i}"} for i in range(3)]
     whole = train_heads.generate_data(model, Tok(), prompts, tmp_path, 1, 8, 0.8, 4, False)
