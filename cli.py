@@ -77,6 +77,19 @@ def tree_shape(text: str) -> s3d.Tree:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def tree_or_default(text: str) -> s3d.Tree | str:
+    """argparse type of generate.py's --tree: 'auto' (default_tree), 'chain', or candidates per depth."""
+    return text if text in ("auto", "chain") else tree_shape(text)
+
+
+def default_tree(device: torch.device, gamma: int) -> Optional[s3d.Tree]:
+    """What --tree auto verifies. On a GPU, where a verify forward of a few dozen rows costs about what one of 5
+    does, a tree: the draft's best 3 candidates at depth 1, the best 2 after each, then 1 (3,2,1,1 at g = 4, 21
+    nodes; on an H100 1.03x AR against the chain's 0.87x, BENCHMARKS.md section 17). On a CPU, where each row
+    costs, the chain (there 1.05x against 0.98x for the smallest tree, same section)."""
+    return s3d.top_k_tree(((3, 2) + (1,) * gamma)[:gamma]) if device.type == "cuda" else None
+
+
 def check_sampling(temperature: float, top_k: Optional[int], top_p: Optional[float]) -> None:
     """--temperature, --top_k and --top_p, as generate.py and bench.py take them."""
     if not 0 <= temperature < math.inf:
@@ -174,11 +187,18 @@ def tree_gamma(tree: Optional[s3d.Tree], gamma: Optional[int]) -> Optional[int]:
 
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,
                skip: Optional[tuple[int, int]] = None, heads: Optional[Path] = None, rank: int = 8,
-               draft_checkpoint: Optional[Path] = None, tree: Optional[s3d.Tree] = None) -> Optional[s3d.Draft]:
+               draft_checkpoint: Optional[Path] = None, tree: Optional[s3d.Tree | str] = None) -> Optional[s3d.Draft]:
     """The draft settings from the command line's, with every default and check in one place: the skip range
     defaults to the heads' (or the middle third), g to the tree's depth, else the heads' (or 4), and may not exceed
-    the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). None when kind is None:
-    plain AR."""
+    the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). tree may also be 'auto'
+    (default_tree for the model's device and g; printed) or 'chain'. None when kind is None: plain AR."""
+    auto = tree == "auto"
+    if tree == "chain":
+        if kind != "s3d":
+            raise UsageError("--tree chain is for the S3D draft: add --s3d HEADS")
+        tree = None
+    if auto:
+        tree = None
     if tree is not None:
         if kind is None:
             raise UsageError("--tree verifies the S3D draft's candidates: add --s3d HEADS")
@@ -196,7 +216,12 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
             model.set_heads(new_heads(model, skip or middle_third(n_layer), gamma or 4, rank))
-        draft = s3d.Draft("s3d", check_gamma(gamma or model.heads.gamma, model.heads), model.heads.skip, tree=tree)
+        gamma = check_gamma(gamma or model.heads.gamma, model.heads)
+        if auto:
+            device = model.output.weight.device
+            tree = default_tree(device, gamma)
+            print(f"--tree auto: {tree or 'the chain'} (a {device.type} device)", file=sys.stderr)
+        draft = s3d.Draft("s3d", gamma, model.heads.skip, tree=tree)
         s3d.check_draft(model, draft)
         return draft
     if kind == "model":

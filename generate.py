@@ -135,10 +135,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="skip layers S..E-1 in the draft (default: the heads' range, or the middle third)")
     spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
     spec.add_argument("--draft_checkpoint", type=Path, help="the small draft model for --draft model")
-    spec.add_argument("--tree", metavar="K1,K2,..", type=cli.tree_shape, default=None,
+    spec.add_argument("--tree", metavar="K1,K2,..", type=cli.tree_or_default, default="auto",
                       help="verify a tree of the S3D draft's candidates in one forward: how many at each depth (its "
                            "depth is g), e.g. 3,2,1,1: the best 3 at depth 1, the best 2 after each, .. (21 nodes); "
-                           "bench.py --sweep --trees picks one for this machine")
+                           "chain: one candidate per depth; auto (default): 3,2,1,.. on a GPU, the chain on a CPU. "
+                           "bench.py --sweep --trees measures them on this machine")
     spec.add_argument("--adaptive", action="store_true",
                       help="take plain AR steps instead of speculating wherever they have been making tokens faster "
                            "(timed as decoding runs); the output is the same")

@@ -174,6 +174,8 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "s3d", "--tree", "3,0"), "at least one candidate per depth"),
     (("--draft", "s3d", "--tree", "20,20"), "has 420 nodes; at most 256"),
     (("--draft", "s3d", "--tree", "2,1", "--gamma", "3"), "drop --gamma 3"),
+    (("--tree", "chain"), "--tree chain is for the S3D draft: add --s3d HEADS"),
+    (("--draft", "skip", "--tree", "chain"), "--tree chain is for the S3D draft"),
     (("--adaptive",), "--adaptive chooses between AR steps and S3D or layer-skip drafts"),
     (("--draft", "model", "--draft_checkpoint", "x", "--adaptive"), "--adaptive chooses between AR steps"),
 ])
@@ -195,8 +197,20 @@ def show_drafts_lines(stdout: str) -> list[tuple[int, int]]:
     return [(int(m[2]), int(m[3])) for m in found if m]
 
 
+def test_tree_auto_is_a_tree_on_a_gpu_and_the_chain_on_a_cpu():
+    """--tree auto (cli.default_tree): 3, 2, then 1 candidate per depth, as deep as g, on CUDA, where more verify
+    rows cost little; the chain on a CPU."""
+    import cli
+
+    assert cli.default_tree(torch.device("cuda"), 4) == s3d.top_k_tree((3, 2, 1, 1))
+    assert cli.default_tree(torch.device("cuda"), 2) == s3d.top_k_tree((3, 2))
+    assert cli.default_tree(torch.device("cuda"), 1) == s3d.top_k_tree((3,))
+    assert cli.default_tree(torch.device("cpu"), 4) is None
+
+
 @pytest.mark.parametrize("draft_args,kind", [(("--s3d", HEADS), "s3d"), (("--draft", "skip", "--skip", "8:22"), "skip"),
-                                             (("--s3d", HEADS, "--tree", "3,2,1,1"), "s3d")])
+                                             (("--s3d", HEADS, "--tree", "3,2,1,1"), "s3d"),
+                                             (("--s3d", HEADS, "--tree", "chain"), "s3d")])
 def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     """--show_drafts prints one line per iteration whose accepted length is the loop's, then the text and a
     histogram of the same lengths; piped, it has no escape codes."""
@@ -213,9 +227,11 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     if kind == "s3d":
         model.set_heads(load_heads(HEADS, model.config))
     with torch.no_grad():
-        tree = s3d.parse_tree(draft_args[-1]) if "--tree" in draft_args else None
+        tree = s3d.parse_tree(draft_args[-1]) if "--tree" in draft_args and draft_args[-1] != "chain" else None
         result = s3d.speculative_generate(model, prompt, 24, s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None,
                                                                        tree=tree), eos_ids=tokenizer.eos_ids)
+    if draft_args == ("--s3d", HEADS):  # --tree auto on this CPU: the chain, and it says so
+        assert "--tree auto: the chain (a cpu device)" in proc.stderr, proc.stderr
     assert show_drafts_lines(proc.stdout) == [(n, 4) for n in result.accepted]
     assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout
     for k in range(5):
