@@ -193,11 +193,9 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
     the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). tree may also be 'auto'
     (default_tree for the model's device and g; printed) or 'chain'. None when kind is None: plain AR."""
     auto = tree == "auto"
-    if tree == "chain":
-        if kind != "s3d":
-            raise UsageError("--tree chain is for the S3D draft: add --s3d HEADS")
-        tree = None
-    if auto:
+    if tree == "chain" and kind != "s3d":
+        raise UsageError("--tree chain is for the S3D draft: add --s3d HEADS")
+    if tree in ("auto", "chain"):
         tree = None
     if tree is not None:
         if kind is None:
