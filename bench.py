@@ -12,6 +12,7 @@ warm-up, and checks every greedy speculative answer against AR token for token. 
 torch version and date with its table; a greedy answer that differs from AR's (beyond a tie) exits with code 1.
 """
 import argparse
+import copy
 import dataclasses
 import json
 import multiprocessing
@@ -254,7 +255,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
             trees = sorted((t for t in args.trees if t.depth == g), key=len, reverse=True) if args.draft == "s3d" else []
             rates = None  # the biggest tree's node rates
             for tree in [*trees, None]:
-                draft = s3d.Draft(args.draft, g, skip, tree=tree)
+                draft = s3d.Draft(args.draft, g, skip, tree=tree,
+                                  int8=cli.DRAFT_WEIGHTS[args.draft_weights] if args.draft == "s3d" else None)
                 run_args = argparse.Namespace(**{**vars(args), "methods": ["ar"] * args.interleave + [args.draft]})
                 result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar and ar["records"])
                 figures = result["summary"][args.draft]
@@ -338,17 +340,21 @@ def bench_roofline(args) -> list:
     bandwidth = roofline.read_bandwidth(device)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
     call_us = roofline.linear_call_us(DTYPES[args.dtype], device)
-    # the heads' draft as decoding runs it, the same with the adapters not folded into the weights (CPU) and without
-    # their draft vocabulary if they have one, and the draft without adapters (rank 0); fresh heads cost what
-    # trained ones do
+    # the heads' draft as decoding runs it (int8 copies of its layers where that is the default), the same with the
+    # target's weights, with the adapters not folded into the weights (CPU), without their draft vocabulary if they
+    # have one, and the draft without adapters (rank 0); fresh heads cost what trained ones do
     given = load_heads(args.heads, model.config) if args.heads else new_heads(model, middle_third(n_layer), g, 8)
     fold = device.type == "cpu"
-    heads = [(given, fold)]
+    model.set_heads(given)
+    int8 = s3d.int8_draft(model, s3d.Draft("s3d", g, given.skip, int8=cli.DRAFT_WEIGHTS[args.draft_weights]), True)
+    heads = [(given, fold, int8)]
+    if int8:  # the same heads on the target's weights
+        heads.append((copy.deepcopy(given), fold, False))
     if fold and given.rank:
-        heads.append((new_heads(model, given.skip, given.gamma, given.rank, given.draft_vocab), False))
+        heads.append((new_heads(model, given.skip, given.gamma, given.rank, given.draft_vocab), False, False))
     if given.draft_vocab is not None:
-        heads.append((new_heads(model, given.skip, given.gamma, given.rank), fold))
-    heads.append((new_heads(model, given.skip, given.gamma, 0), fold))
+        heads.append((new_heads(model, given.skip, given.gamma, given.rank), fold, False))
+    heads.append((new_heads(model, given.skip, given.gamma, 0), fold, False))
     rows = roofline.measure_steps(model, heads, args.context, bandwidth)
     ar_ms = rows[0]["ms"]
     print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
@@ -476,11 +482,12 @@ def bench_speculative(args) -> list[dict]:
         for kind in [m for m in args.methods if m in SPECULATIVE]:
             skip = args.skip or (drafts["s3d"].skip if "s3d" in drafts else None)  # skip draws on the heads' range
             if kind == "adaptive":  # the s3d method's draft, or the one it would have
-                base = drafts.get("s3d") or cli.make_draft(model, "s3d", args.gamma, skip, args.heads, 8, None, args.tree)
+                base = drafts.get("s3d") or cli.make_draft(model, "s3d", args.gamma, skip, args.heads, 8, None, args.tree,
+                                                           args.draft_weights)
                 drafts[kind] = dataclasses.replace(base, adaptive=True)
                 continue
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
-                                          args.tree if kind == "s3d" else None)
+                                          *((args.tree, args.draft_weights) if kind == "s3d" else ()))
         output = evaluate(args, model, tok, rows, drafts)
         print_evaluation(output, args, len(rows), drafts)
         output = {"machine": machine_line(), "args": vars(args)} | output
@@ -541,6 +548,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
     p.add_argument("--tree", type=cli.tree_shape, metavar="K1,K2,..", help="the s3d method verifies this tree of "
                    "candidates (generate.py --tree); its depth is g")
+    p.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)
     p.add_argument("--trees", type=cli.tree_shape, nargs="+", default=[], metavar="K1,K2,..",
                    help="for --profile/--sweep with the s3d draft: these trees too, beside the chain, at each g of "
                         "--gammas their depth equals")

@@ -140,6 +140,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                            "depth is g), e.g. 3,2,1,1: the best 3 at depth 1, the best 2 after each, .. (21 nodes); "
                            "chain: one candidate per depth; auto (default): 3,2,1,.. on a GPU, the chain on a CPU. "
                            "bench.py --sweep --trees measures them on this machine")
+    spec.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)
     spec.add_argument("--adaptive", action="store_true",
                       help="take plain AR steps instead of speculating wherever they have been making tokens faster "
                            "(timed as decoding runs); the output is the same")
@@ -283,7 +284,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     chat = bool(tokenizer.chat_template) if args.chat is None else args.chat
     if chat and not tokenizer.chat_template:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
-    draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint, args.tree)
+    draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint, args.tree,
+                           args.draft_weights)
     if args.adaptive:
         draft = dataclasses.replace(draft, adaptive=True)
     messages = [{"role": "user", "content": args.prompt}]

@@ -25,6 +25,9 @@ class LowRank(nn.Module):
         super().__init__()
         self.A = nn.Parameter(torch.randn(rank, in_features) / math.sqrt(in_features))
         self.B = nn.Parameter(torch.zeros(out_features, rank))  # zero: an untrained adapter changes nothing
+        # W + BA in int8, one scale per output channel, when the draft reads int8 copies (DraftHeads.fold_adapters)
+        self.register_buffer("weight_int8", None, persistent=False)
+        self.register_buffer("scale", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(F.linear(x, self.A), self.B)
@@ -103,7 +106,7 @@ class DraftHeads(nn.Module):
             drafted = config.vocab_size if draft_vocab is None else len(draft_vocab)
             self.sequential_in = nn.Parameter(torch.randn(config.vocab_size, sequential_rank))
             self.sequential_out = nn.Parameter(torch.zeros(drafted, sequential_rank))
-        self.folded = False  # fold_adapters
+        self.folded = self.int8 = False  # fold_adapters
         self.register_buffer("draft_head", None, persistent=False)  # (K, dim): the output head's draft_vocab rows
 
     def markov_bias(self, previous: Tensor) -> Tensor:
@@ -111,14 +114,29 @@ class DraftHeads(nn.Module):
         (*previous.shape, logits)."""
         return F.linear(F.embedding(previous, self.sequential_in), self.sequential_out)
 
-    def fold_adapters(self, fold: bool) -> None:
+    def fold_adapters(self, fold: bool, int8_of: Optional[Transformer] = None) -> None:
         """fold=True: the draft forward multiplies by W + BA instead of adding B(Ax) to Wx. The same function, but
         only worth it where the compiled step freezes the weights (CPU): there W + BA becomes a constant, computed
-        once, and the draft costs what rank 0 does. Elsewhere it would recompute W + BA at every step."""
-        self.folded = fold
-        for module in self.modules():
-            if isinstance(module, LowRank):
-                module.fold = fold
+        once, and the draft costs what rank 0 does. Elsewhere it would recompute W + BA at every step.
+
+        int8_of (the model these heads are attached to): the draft's linear maps read int8 copies of W + BA made
+        here, one scale per output channel: half the bytes of bfloat16 weights, and reading weights is most of a
+        draft step's time on a CPU (BENCHMARKS.md, section 18). The drafts may then differ a little from the
+        bfloat16 draft's; the verify forward never reads these copies, so the output is still the target's."""
+        if (fold, int8_of is not None) == (self.folded, self.int8):
+            return  # (the copies already made stay: new tensors would make a compiled draft step recompile)
+        self.folded, self.int8 = fold, int8_of is not None
+        for i, layer_adapters in (self.adapters or {}).items():
+            for name, adapter in layer_adapters.items():
+                adapter.fold, adapter.weight_int8, adapter.scale = fold, None, None
+                if int8_of is not None:
+                    weight = getattr(int8_of.layers[int(i)].attention if name in ("wqkv", "wo")
+                                     else int8_of.layers[int(i)].feed_forward, name).weight
+                    weight = weight if type(weight) is nn.Parameter else weight.dequantize()  # (torchao)
+                    with torch.no_grad():
+                        folded = weight.float() + adapter.B.float() @ adapter.A.float()
+                    adapter.weight_int8, scale = int8_per_channel(folded)
+                    adapter.scale = scale.to(adapter.B.dtype)
 
     def check_fits(self, config: ModelArgs) -> None:
         base, fingerprint = self.meta.get("base_model", ""), self.meta.get("base_fingerprint", "")
@@ -144,6 +162,14 @@ class DraftHeads(nn.Module):
         tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         with written_then_renamed(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
+
+
+@torch.no_grad()
+def int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight (out, in) as int8 and one float32 scale per row, symmetric: weight ~ weight_int8 * scale[:, None]."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def check_draft_vocab(ids: Tensor, config: ModelArgs) -> Tensor:

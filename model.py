@@ -161,6 +161,11 @@ def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name:
     if adapters is None:
         return layer(x)
     adapter = adapters[name]
+    if adapter.weight_int8 is not None:
+        # the draft's int8 copy of W + BA (heads.DraftHeads.fold_adapters): Inductor turns this into its weight-only
+        # int8 GEMM, which reads half the bytes of bfloat16 weights
+        y = F.linear(x, adapter.weight_int8.to(x.dtype)) * adapter.scale.to(x.dtype)
+        return y if layer.bias is None else y + layer.bias
     if adapter.fold and type(layer.weight) is nn.Parameter:  # (quantized weights are tensor subclasses: not folded)
         # W + BA as one matrix: where the compiled step freezes the weights (CPU) it is computed once, at compile
         # time, and the draft's linear maps then cost what the target's do (heads.DraftHeads.fold_adapters)

@@ -76,15 +76,19 @@ def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab:
                adapters: bool = False) -> dict[str, int]:
     """Bytes one forward must read: the linear maps of `layers`, the output head (or the draft's rows of it), the
     KV cache of `layers` up to `context` positions, and the draft adapters."""
-    linear = sum(tensor_bytes(p) for i in layers for name, p in model.layers[i].named_parameters()
-                 if name.endswith("weight") and "norm" not in name)
+    heads = model.heads
+    if adapters and heads is not None and heads.int8:  # the draft reads its int8 copies (DraftHeads.fold_adapters)
+        linear = sum(tensor_bytes(a.weight_int8) + tensor_bytes(a.scale) for i in layers
+                     for a in heads.adapters[str(i)].values())
+    else:
+        linear = sum(tensor_bytes(p) for i in layers for name, p in model.layers[i].named_parameters()
+                     if name.endswith("weight") and "norm" not in name)
     head = tensor_bytes(model.output.weight)
     if draft_vocab:
         head = head * draft_vocab // model.config.vocab_size
     cache = model.layers[0].attention.kv_cache
     kv = 2 * len(layers) * cache.k_cache[0, :, :context].numel() * cache.k_cache.element_size()
     # the adapters, unless they are folded into the weights (compiled on a CPU: heads.DraftHeads.fold_adapters)
-    heads = model.heads
     extra = sum(tensor_bytes(p) for p in heads.parameters()) if adapters and heads and not heads.folded else 0
     return {"linear": linear, "head": head, "kv_cache": kv, "adapters": extra}
 
@@ -167,24 +171,26 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 6
 @torch.no_grad()
 def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidth: float, rounds: int = 6,
                   per_round: int = 5) -> list[dict]:
-    """bench.py --roofline's rows: the AR and verify(g+1) steps, then the draft of each (heads, fold) of `heads`
-    (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU), at
+    """bench.py --roofline's rows: the AR and verify(g+1) steps, then the draft of each (heads, fold, int8) of
+    `heads` (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU;
+    int8: into int8 copies of the weights), at
     position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s), split by kernel kind. Every step is
     compiled first, then timed in rounds that take each step in turn (per_round calls after an untimed one, its
     heads attached), so that a slow spell of a shared machine hits every step alike."""
     n_layer, g, skip = model.config.n_layer, heads[0][0].gamma, heads[0][0].skip
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
     steps = []  # label, heads, call, layers, tokens, draft vocabulary size
-    for i, (h, fold) in enumerate(heads):
+    for i, (h, fold, int8) in enumerate(heads):
         model.set_heads(h)
-        calls = step_calls(model, s3d.Draft("s3d", g, skip), True, context)
-        h.fold_adapters(fold)  # read when the draft is traced, at its first call below
+        calls = step_calls(model, s3d.Draft("s3d", g, skip, int8=int8), True, context)
+        h.fold_adapters(fold, model if int8 else None)  # read when the draft is traced, at its first call below
         if i == 0:
             steps += [("AR step (1 token)", h, calls["ar"], list(range(n_layer)), 1, 0),
                       (f"verify ({g + 1} tokens)", h, calls["verify"], list(range(n_layer)), g + 1, 0)]
         vocab = 0 if h.draft_vocab is None else len(h.draft_vocab)
         steps.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank}"
-                      f"{', adapters folded' if fold and h.rank else ''}{f', draft vocabulary {vocab}' if vocab else ''}"
+                      f"{', adapters folded' if fold and h.rank else ''}{' into int8 copies' if int8 else ''}"
+                      f"{f', draft vocabulary {vocab}' if vocab else ''}"
                       f"{f', sequential head rank {h.sequential_rank}' if h.sequential_rank else ''})",
                       h, calls["draft"], kept, g, vocab))
         for step in steps[-3 if i == 0 else -1:]:

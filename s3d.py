@@ -308,13 +308,15 @@ class Draft:
     """What drafts gamma tokens per iteration: kind "s3d" (the target's heads), "skip" (the target with layers
     skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary). With a tree
     (S3D only), several candidates per position are verified at once, gamma being the tree's depth. Adaptive: take
-    AR steps instead of iterations wherever they have been making tokens faster (Pace)."""
+    AR steps instead of iterations wherever they have been making tokens faster (Pace). int8 (S3D only): the draft
+    reads int8 copies of its layers' weights (None: where that measured faster, see int8_draft)."""
     kind: str = "s3d"
     gamma: int = 4
     skip: Optional[tuple[int, int]] = None
     model: Optional[Transformer] = None
     tree: Optional["Tree"] = None
     adaptive: bool = False
+    int8: Optional[bool] = None
 
     @property
     def slots(self) -> int:
@@ -326,9 +328,21 @@ class Draft:
 Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 
 
+def int8_draft(model: Transformer, draft: Draft, compile: bool) -> bool:
+    """Whether the S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters): draft.int8 when
+    given, else where that measured faster: compiled on a CPU with bfloat16 activations, where Inductor runs them as
+    its weight-only int8 GEMM (draft(4) 0.70 -> 0.57 AR steps: BENCHMARKS.md, section 18). The heads need adapters,
+    whose folded weights the copies hold."""
+    if draft.int8 is not None:
+        return draft.int8
+    return (compile and model.output.weight.device.type == "cpu" and model.heads.rank > 0
+            and model.tok_embeddings.weight.dtype == torch.bfloat16)
+
+
 def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:
     # compiled on a CPU the weights are frozen into the step: the adapters are then folded into them for free
-    model.heads.fold_adapters(compile and model.output.weight.device.type == "cpu")
+    cpu = compile and model.output.weight.device.type == "cpu"
+    model.heads.fold_adapters(cpu, model if int8_draft(model, draft, compile) else None)
     if draft.tree is not None:  # the tree's tokens; its candidates are point masses, so no distributions
         tree_step = step_fn(draft_tree, model, compile)
         return lambda cur, pos: (tree_step(model, cur, torch.arange(pos, pos + draft.gamma, device=cur.device),
@@ -596,6 +610,9 @@ def check_draft(model: Transformer, draft: Draft) -> None:
     if draft.adaptive and draft.kind == "model":  # the small model's cache would miss the AR steps' tokens
         raise UsageError("adaptive decoding goes with the drafts that share the target's cache (s3d, skip), not the "
                          "model draft")
+    if draft.int8 and (draft.kind != "s3d" or model.heads.rank == 0):
+        raise UsageError("int8 draft weights are copies of the S3D heads' folded layers: they need heads with adapters "
+                         "(rank > 0)")
     if draft.tree is not None:  # the user's tree: UsageError, one line from the programs (cli.make_draft calls this)
         if draft.kind != "s3d":
             raise UsageError(f"tree verification takes the S3D draft's candidates, not the {draft.kind} draft's")

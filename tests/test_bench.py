@@ -252,7 +252,7 @@ def test_random_weights_table_on_the_cpu(tmp_path, capsys):
 
 def test_roofline_rows_of_every_draft_variant():
     """roofline.measure_steps on a tiny model: AR, verify and each draft variant compiled and timed; the draft
-    vocabulary reads only its rows of the output head, and folded adapters add no bytes."""
+    vocabulary reads only its rows of the output head, folded adapters add no bytes, int8 copies read a quarter."""
     import torch
     import torch._inductor.config as inductor
 
@@ -262,7 +262,8 @@ def test_roofline_rows_of_every_draft_variant():
     model = roofline.random_model("tiny", torch.device("cpu"), torch.float32)
     s3d.prepare_cache(model, 64)
     given = new_heads(model, (2, 4), 3, 4, torch.arange(128))
-    heads = [(given, True), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False), (new_heads(model, (2, 4), 3, 4), True)]
+    heads = [(given, True, False), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False, False),
+             (new_heads(model, (2, 4), 3, 4), True, False), (new_heads(model, (2, 4), 3, 4), True, True)]
     try:
         with inductor.patch({"cpp.enable_kernel_profile": True}):
             rows = roofline.measure_steps(model, heads, 32, bandwidth=10.0, rounds=1, per_round=2)
@@ -272,11 +273,14 @@ def test_roofline_rows_of_every_draft_variant():
         "AR step (1 token)", "verify (4 tokens)",
         "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded, draft vocabulary 128)",
         "draft (3 tokens, 4 of 6 layers, rank 4, draft vocabulary 128)",
-        "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded)"]
+        "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded)",
+        "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded into int8 copies)"]
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
     full_head = rows[0]["bytes"]["head"]
-    assert [r["bytes"]["head"] for r in rows[2:]] == [full_head // 4, full_head // 4, full_head]
-    assert rows[2]["bytes"]["adapters"] == 0 < rows[3]["bytes"]["adapters"]
+    assert [r["bytes"]["head"] for r in rows[2:]] == [full_head // 4, full_head // 4, full_head, full_head]
+    assert rows[2]["bytes"]["adapters"] == 0 < rows[3]["bytes"]["adapters"] and rows[5]["bytes"]["adapters"] == 0
+    # int8 copies: a byte a weight (and a scale a row) against float32's four
+    assert rows[4]["bytes"]["linear"] / 4 < rows[5]["bytes"]["linear"] < rows[4]["bytes"]["linear"] / 3
     # as many GEMM calls in verify as in the AR step, fewer in a draft of 4 of the 6 layers, more with its adapters
     # not folded into the weights (the tiny float32 model lets Inductor write some maps as its own kernels: how many
     # depends on its choices, so the counts are compared, not fixed)

@@ -176,6 +176,9 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "s3d", "--tree", "2,1", "--gamma", "3"), "drop --gamma 3"),
     (("--tree", "chain"), "--tree chain is for the S3D draft: add --s3d HEADS"),
     (("--draft", "skip", "--tree", "chain"), "--tree chain is for the S3D draft"),
+    (("--draft_weights", "int8"), "--draft_weights int8 is for the S3D draft: add --s3d HEADS"),
+    (("--draft", "skip", "--draft_weights", "int8"), "--draft_weights int8 is for the S3D draft"),
+    (("--draft", "s3d", "--rank", "0", "--draft_weights", "int8"), "they need heads with adapters (rank > 0)"),
     (("--adaptive",), "--adaptive chooses between AR steps and S3D or layer-skip drafts"),
     (("--draft", "model", "--draft_checkpoint", "x", "--adaptive"), "--adaptive chooses between AR steps"),
 ])

@@ -5,7 +5,7 @@ import torch
 
 from checkpoint import CheckpointError, UsageError
 import s3d
-from heads import DraftHeads, check_gamma, load_heads, most_frequent_tokens, new_heads
+from heads import DraftHeads, check_gamma, int8_per_channel, load_heads, most_frequent_tokens, new_heads
 from test_s3d import PROMPTS, tiny_model, with_trained_looking_heads
 
 
@@ -149,3 +149,34 @@ def test_folded_adapters_draft_the_same_logits():
         model.heads.adapters = adapters
     torch.testing.assert_close(folded, plain, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(without, plain, atol=1e-3)  # the adapters do change the draft
+
+
+def test_int8_per_channel_rounds_each_weight_to_its_rows_scale():
+    weight = torch.randn(7, 33) * torch.logspace(-3, 1, 7)[:, None]  # rows of very different sizes
+    q, scale = int8_per_channel(weight)
+    assert q.dtype == torch.int8 and q.abs().max() == 127 and scale.shape == (7,)
+    assert ((q.float() * scale[:, None] - weight).abs() <= scale[:, None] / 2 * (1 + 1e-6)).all()
+
+
+def test_int8_copies_draft_what_the_folded_adapters_do_and_the_target_never_reads_them():
+    """fold_adapters(True, model): the draft reads int8 copies of W + BA, so its logits are the folded draft's up to
+    int8 rounding, not the same tensors; the full forward is untouched."""
+    model = with_trained_looking_heads(tiny_model())
+    model.setup_caches(1, 64)
+    tokens = torch.tensor([PROMPTS[2][:10]])
+    with torch.no_grad():
+        full = model(tokens, torch.arange(10))
+        draft = lambda: model(torch.tensor([[5]]), torch.arange(10, 14), draft=True)  # noqa: E731
+        model.heads.fold_adapters(True)
+        folded = draft()
+        model.heads.fold_adapters(True, model)
+        int8 = draft()
+        adapter = model.heads.adapters["0"]["w1"]
+        assert adapter.weight_int8.dtype == torch.int8 and model.heads.int8
+        assert torch.equal(model(tokens, torch.arange(10)), full), "the full forward must not read the copies"
+        model.heads.fold_adapters(True, model)  # again: the same copies (a compiled draft would otherwise recompile)
+        assert model.heads.adapters["0"]["w1"].weight_int8 is adapter.weight_int8
+        model.heads.fold_adapters(True)
+        assert adapter.weight_int8 is None and torch.equal(draft(), folded)
+    assert not torch.equal(int8, folded), "the draft should have read the int8 copies"
+    assert (int8 - folded).norm() < 0.05 * folded.norm()  # (a wrong scale or layout gives errors of order 1)

@@ -72,6 +72,29 @@ def test_compiled_int8_equals_eager(convert_tiny):
         assert s3d.ar_generate(model, prompt, 12, compile=True).tokens == eager
 
 
+def test_int8_draft_copies_of_a_quantized_model_are_lossless(convert_tiny):
+    """The draft's int8 copies (Draft.int8) on an int8 model are its dequantized weights with the adapters folded
+    in, rounded again per output channel, and greedy S3D is still exactly that model's AR output."""
+    from heads import int8_per_channel
+
+    _, folder = convert_tiny("LlamaForCausalLM")
+    model = checkpoint.quantize(load_model(folder), "int8")
+    heads = new_heads(model, (1, 2), 3, 4)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_(0, 0.05)
+    model.set_heads(heads)
+    prompt = list(range(3, 15))
+    with torch.no_grad():
+        ar = s3d.ar_generate(model, prompt, 20).tokens
+        assert s3d.speculative_generate(model, prompt, 20, s3d.Draft("s3d", 3, int8=True)).tokens == ar
+    adapter, layer = heads.adapters["0"]["w2"], model.layers[0].feed_forward.w2
+    assert heads.int8 and adapter.weight_int8 is not None
+    folded = layer.weight.dequantize().float() + adapter.B @ adapter.A
+    assert torch.equal(adapter.weight_int8, int8_per_channel(folded)[0])
+
+
 def test_compiled_int8_with_bfloat16_activations_runs_on_int8_weights(convert_tiny):
     """What makes int8 fast under compile on a CPU: Inductor rewrites every quantized linear map into its
     weight-only int8 GEMM (the weights stay one byte each) instead of folding float copies of them into the graph."""

@@ -1,6 +1,7 @@
 """s3d.py: speculative decoding is lossless (greedy: token for token; sampling: in distribution), for every draft
 kind and g, adaptive decoding included, with exact EOS and max_new_tokens handling, no recompilation and one host
 sync per iteration."""
+import dataclasses
 import itertools
 import math
 import sys
@@ -414,6 +415,46 @@ def test_compiled_loop_is_lossless_and_never_recompiles(monkeypatch, draft, adap
                 assert (spec.ar_steps > 0) == adaptive
         finally:
             torch._dynamo.config.error_on_recompile = False
+
+
+@pytest.mark.parametrize("tree", [None, s3d.top_k_tree((3, 2, 1))], ids=["chain", "tree"])
+def test_int8_draft_is_lossless_compiled_and_runs_on_int8_weights(tree):
+    """The draft reading int8 copies of its layers (Draft.int8): greedy output still AR's, eager and compiled, no
+    recompilation after warm-up; with bfloat16 activations Inductor runs every one of the draft's linear maps as its
+    weight-only int8 GEMM (what makes the draft cheaper), and int8_draft picks it there by default."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    model = with_trained_looking_heads(tiny_model())
+    draft = s3d.Draft("s3d", 3, (2, 4), tree=tree, int8=True)
+    with torch.no_grad():
+        try:
+            for compile in (False, True):
+                for prompt in PROMPTS[:2]:
+                    spec = s3d.speculative_generate(model, prompt, 25, draft, compile=compile)
+                    assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+                    assert model.heads.int8
+                    torch._dynamo.config.error_on_recompile = compile  # after the first compiled prompt
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+    assert not s3d.int8_draft(model, dataclasses.replace(draft, int8=None), True)  # float32: not by default
+    model = with_trained_looking_heads(tiny_model()).to(torch.bfloat16)
+    assert s3d.int8_draft(model, dataclasses.replace(draft, int8=None), True)
+    assert not s3d.int8_draft(model, dataclasses.replace(draft, int8=None), False)
+    counters.clear()
+    with torch.no_grad():
+        s3d.speculative_generate(model, PROMPTS[0], 8, dataclasses.replace(draft, int8=None), compile=True)
+    kept_maps = 5 * (model.config.n_layer - 2)
+    assert counters["inductor"]["woq_matcher_count"] == kept_maps
+
+
+def test_int8_draft_needs_adapters():
+    model = tiny_model()
+    model.set_heads(new_heads(model, (2, 4), 3, 0))
+    with pytest.raises(UsageError, match="rank > 0"):
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("s3d", 3, int8=True))
+    with pytest.raises(UsageError, match="rank > 0"):
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("skip", 3, (2, 4), int8=True))
 
 
 @pytest.mark.parametrize("tree,adaptive", [(None, False), (s3d.top_k_tree((3, 2, 1, 1)), False), (None, True)],
