@@ -2,6 +2,7 @@
 
     python bench.py --decode            # decode tokens/s: ours eager and compiled, transformers, llama.cpp (make peers)
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
+    python bench.py --methods ar s3d llama.cpp --heads H --interleave     # S3D beside llama.cpp (make peers)
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
     python bench.py --sweep --heads H --gammas 4 --trees 4,2,2,1 3,2,1,1 2,1,1,1   # chain or tree: which is fastest
@@ -19,6 +20,7 @@ import multiprocessing
 import os
 import statistics
 import sys
+import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Optional
@@ -39,9 +41,7 @@ from spec_bench import first_difference, gap_in_ulps, is_tie, read_spec_bench, r
 def bench_decode(args) -> list:
     """--decode: tokens/s of ours (eager, compiled), transformers and, when installed (`make peers`), llama.cpp on
     a GGUF of the same weights in the same precision, written from the GGUF the checkpoint came from (--gguf)."""
-    gguf = args.gguf
-    if gguf is None and args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
-        gguf = checkpoint.find_default_gguf()
+    gguf = gguf_source(args)
     if not peers.llama_cpp_available():
         print("llama.cpp is not installed: `make peers` adds it to the table", file=sys.stderr)
     elif gguf is None:
@@ -60,11 +60,18 @@ def bench_decode(args) -> list:
     return []
 
 
+def gguf_source(args) -> Optional[Path]:
+    """The GGUF the checkpoint was converted from (llama.cpp runs a copy of it): --gguf, or the embedded model's."""
+    if args.gguf is None and args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
+        return checkpoint.find_default_gguf()
+    return args.gguf
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Spec-Bench-style evaluation: every method answers the same prompts, turn by turn, in one process.
 
 SPECULATIVE = (*s3d.DRAFTERS, "adaptive")  # adaptive: the s3d draft, with AR steps wherever they are faster
-METHODS = ("ar", *SPECULATIVE, "hf")
+METHODS = ("ar", *SPECULATIVE, "hf", "llama.cpp")  # hf, llama.cpp: other engines on the same weights
 
 
 def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
@@ -87,12 +94,14 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     (method after method, or with args.interleave row after row, every method answering each row); returns
     per-prompt records and summaries (JSON-ready). Answers are compared with AR's, from this run or, when AR is not
     among the methods, from reference records."""
-    device, hf = model.output.weight.device, None
+    device, hf, llm = model.output.weight.device, None, None
     sampling = s3d.Sampling(args.temperature, args.top_k, args.top_p)
 
     def run(method: str, prompt: list[int]) -> s3d.Result:
         if method == "hf":
             return peers.hf_generate(hf, prompt, args.max_new_tokens, tok.eos_ids, sampling)
+        if method == "llama.cpp":
+            return peers.llama_cpp_generate(llm, prompt, args.max_new_tokens, tok.eos_ids, sampling)
         common = dict(sampling=sampling, eos_ids=tok.eos_ids, compile=args.compile)
         if method == "ar":
             return s3d.ar_generate(model, prompt, args.max_new_tokens, **common)
@@ -143,11 +152,17 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
             messages.append({"role": "assistant", "content": tok.decode(reply, skip_special=True)})
 
     warm_up = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
-    with torch.no_grad():
+
+    def llama_cpp() -> object:  # (its GGUF, written into gguf_folder, must outlive it)
+        return peers.llama_cpp_model(gguf_source(args), args.dtype, min(model.config.block_size, longest + slots),
+                                     Path(gguf_folder))
+
+    with torch.no_grad(), tempfile.TemporaryDirectory() as gguf_folder:
         if args.interleave:
             # every method answers a row before the next row: a shared machine's changing load then slows all
             # methods alike, and the ratios to AR hold; the peak memory is that of all methods together
             hf = peers.transformers_copy(model) if "hf" in args.methods else None
+            llm = llama_cpp() if "llama.cpp" in args.methods else None
             for method in args.methods:
                 run(method, warm_up)
             cli.return_freed_memory()
@@ -160,6 +175,8 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
             for n, method in enumerate(args.methods):
                 if method == "hf":  # built only now, so that the other methods' peak memory does not include it
                     hf = peers.transformers_copy(model)
+                if method == "llama.cpp":
+                    llm = llama_cpp()
                 if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
                     s3d.release_compiled()
                 run(method, warm_up)
@@ -193,6 +210,8 @@ def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
         return f"skip {d.skip[0]}:{d.skip[1]}"
     if method == "model":
         return f"model {args.draft_checkpoint.name}"
+    if method == "llama.cpp":
+        return f"llama.cpp {peers.GGUF_TYPES[args.dtype]}"
     return {"ar": "ar (ours, compiled)" if args.compile else "ar (ours, eager)", "hf": "transformers generate()"}[method]
 
 
@@ -215,6 +234,11 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
     for method, f in result["summary"].items():
         print(f"{table_row(method_label(method, args, drafts), f)} {f['peak_memory_gib']:.2f} GiB | "
               f"{f['tokens_per_s_per_gib']:.1f} |")
+    if "llama.cpp" in result["summary"]:  # the best a CPU user could run instead, on the same prompts
+        peer = result["summary"]["llama.cpp"]["tokens_per_s"]
+        print(f"\nAgainst {method_label('llama.cpp', args, drafts)}'s tokens/s on the same prompts: " + ", ".join(
+            f"{method_label(m, args, drafts)} {f['tokens_per_s'] / peer:.2f}x"
+            for m, f in result["summary"].items() if m not in ("llama.cpp", "hf")))
     for method, f in result["summary"].items():
         if f["ar_steps"]:
             print(f"\n{method_label(method, args, drafts)}: {f['ar_steps']} of its {f['new_tokens']} tokens "
@@ -520,8 +544,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="replace --json and --plot files that exist")
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--gguf", type=Path, help="for --decode: the GGUF the checkpoint was converted from, for llama.cpp "
-                   "(default: the embedded model's)")
+    p.add_argument("--gguf", type=Path, help="for --decode and --methods llama.cpp: the GGUF the checkpoint was "
+                   "converted from, for llama.cpp (default: the embedded model's)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
                    help="auto: bfloat16 on GPUs, for --quantize or --formats and on CPUs with native bf16, else "
@@ -531,7 +555,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
     p.add_argument("--limit", "--per_category", type=int, default=1, help="prompts per category")
     p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS,
-                   help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive)")
+                   help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive); "
+                        "hf: transformers' generate(); llama.cpp: llama.cpp on a GGUF of the same weights (make peers)")
     p.add_argument("--heads", type=Path, nargs="+", default=None,
                    help="S3D heads file (default: fresh, untrained heads); --profile/--sweep take several")
     p.add_argument("--skip", type=cli.skip_range, default=None, metavar="S:E",
@@ -602,6 +627,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.dtype = cli.resolve_dtype(args.dtype, torch.device(args.device), args.quantize or args.formats)
     if args.formats and not args.random_weights and (args.heads is None or args.profile or args.sweep or args.decode):
         p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
+    if args.gguf is not None and not args.gguf.is_file():
+        p.error(f"--gguf {args.gguf}: no such file")
+    evaluation = not (args.roofline or args.random_weights or args.decode or args.profile or args.sweep or args.formats)
+    if "llama.cpp" in args.methods and evaluation:  # now, not after the other methods have run
+        if not peers.llama_cpp_available():
+            p.error("--methods llama.cpp needs llama-cpp-python: make peers")
+        if torch.device(args.device).type != "cpu" or args.quantize or args.dtype not in peers.GGUF_TYPES:
+            p.error("--methods llama.cpp runs our weights unquantized in float32 or bfloat16, on the CPU")
+        if gguf_source(args) is None:
+            p.error("--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     return args
 
 

@@ -136,6 +136,32 @@ def llama_cpp_rate(path: Path, prompt: list[int], n: int, threads: int) -> tuple
     return rate, ratio
 
 
+def llama_cpp_model(gguf_source: Path, dtype_name: str, n_ctx: int, folder: Path):
+    """llama.cpp on a GGUF of our weights in dtype_name (written into folder), with as many threads as torch."""
+    import llama_cpp
+
+    gguf_type = GGUF_TYPES[dtype_name]
+    path = export_gguf(gguf_source, folder / f"model-{gguf_type}.gguf", gguf_type)
+    threads = torch.get_num_threads()
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+
+def llama_cpp_generate(llm, prompt: list[int], max_new_tokens: int, eos_ids: set[int],
+                       sampling: s3d.Sampling) -> s3d.Result:
+    """llama.cpp's own generation loop on the same prompt, timed like ours: greedy, or sampling with the same
+    temperature, top-k and top-p (its other samplers off)."""
+    llm.reset()  # no reuse of the previous prompt's cache: every engine prefills the whole prompt
+    mode = dict(temp=0.0) if sampling.temperature == 0 else dict(
+        temp=sampling.temperature, top_k=sampling.top_k or 0, top_p=sampling.top_p or 1.0)
+    out, first, t0 = [], None, time.perf_counter()
+    for token in llm.generate(prompt, min_p=0.0, **mode):
+        first = first or time.perf_counter()
+        if s3d.emit(out, [token], max_new_tokens, eos_ids, None):
+            break
+    t1 = time.perf_counter()
+    return s3d.Result(out, time_to_first_token=first - t0, decode_time=t1 - first)
+
+
 def decode_rates(folder: Path, device: torch.device, dtype_name: str, n: int, repeats: int,
                  gguf_source: Optional[Path] = None) -> tuple[list[tuple], int]:
     """(dtype, engine, median tokens/s[, note]) of ours eager, ours compiled, transformers, and llama.cpp when it is

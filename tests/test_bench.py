@@ -103,6 +103,68 @@ def test_interleaved_evaluation_answers_each_row_with_every_method_in_turn(tiny_
     assert len({f["peak_memory_gib"] for f in mixed["summary"].values()}) == 1  # one peak: all methods' together
 
 
+class OurARAsLlamaCpp:
+    """Stands in for llama.cpp (optional, `make peers`; test_peers.py runs the real one): llama-cpp-python's
+    reset() and generate(), answering with our own AR tokens, and noting how bench.py calls it."""
+
+    def __init__(self, folder):
+        self.model, _ = bench.cli.load(folder, torch.device("cpu"), torch.float32)
+        self.resets, self.calls = 0, []
+
+    def reset(self):
+        self.resets += 1
+
+    def generate(self, prompt, **sampling):
+        self.calls.append(sampling)
+        yield from s3d.ar_generate(self.model, prompt, 64).tokens
+
+
+def test_llama_cpp_answers_the_same_prompts_beside_us(tiny_checkpoint, prompts, tmp_path, monkeypatch, capsys):
+    """--methods llama.cpp: answered, timed and compared with AR like every method, its prompt's cache never reused,
+    greedy with its other samplers off; the table says what each of our methods runs at against it."""
+    engines = []
+
+    def llama_cpp_model(source, dtype_name, n_ctx, folder):
+        assert (source, dtype_name) == (gguf, "float32") and folder.is_dir()
+        engines.append(OurARAsLlamaCpp(tiny_checkpoint))
+        return engines[-1]
+
+    gguf = tmp_path / "tiny.gguf"
+    gguf.touch()
+    monkeypatch.setattr(bench.peers, "llama_cpp_available", lambda: True)
+    monkeypatch.setattr(bench.peers, "llama_cpp_model", llama_cpp_model)
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5",
+                        "--methods", "llama.cpp", "ar", "s3d", "--gguf", str(gguf), "--dtype", "float32")
+    assert list(result["summary"]) == ["ar", "s3d", "llama.cpp"]
+    (llm,) = engines
+    assert llm.resets == 1 + 4  # the warm-up, then every turn from an empty cache
+    assert llm.calls == [{"temp": 0.0, "min_p": 0.0}] * 5
+    answers = [r for r in result["records"] if r["method"] == "llama.cpp"]
+    assert len(answers) == 4
+    assert all(r["matches_ar"] and 1 <= r["new_tokens"] <= 6 and r["decode_s"] > 0 for r in answers)
+    out = capsys.readouterr().out
+    assert "| llama.cpp F32 | 1.00 | - |" in out
+    rate = {m: f["tokens_per_s"] for m, f in result["summary"].items()}
+    assert (f"Against llama.cpp F32's tokens/s on the same prompts: ar (ours, eager) {rate['ar'] / rate['llama.cpp']:.2f}x, "
+            f"s3d untrained 1:3 {rate['s3d'] / rate['llama.cpp']:.2f}x") in out
+
+
+def test_llama_cpp_needs_the_engine_the_gguf_and_our_unquantized_weights_on_the_cpu(tiny_checkpoint, tmp_path,
+                                                                                     monkeypatch, capsys):
+    gguf = tmp_path / "tiny.gguf"
+    gguf.touch()
+    cases = [(False, (), "--methods llama.cpp needs llama-cpp-python: make peers"),
+             (True, (), "--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf"),
+             (True, ("--gguf", str(gguf), "--dtype", "float16"), "runs our weights unquantized in float32 or bfloat16"),
+             (True, ("--gguf", str(gguf), "--quantize", "int8"), "runs our weights unquantized in float32 or bfloat16")]
+    for available, args, pattern in cases:
+        monkeypatch.setattr(bench.peers, "llama_cpp_available", lambda: available)
+        with pytest.raises(SystemExit) as exit:
+            bench.parse_args(["--checkpoint", str(tiny_checkpoint), "--methods", "ar", "llama.cpp", *args])
+        assert exit.value.code == 2 and pattern in capsys.readouterr().err.strip().splitlines()[-1]
+    bench.parse_args(["--checkpoint", str(tiny_checkpoint), "--methods", "ar", "llama.cpp", "--gguf", str(gguf)])
+
+
 def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts, tmp_path, monkeypatch):
     calls = []
     ar_generate = s3d.ar_generate
@@ -197,6 +259,7 @@ def test_speed_model_by_hand():
     (("--tree", "2,x"), "--tree takes candidates per depth"),
     (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
     (("--gamma", "0"), "must be at least 1"),
+    (("--decode", "--gguf", "no-such.gguf"), "--gguf no-such.gguf: no such file"),
     (("--decode", "--repeats", "0"), "must be at least 1"),
     (("--roofline", "--context", "0"), "must be at least 1"),
     (("--roofline", "--context", "100000"), "--context 100000 does not fit the model's context of 8192 tokens"),

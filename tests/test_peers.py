@@ -1,10 +1,13 @@
 """peers.py: the GGUF written for llama.cpp holds exactly our weights in the precision asked for, with the source's
-tokenizer and chat template (llama.cpp itself is optional, `make peers`, and is exercised by bench.py --decode)."""
+tokenizer and chat template; llama.cpp (optional, `make peers`) answers our prompts as our float32 AR does."""
 import gguf
+import pytest
 import torch
 from safetensors.torch import load_file
 
+import cli
 import peers
+import s3d
 from scripts.convert_gguf import gguf_config, gguf_weights
 
 
@@ -22,3 +25,15 @@ def test_exported_gguf_holds_our_weights_in_that_precision(default_checkpoint, d
     assert exported.keys() == ours.keys()
     for name, weight in ours.items():
         assert torch.equal(exported[name], weight.bfloat16().float() if weight.dim() > 1 else weight), name
+
+
+@pytest.mark.skipif(not peers.llama_cpp_available(), reason="llama.cpp is optional: make peers")
+def test_llama_cpp_answers_as_our_float32_ar(default_checkpoint, default_gguf, tmp_path):
+    """bench.py --methods llama.cpp drives llama.cpp on the same prompt tokens, greedy: in float32 its answer is
+    ours token for token, and a second answer to the same prompt starts from an empty cache and is the same."""
+    model, tok = cli.load(default_checkpoint, torch.device("cpu"), torch.float32)
+    prompt = tok.encode(tok.apply_chat_template([{"role": "user", "content": "Why is the sky blue?"}]))
+    llm = peers.llama_cpp_model(default_gguf, "float32", 256, tmp_path)
+    first, again = (peers.llama_cpp_generate(llm, prompt, 24, tok.eos_ids, s3d.GREEDY) for _ in range(2))
+    assert first.tokens == s3d.ar_generate(model, prompt, 24, eos_ids=tok.eos_ids).tokens == again.tokens
+    assert len(first.tokens) == 24 and first.decode_time > 0 and first.time_to_first_token > 0
