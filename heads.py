@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import CheckpointError, UsageError, written_then_renamed
-from model import ModelArgs, Transformer
+from model import ModelArgs, Transformer, plain_weight
 
 
 class LowRank(nn.Module):
@@ -130,9 +130,8 @@ class DraftHeads(nn.Module):
             for name, adapter in layer_adapters.items():
                 adapter.fold, adapter.weight_int8, adapter.scale = fold, None, None
                 if int8_of is not None:
-                    weight = getattr(int8_of.layers[int(i)].attention if name in ("wqkv", "wo")
-                                     else int8_of.layers[int(i)].feed_forward, name).weight
-                    weight = weight if type(weight) is nn.Parameter else weight.dequantize()  # (torchao)
+                    weight = plain_weight(getattr(int8_of.layers[int(i)].attention if name in ("wqkv", "wo")
+                                                  else int8_of.layers[int(i)].feed_forward, name).weight)
                     with torch.no_grad():
                         folded = weight.float() + adapter.B.float() @ adapter.A.float()
                     adapter.weight_int8, scale = int8_per_channel(folded)

@@ -136,8 +136,7 @@ class Transformer(nn.Module):
             heads.check_fits(self.config)
             heads.to(device=self.tok_embeddings.weight.device, dtype=self.tok_embeddings.weight.dtype)
             if heads.draft_vocab is not None:  # the draft's own output head: a copy of the draft vocabulary's rows
-                weight = self.output.weight
-                weight = weight if type(weight) is nn.Parameter else weight.dequantize()  # (quantized: torchao)
+                weight = plain_weight(self.output.weight)
                 heads.draft_head = weight.detach()[heads.draft_vocab].to(self.tok_embeddings.weight.dtype)
         self.heads = heads
 
@@ -154,6 +153,11 @@ class TransformerBlock(nn.Module):
                 adapters: Optional[nn.ModuleDict] = None) -> Tensor:
         h = x + self.attention(self.attention_norm(x), freqs_cis, mask, input_pos, adapters)
         return h + self.feed_forward(self.ffn_norm(h), adapters)
+
+
+def plain_weight(weight: Tensor) -> Tensor:
+    """A weight as a plain tensor: quantized ones (torchao tensor subclasses, quantize.py) dequantized."""
+    return weight if type(weight) is nn.Parameter else weight.dequantize()
 
 
 def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:

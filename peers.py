@@ -109,13 +109,11 @@ def export_gguf(source: Path, out: Path, gguf_type: str) -> Path:
     return out
 
 
-def llama_cpp_rate(path: Path, prompt: list[int], n: int, threads: int) -> tuple[float, float]:
-    """llama.cpp's decoding tokens/s after the prompt (one token per forward, as llama-bench's generation test), and
-    the cost of a 5-token forward in 1-token forwards at the same position (a verify-like batch)."""
-    import llama_cpp
-
-    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + n + 16, n_threads=threads, n_threads_batch=threads,
-                          verbose=False)
+def llama_cpp_rate(llm, prompt: list[int], n: int) -> tuple[float, float]:
+    """llama.cpp's (llama_cpp_model's) decoding tokens/s after the prompt (one token per forward, as llama-bench's
+    generation test), and the cost of a 5-token forward in 1-token forwards at the same position (a verify-like
+    batch)."""
+    llm.reset()
     llm.eval(prompt)
     t = time.perf_counter()
     for _ in range(n):
@@ -131,9 +129,7 @@ def llama_cpp_rate(path: Path, prompt: list[int], n: int, threads: int) -> tuple
             times.append(time.perf_counter() - t)
         return statistics.median(times)
 
-    ratio = forward_s(5) / forward_s(1)
-    llm.close()
-    return rate, ratio
+    return rate, forward_s(5) / forward_s(1)
 
 
 def llama_cpp_model(gguf_source: Path, dtype_name: str, n_ctx: int, folder: Path):
@@ -174,16 +170,15 @@ def decode_rates(folder: Path, device: torch.device, dtype_name: str, n: int, re
                ("transformers generate()", lambda: hf_decode_rate(hf, prompt, n))]
     ratios = []  # llama.cpp's 5-token / 1-token forward cost, from each of its runs
 
-    def llama_cpp(path: Path) -> float:
-        rate, ratio = llama_cpp_rate(path, prompt, n, torch.get_num_threads())
+    def llama_cpp(llm) -> float:
+        rate, ratio = llama_cpp_rate(llm, prompt, n)
         ratios.append(ratio)
         return rate
 
     with tempfile.TemporaryDirectory() as tmp:
         if gguf_source is not None and device.type == "cpu" and dtype_name in GGUF_TYPES and llama_cpp_available():
-            gguf_type = GGUF_TYPES[dtype_name]
-            path = export_gguf(gguf_source, Path(tmp) / f"model-{gguf_type}.gguf", gguf_type)
-            engines.append((f"llama.cpp {gguf_type}", lambda: llama_cpp(path)))
+            llm = llama_cpp_model(gguf_source, dtype_name, len(prompt) + n + 16, Path(tmp))
+            engines.append((f"llama.cpp {GGUF_TYPES[dtype_name]}", lambda: llama_cpp(llm)))
         rows = timed_rates(engines, dtype_name, repeats)
     if ratios:
         rows[-1] += (f"a 5-token forward costs {statistics.median(ratios):.2f} 1-token ones",)
