@@ -127,8 +127,12 @@ class Transformer(nn.Module):
             layer_adapters = adapters[str(i)] if adapters is not None and str(i) in adapters else None
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
         if draft and self.heads.draft_vocab is not None:
-            return F.linear(self.norm(x), self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
-        return self.output(self.norm(x))
+            x = self.norm(x)
+            if use_gemv(x, self.heads.draft_head):
+                return gemv(x, self.heads.draft_head)
+            return F.linear(x, self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
+        x = self.norm(x)
+        return gemv(x, self.output.weight) if use_gemv(x, self.output.weight) else self.output(x)
 
     def set_heads(self, heads: Optional[nn.Module]) -> None:
         """Attaches S3D draft adapters; they change the draft forward only, never the full one."""
@@ -160,21 +164,61 @@ def plain_weight(weight: Tensor) -> Tensor:
     return weight if type(weight) is nn.Parameter else weight.dequantize()
 
 
+# Up to this many rows (tokens) a compiled bfloat16 step on a CPU computes its linear maps with gemv below rather
+# than the library's GEMM: one row streams the weights at the read bandwidth there, and each row more costs a
+# multiply-add per weight, so by 5 rows gemv only ties with oneDNN and by 8 it loses (BENCHMARKS.md, section 20).
+GEMV_MAX_ROWS = 5
+
+
+def use_gemv(x: Tensor, weight: Tensor) -> bool:
+    """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing, and a plain weight (not a torchao-quantized one)."""
+    return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
+            and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
+            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS)
+
+
+def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T (times scale per output channel, for int8 weights) for a few rows, as Inductor reductions.
+
+    oneDNN's bfloat16 GEMM of one row reads the weights at about half the read bandwidth of a 2-core CPU; this
+    reaches it. The weight is read in blocks of 16 output channels (n/16, k, 16), a layout that freezing makes once,
+    at compile time, so that the reduction over k keeps 16 outputs in one vector register. Each row is its own
+    reduction: Inductor fuses them into one loop over the weights that keeps one accumulator per row, and a row's
+    result does not depend on how many rows come with it."""
+    from torch._inductor.inductor_prims import force_stride_order  # (imported only when compiling)
+
+    n, k = weight.shape
+    blocks = weight.view(n // 16, 16, k).transpose(1, 2).contiguous()  # a constant of the compiled step
+    # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
+    rows = force_stride_order(x.reshape(-1, k).float(), (k, 1))
+    y = torch.stack([(row[None, :, None] * blocks.float()).sum(1).view(n) for row in rows.unbind(0)])
+    if scale is not None:
+        y = y * scale.float()
+    return y.view(*x.shape[:-1], n).to(x.dtype)
+
+
 def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:
     """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
-    if adapters is None:
-        return layer(x)
-    adapter = adapters[name]
-    if adapter.weight_int8 is not None:
-        # the draft's int8 copy of W + BA (heads.DraftHeads.fold_adapters): Inductor turns this into its weight-only
-        # int8 GEMM, which reads half the bytes of bfloat16 weights
-        y = F.linear(x, adapter.weight_int8.to(x.dtype)) * adapter.scale.to(x.dtype)
-        return y if layer.bias is None else y + layer.bias
-    if adapter.fold and type(layer.weight) is nn.Parameter:  # (quantized weights are tensor subclasses: not folded)
-        # W + BA as one matrix: where the compiled step freezes the weights (CPU) it is computed once, at compile
-        # time, and the draft's linear maps then cost what the target's do (heads.DraftHeads.fold_adapters)
-        return F.linear(x, layer.weight + adapter.B @ adapter.A, layer.bias)
-    return layer(x) + adapter(x)
+    adapter = adapters[name] if adapters is not None else None
+    weight, scale = layer.weight, None
+    if adapter is not None and adapter.weight_int8 is not None:
+        # the draft's int8 copy of W + BA (heads.DraftHeads.fold_adapters): half the bytes of bfloat16 weights
+        weight, scale = adapter.weight_int8, adapter.scale
+    elif adapter is not None and adapter.fold and type(layer.weight) is nn.Parameter:
+        # W + BA as one matrix (quantized weights, tensor subclasses, are not folded): where the compiled step
+        # freezes the weights (CPU) it is computed once, at compile time, and the draft's linear maps then cost what
+        # the target's do (heads.DraftHeads.fold_adapters)
+        weight = layer.weight + adapter.B @ adapter.A
+    elif adapter is not None:
+        return layer(x) + adapter(x)
+    if use_gemv(x, weight):
+        y = gemv(x, weight, scale)
+    elif scale is not None:  # Inductor turns this into its weight-only int8 GEMM
+        y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    else:
+        return F.linear(x, weight, layer.bias)
+    return y if layer.bias is None else y + layer.bias
 
 
 class Attention(nn.Module):

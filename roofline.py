@@ -95,7 +95,7 @@ def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab:
 
 def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     """The kind of a profiler event of a compiled CPU step: Inductor names its GEMM kernels gemm_m{M}n{N}k{K},
-    its fused element-wise kernels cpp_fused_*, and the extern kernels it calls after the aten op (from the C++
+    its fused element-wise kernels cpp_fused_* (model.gemv's among them, with the ops they come from in the name), and the extern kernels it calls after the aten op (from the C++
     wrapper: aoti_torch_cpu_<op>)."""
     if name.startswith("aoti_torch_cpu_"):
         name = "aten::" + name.removeprefix("aoti_torch_cpu_")
@@ -104,6 +104,8 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
         return "output head" if n in vocab_sizes else "linear maps"
     if "scaled_dot_product" in name and "cpp_fused" not in name:
         return "attention"
+    if "cpp_fused" in name and "stack" in name and "_sum" in name:
+        return "linear maps"  # model.gemv's reductions (torch.stack of a sum per row), with what Inductor fused in
     if name.startswith("graph_") or "cpp_fused" in name:
         return "other kernels"
     if name.startswith(("aten::mm", "aten::addmm", "aten::linear", "aten::_linear_pointwise", "mkldnn::", "torch_ops::",

@@ -128,6 +128,14 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
         inductor.autotune_num_choices_displayed, inductor.max_autotune_report_choices_stats = 0, False
         # and so does a deprecation warning raised inside Inductor's autotuning on some CPUs
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        if not autotune:  # bfloat16 weights, not quantized: model.gemv's few-row steps
+            # gemv converts the weights to float32 in registers as it reads them: freezing must not fold that into
+            # float32 copies of the weights, which would double the bytes every step reads
+            from torch._inductor.constant_folding import add_dont_constant_fold
+
+            add_dont_constant_fold(torch.ops.prims.convert_element_type.default)
+            # and gemv of a few rows is bound by its multiply-adds: let the compiler fuse them (FMA)
+            inductor.cpp.enable_floating_point_contract_flag = "fast"
     # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
@@ -141,7 +149,8 @@ def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = Fal
     streams every weight from memory, where oneDNN's prepacked bf16 GEMM is about twice as fast (the AR step's
     linear maps: 11.8 ms autotuned, 6.0 ms with oneDNN's; BENCHMARKS.md, section 9). MKL's float32 GEMM of a few
     rows is slow on a 2-core AVX2 CPU, so float32 (and the int8 kernels) keep autotuning: S3D's draft and verify
-    steps are exactly such shapes."""
+    steps are exactly such shapes. Compiled bf16 steps of a few rows on a CPU skip the library's GEMMs altogether
+    (model.gemv: the AR step 1.5x faster again, BENCHMARKS.md section 20)."""
     if not compile:
         return fn
     autotune = model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None

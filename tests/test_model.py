@@ -1,5 +1,7 @@
 """model.py against transformers as the independent reference: logits of prefill and incremental decoding, the
-skip path, RoPE variants; plus the static KV cache's behaviour."""
+skip path, RoPE variants; plus the static KV cache's behaviour and the few-row linear maps of compiled CPU steps."""
+import re
+
 import pytest
 import torch
 
@@ -105,3 +107,41 @@ def test_setup_caches_refuses_more_than_the_context():
     model = Transformer(ModelArgs(block_size=16, vocab_size=8, n_layer=1, n_head=1, dim=8, intermediate_size=8))
     with pytest.raises(ValueError, match="exceed the model's context of 16"):
         model.setup_caches(1, 17)
+
+
+def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights():
+    """Compiled as the decoding steps are (bfloat16 on a CPU), a linear map of up to GEMV_MAX_ROWS rows is model.gemv:
+    x @ W.T within bfloat16 rounding (times the scale for int8 weights); each row's result is the same bit for bit
+    whether it comes alone or with others (so a 1-token AR step and a 5-token verify round alike); its kernel reads
+    the bfloat16 weight itself, not a float32 copy that freezing made, and calls no library GEMM. One row more and
+    the library's GEMM (oneDNN) takes over."""
+    import model as model_py
+    import s3d
+    from torch._inductor.utils import run_and_get_code
+
+    def frozen_weight_types(code: list[str]) -> set[str]:  # what the generated kernels read the frozen weights as
+        return set(re.findall(r"\(const ([\w:]+)\*\)\(_frozen_param", " ".join(code)))
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).eval()
+    step = s3d.compiled(lambda layer, x: model_py.linear(layer, x, None, "w"), "cpu", False, False)
+    x = torch.randn(1, model_py.GEMV_MAX_ROWS + 1, 64, dtype=torch.bfloat16)
+    rows = model_py.GEMV_MAX_ROWS
+    with torch.no_grad():
+        few, code = run_and_get_code(step, layer, x[:, :rows])
+        alone = [step(layer, x[:, i:i + 1]) for i in range(rows)]
+        more, code_more = run_and_get_code(step, layer, x)
+        expected = x.float() @ layer.weight.float().T
+    torch.testing.assert_close(few.float(), expected[:, :rows], rtol=1e-2, atol=1e-2)
+    assert all(torch.equal(alone[i][0, 0], few[0, i]) for i in range(rows))
+    assert frozen_weight_types(code) == {"at::BFloat16"} and "mkldnn" not in " ".join(code)
+    assert "mkldnn" in " ".join(code_more)  # (oneDNN's prepacked weight is no longer a frozen_param pointer)
+    torch.testing.assert_close(more.float(), expected, rtol=1e-2, atol=1e-2)
+    assert not model_py.use_gemv(x[:, :1], layer.weight)  # eager: the library's
+
+    weight_int8 = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    scale = torch.rand(48, dtype=torch.bfloat16) / 100
+    int8_step = s3d.compiled(lambda x, w, s: model_py.gemv(x, w, s), "cpu", False, False)
+    with torch.no_grad():
+        y = int8_step(x[:, :2], weight_int8, scale)
+    torch.testing.assert_close(y.float(), (x[:, :2].float() @ weight_int8.float().T) * scale.float(), rtol=1e-2, atol=1e-2)

@@ -4,6 +4,7 @@ sync per iteration."""
 import dataclasses
 import itertools
 import math
+import re
 import sys
 
 import pytest
@@ -420,10 +421,11 @@ def test_compiled_loop_is_lossless_and_never_recompiles(monkeypatch, draft, adap
 @pytest.mark.parametrize("tree", [None, s3d.top_k_tree((3, 2, 1))], ids=["chain", "tree"])
 def test_int8_draft_is_lossless_compiled_and_runs_on_int8_weights(tree):
     """The draft reading int8 copies of its layers (Draft.int8): greedy output still AR's, eager and compiled, no
-    recompilation after warm-up; with bfloat16 activations Inductor runs every one of the draft's linear maps as its
-    weight-only int8 GEMM (what makes the draft cheaper), and int8_draft picks it there by default."""
+    recompilation after warm-up; with bfloat16 activations every one of the draft's linear maps reads its int8 copy
+    (what makes the draft cheaper), and int8_draft picks it there by default."""
     import torch._dynamo
     from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
 
     model = with_trained_looking_heads(tiny_model())
     draft = s3d.Draft("s3d", 3, (2, 4), tree=tree, int8=True)
@@ -441,11 +443,20 @@ def test_int8_draft_is_lossless_compiled_and_runs_on_int8_weights(tree):
     model = with_trained_looking_heads(tiny_model()).to(torch.bfloat16)
     assert s3d.int8_draft(model, dataclasses.replace(draft, int8=None), True)
     assert not s3d.int8_draft(model, dataclasses.replace(draft, int8=None), False)
-    counters.clear()
     with torch.no_grad():
-        s3d.speculative_generate(model, PROMPTS[0], 8, dataclasses.replace(draft, int8=None), compile=True)
+        _, code = run_and_get_code(s3d.speculative_generate, model, PROMPTS[0], 8, dataclasses.replace(draft, int8=None),
+                                   compile=True)
+    # the draft's 3 rows go through model.gemv, which reads the int8 copies themselves: one frozen int8 weight per map
     kept_maps = 5 * (model.config.n_layer - 2)
-    assert counters["inductor"]["woq_matcher_count"] == kept_maps
+    assert len(set(re.findall(r"\(const int8_t\*\)\(_frozen_param\d+", " ".join(code)))) == kept_maps
+    if tree is None:  # more rows than gemv takes: every map is Inductor's weight-only int8 GEMM
+        counters.clear()
+        model.set_heads(new_heads(model, (2, 4), 6, 4))
+        with torch.no_grad():
+            for p in model.heads.parameters():
+                p.normal_(0, 0.05)
+            s3d.speculative_generate(model, PROMPTS[0], 8, s3d.Draft("s3d", 6, (2, 4), int8=True), compile=True)
+        assert counters["inductor"]["woq_matcher_count"] == kept_maps
 
 
 def test_int8_draft_needs_adapters():
