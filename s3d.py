@@ -150,7 +150,7 @@ def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = Fal
     linear maps: 11.8 ms autotuned, 6.0 ms with oneDNN's; BENCHMARKS.md, section 9). MKL's float32 GEMM of a few
     rows is slow on a 2-core AVX2 CPU, so float32 (and the int8 kernels) keep autotuning: S3D's draft and verify
     steps are exactly such shapes. Compiled bf16 steps of a few rows on a CPU skip the library's GEMMs altogether
-    (model.gemv: the AR step 1.5x faster again, BENCHMARKS.md section 20)."""
+    (model.gemv: the AR step 1.3x cheaper again, BENCHMARKS.md section 20)."""
     if not compile:
         return fn
     autotune = model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None
