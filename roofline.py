@@ -66,7 +66,8 @@ def linear_call_us(dtype: torch.dtype, device: torch.device, calls: int = 100) -
     chain = torch.nn.Sequential(*[torch.nn.Linear(64, 64, bias=False, dtype=dtype, device=device)
                                   for _ in range(calls)])
     first, x = chain[:1], torch.randn(1, 64, dtype=dtype, device=device)
-    step = s3d.compiled(lambda net, x: net(x), device.type, False, autotune=dtype != torch.bfloat16)  # as step_fn
+    autotune = s3d.CPU_AUTOTUNE and dtype != torch.bfloat16  # as step_fn
+    step = s3d.compiled(lambda net, x: net(x), device.type, False, autotune)
     with torch.no_grad():
         # one chain and the other in turns, 20 calls each a round: a pause of the machine (a shared one stalls for
         # milliseconds) spoils a round of both, not the whole of one, and the median of the rounds leaves it out
@@ -110,8 +111,8 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
         return "linear maps"  # model.gemv's reductions (torch.stack of a sum per row), with what Inductor fused in
     if name.startswith("graph_") or "cpp_fused" in name:
         return "other kernels"
-    if name.startswith(("aten::mm", "aten::addmm", "aten::linear", "aten::_linear_pointwise", "mkldnn::", "torch_ops::",
-                        "aten::_weight_int8")):
+    if name.startswith(("aten::mm", "aten::addmm", "aten::linear", "aten::_linear_pointwise", "aten::_mkl_linear",
+                        "mkldnn::", "torch_ops::", "aten::_weight_int8")):
         return "linear maps"
     return ""
 

@@ -128,19 +128,24 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
         inductor.autotune_num_choices_displayed, inductor.max_autotune_report_choices_stats = 0, False
         # and so does a deprecation warning raised inside Inductor's autotuning on some CPUs
         warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
-        if not autotune:  # bfloat16 weights, not quantized: model.gemv's few-row steps
-            # gemv converts the weights to float32 in registers as it reads them: freezing must not fold that into
-            # float32 copies of the weights, which would double the bytes every step reads
-            from torch._inductor.constant_folding import add_dont_constant_fold
+        # model.gemv (bfloat16 steps of a few rows) converts the weights to float32 in registers as it reads them:
+        # freezing must not fold that into float32 copies of the weights, which would double the bytes every step
+        # reads (nor an int8 weight's conversion into a bfloat16 copy). Set for every CPU step, as it is global.
+        from torch._inductor.constant_folding import add_dont_constant_fold
 
-            add_dont_constant_fold(torch.ops.prims.convert_element_type.default)
-            # and gemv of a few rows is bound by its multiply-adds: let the compiler fuse them (FMA)
-            inductor.cpp.enable_floating_point_contract_flag = "fast"
+        add_dont_constant_fold(torch.ops.prims.convert_element_type.default)
+        # and gemv of a few rows is bound by its multiply-adds: let the compiler fuse them (FMA)
+        inductor.cpp.enable_floating_point_contract_flag = "fast"
     # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True
     mode = "reduce-overhead" if device_type == "cuda" and not dynamic else None
     return torch.compile(fn, mode=mode, fullgraph=True, dynamic=dynamic, options=options)
+
+
+# Whether compiled float32 and int8 CPU steps let Inductor time its own C++ GEMMs against the library's (step_fn).
+# It costs seconds of every compile; the tests turn it off except where they test it (tests/conftest.py).
+CPU_AUTOTUNE = True
 
 
 def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = False) -> Callable:
@@ -153,7 +158,7 @@ def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = Fal
     (model.gemv: the AR step 1.3x cheaper again, BENCHMARKS.md section 20)."""
     if not compile:
         return fn
-    autotune = model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None
+    autotune = CPU_AUTOTUNE and (model.tok_embeddings.weight.dtype != torch.bfloat16 or model.quantization is not None)
     return compiled(fn, model.output.weight.device.type, dynamic, autotune)
 
 

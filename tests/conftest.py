@@ -47,6 +47,21 @@ def convert_tiny(tmp_path):
     return make
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "autotune: compiled float32 and int8 CPU steps autotune their GEMMs, as they do "
+                                       "outside the tests")
+
+
+@pytest.fixture(autouse=True)
+def cpu_autotune(request, monkeypatch):
+    """Compiled float32 and int8 CPU steps autotune (s3d.CPU_AUTOTUNE) only in tests marked autotune: it adds
+    seconds to every compile (15 of 26 for a tiny float32 model), and it only chooses among kernels that compute the
+    same maps."""
+    import s3d
+
+    monkeypatch.setattr(s3d, "CPU_AUTOTUNE", request.node.get_closest_marker("autotune") is not None)
+
+
 @pytest.fixture(scope="session")
 def default_checkpoint() -> Path:
     assert (DEFAULT_CHECKPOINT / "model.safetensors").is_file(), \

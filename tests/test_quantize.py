@@ -63,6 +63,7 @@ def test_quantized_checkpoint_roundtrip_and_memory(convert_tiny, tmp_path):
         checkpoint.load_quantized(load_model(folder, dtype=torch.bfloat16), path)
 
 
+@pytest.mark.autotune
 def test_compiled_int8_equals_eager(convert_tiny):
     _, folder = convert_tiny("LlamaForCausalLM")
     model = checkpoint.quantize(load_model(folder), "int8")

@@ -395,7 +395,8 @@ def test_adaptive_sampling_matches_the_ar_distribution(monkeypatch, temperature,
 # Compiled loop: no recompilation after warm-up, one host synchronisation per iteration.
 
 
-@pytest.mark.parametrize("draft,adaptive", [("s3d", False), ("skip", False), ("s3d", True)])
+@pytest.mark.parametrize("draft,adaptive", [pytest.param("s3d", False, marks=pytest.mark.autotune), ("skip", False),
+                                            ("s3d", True)])
 def test_compiled_loop_is_lossless_and_never_recompiles(monkeypatch, draft, adaptive):
     import torch._dynamo
 
