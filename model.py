@@ -192,7 +192,9 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     blocks = weight.view(n // 16, 16, k).transpose(1, 2).contiguous()  # a constant of the compiled step
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
     rows = force_stride_order(x.reshape(-1, k).float(), (k, 1))
-    y = torch.stack([(row[None, :, None] * blocks.float()).sum(1).view(n) for row in rows.unbind(0)])
+    # (each row's sum stays (n/16, 16) until after the stack: viewed as (n,) first, Inductor would write each into
+    # a buffer of its own and copy it into the stack, a loop and a thread barrier per row and map)
+    y = torch.stack([(row[None, :, None] * blocks.float()).sum(1) for row in rows.unbind(0)]).view(-1, n)
     if scale is not None:
         y = y * scale.float()
     return y.view(*x.shape[:-1], n).to(x.dtype)
