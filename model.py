@@ -244,39 +244,10 @@ class Attention(nn.Module):
         # Attend over the cache positions the mask covers; the causal mask row of each position hides everything
         # after it, including stale entries a previous speculative iteration left behind.
         k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        if use_row_attention(q):
-            y = row_attention(q, k, v, mask)
-        else:
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
-                                               enable_gqa=self.n_head != self.n_local_heads)
+        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+                                           enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)
         return linear(self.wo, y, adapters, "wo")
-
-
-def use_row_attention(q: Tensor) -> bool:
-    """Whether attention of q (batch, heads, n, head_dim) goes through row_attention: where the linear maps go
-    through gemv (compiled, on a CPU, bfloat16, at most GEMV_MAX_ROWS query positions known when tracing)."""
-    return (torch.compiler.is_compiling() and q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and isinstance(q.shape[2], int) and q.shape[0] * q.shape[2] <= GEMV_MAX_ROWS)
-
-
-def row_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """softmax(q k^T / sqrt(head_dim), masked) v for a few query rows, in float32, as Inductor reductions.
-
-    PyTorch's CPU attention kernel computes a block of query rows with library GEMMs whose rounding depends on how
-    many rows there are. As reductions each query row is computed alone, in the same order whatever rows come with
-    it and however many masked keys follow: with gemv's linear maps (and Inductor rounding every bfloat16 cast,
-    s3d.compiled) the verify step's logits of a position are bit for bit the AR step's there, so greedy S3D gives
-    AR's exact output. Grouped-query heads read their shared K and V (query head i uses
-    KV head i // (heads / KV heads), as enable_gqa does)."""
-    b, h, n, d = q.shape
-    q = q.float().reshape(b, k.shape[1], h // k.shape[1], n, 1, d)
-    scores = (q * k.float()[:, :, None, None]).sum(-1) * d**-0.5  # (b, kv heads, group, n, keys)
-    scores = scores.masked_fill(~mask[:, :, None], float("-inf"))
-    weights = (scores - scores.amax(-1, keepdim=True)).exp()
-    # (normalised after the sum over keys, not inside it: one division per output rather than per key)
-    y = (weights[..., None] * v.float()[:, :, None, None]).sum(-2) / weights.sum(-1)[..., None]
-    return y.view(b, h, n, d).to(v.dtype)
 
 
 class FeedForward(nn.Module):

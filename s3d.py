@@ -136,10 +136,6 @@ def compiled(fn: Callable, device_type: str, dynamic: bool = False, autotune: bo
         add_dont_constant_fold(torch.ops.prims.convert_element_type.default)
         # and gemv of a few rows is bound by its multiply-adds: let the compiler fuse them (FMA)
         inductor.cpp.enable_floating_point_contract_flag = "fast"
-        # Inductor keeps a bfloat16 intermediate in float32 where it fuses it and rounds it where it stores it, and
-        # where it fuses depends on the step's shapes: without this a 5-token verify and a 1-token AR step round
-        # differently, and greedy S3D departs from AR at near-ties (model.row_attention)
-        inductor.emulate_precision_casts = True
     # Dynamo guards every parameter of the module on every call; with recursive dict tags an unchanged module is
     # checked once as a whole (0.45 ms -> 0.18 ms per call on the default model).
     torch._dynamo.config.use_recursive_dict_tags_for_guards = True

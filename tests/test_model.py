@@ -145,35 +145,3 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights():
     with torch.no_grad():
         y = int8_step(x[:, :2], weight_int8, scale)
     torch.testing.assert_close(y.float(), (x[:, :2].float() @ weight_int8.float().T) * scale.float(), rtol=1e-2, atol=1e-2)
-
-
-def forward(model, idx, pos, mask):  # (a module-level function: s3d.compiled caches by function)
-    return model(idx, pos, mask=mask)
-
-
-def test_compiled_bfloat16_forward_of_five_tokens_is_five_one_token_steps_bit_for_bit():
-    """Compiled on a CPU in bfloat16 (model.gemv, model.row_attention, Inductor rounding every bfloat16 cast), each
-    position of a 5-token forward (the verify step) gets the very logits, bit for bit, of the 1-token forward (the AR
-    step) there, whatever the length of the live prefix each attends over: so greedy S3D gives AR's output exactly,
-    not up to near-ties."""
-    import model as model_py
-    import s3d
-
-    torch.manual_seed(0)
-    # (head_dim 64 and a prefix of 40: there PyTorch's attention rounds one query and five differently)
-    config = ModelArgs(block_size=64, vocab_size=96, n_layer=6, n_head=4, n_local_heads=2, dim=256, intermediate_size=256)
-    model = Transformer(config)
-    for p in model.parameters():  # (RMSNorm weights start at ones)
-        p.data.normal_(0, 0.3)
-    model = model.to(torch.bfloat16).eval()
-    model.kv_dtype = torch.float32  # as cli.load on a CPU without AMX
-    model.setup_caches(1, 64)
-    step = s3d.compiled(forward, "cpu", False, False)
-    tokens = torch.randint(0, config.vocab_size, (1, 45))
-    with torch.no_grad():
-        model(tokens[:, :40], torch.arange(40))  # the prompt, eager
-        five = step(model, tokens[:, 40:], torch.arange(40, 45), s3d.causal_mask(model, 40, 5))[0].clone()
-        one = [step(model, tokens[:, i:i + 1], torch.arange(i, i + 1), s3d.causal_mask(model, i, 1))[0, 0]
-               for i in range(40, 45)]
-    assert model_py.use_row_attention(torch.empty(1, 4, 5, 64, dtype=torch.bfloat16)) is False  # eager: PyTorch's attention
-    assert [torch.equal(one[i], five[i]) for i in range(5)] == [True] * 5
