@@ -19,7 +19,9 @@ step() {  # step TITLE COMMAND...: runs it, logs it, remembers a failure
     { echo "gpu-check: no CUDA device visible to $PY" >&2; exit 2; }
 step "machine" nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
 step "torch" "$PY" -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name())'
-step "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda.py
+# in parallel where pytest-xdist is installed: each test compiles its own steps, so the suite is compile-bound
+XDIST=$("$PY" -c 'import xdist' 2>/dev/null && echo "-n ${GPU_CHECK_WORKERS:-6}")
+step "CUDA tests" "$PY" -m pytest -q -p no:cacheprovider $XDIST tests/test_cuda.py
 FORMATS=${GPU_CHECK_FORMATS:-bfloat16}  # int8 int4 too: several minutes more of compiling on a 7B shape
 step "7B shape, random weights" "$PY" bench.py --random_weights llama-7b --formats $FORMATS --gammas 4 \
     --json runs/gpu-random-weights.json
