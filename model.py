@@ -168,14 +168,31 @@ def plain_weight(weight: Tensor) -> Tensor:
 # than the library's GEMM: one row streams the weights at the read bandwidth there, and each row more costs a
 # multiply-add per weight, so by 5 rows gemv only ties with oneDNN and by 8 it loses (BENCHMARKS.md, section 20).
 GEMV_MAX_ROWS = 5
+# On a CPU with AVX512_BF16 gemv runs on its dot products (cpu_kernels.py): 5 rows then cost 1.1 times 1 row, 21 rows
+# (a tree's nodes) 2.6 times, against 3.8 times with oneDNN's GEMM (BENCHMARKS.md, section 23).
+DOT_BF16_MAX_ROWS = 64
+DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
-    bfloat16, at most GEMV_MAX_ROWS rows known when tracing, and a plain weight (not a torchao-quantized one)."""
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (DOT_BF16_MAX_ROWS for bf16 weights where the
+    dot-product kernel is loaded), and a plain weight (not a torchao-quantized one)."""
+    max_rows = DOT_BF16_MAX_ROWS if use_dot_bf16(weight) else GEMV_MAX_ROWS
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
-            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS)
+            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= max_rows)
+
+
+def use_dot_bf16(weight: Tensor) -> bool:
+    return DOT_BF16 and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+
+
+def pair_blocks(weight: Tensor) -> Tensor:
+    """(n, k) -> (n/16, k/2, 16, 2), the layout cpu_kernels' gemv_bf16 reads: 16 output channels times 2 consecutive
+    inputs in one 64-byte load. In a compiled step freezing makes it once."""
+    n, k = weight.shape
+    return weight.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()
 
 
 def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -185,10 +202,15 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     reaches it. The weight is read in blocks of 16 output channels (n/16, k, 16), a layout that freezing makes once,
     at compile time, so that the reduction over k keeps 16 outputs in one vector register. Each row is its own
     reduction: Inductor fuses them into one loop over the weights that keeps one accumulator per row, and a row's
-    result does not depend on how many rows come with it."""
+    result does not depend on how many rows come with it. Where cpu_kernels.py's AVX512_BF16 kernel is loaded, 2 rows
+    or more go to it instead (its sums, of pairs of products, round differently from the 1-row reduction's)."""
     from torch._inductor.inductor_prims import force_stride_order  # (imported only when compiling)
 
     n, k = weight.shape
+    if use_dot_bf16(weight) and x.numel() > k:
+        # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
+        # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)
+        return torch.ops.s3d_kernels.gemv_bf16(x, pair_blocks(weight)).to(x.dtype)
     blocks = weight.view(n // 16, 16, k).transpose(1, 2).contiguous()  # a constant of the compiled step
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
     rows = force_stride_order(x.reshape(-1, k).float(), (k, 1))

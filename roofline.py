@@ -98,8 +98,9 @@ def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab:
 
 def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     """The kind of a profiler event of a compiled CPU step: Inductor names its GEMM kernels gemm_m{M}n{N}k{K},
-    its fused element-wise kernels cpp_fused_* (model.gemv's among them, with the ops they come from in the name), and the extern kernels it calls after the aten op (from the C++
-    wrapper: aoti_torch_cpu_<op>)."""
+    its fused element-wise kernels cpp_fused_* (model.gemv's among them, with the ops they come from in the name),
+    and the extern kernels it calls after the aten op (from the C++ wrapper: aoti_torch_cpu_<op>); cpu_kernels.py's
+    operator is s3d_kernels::gemv_bf16."""
     if name.startswith("aoti_torch_cpu_"):
         name = "aten::" + name.removeprefix("aoti_torch_cpu_")
     if "gemm_m" in name:
@@ -112,7 +113,7 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     if name.startswith("graph_") or "cpp_fused" in name:
         return "other kernels"
     if name.startswith(("aten::mm", "aten::addmm", "aten::linear", "aten::_linear_pointwise", "aten::_mkl_linear",
-                        "mkldnn::", "torch_ops::", "aten::_weight_int8")):
+                        "mkldnn::", "torch_ops::", "aten::_weight_int8", "s3d_kernels::")):
         return "linear maps"
     return ""
 

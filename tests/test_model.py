@@ -109,14 +109,19 @@ def test_setup_caches_refuses_more_than_the_context():
         model.setup_caches(1, 17)
 
 
-def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights():
+def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
     """Compiled as the decoding steps are (bfloat16 on a CPU), a linear map of up to GEMV_MAX_ROWS rows is model.gemv:
     x @ W.T within bfloat16 rounding (times the scale for int8 weights); each row's result is the same bit for bit
     whether it comes alone or with others (so a 1-token AR step and a 5-token verify round alike); its kernel reads
     the bfloat16 weight itself, not a float32 copy that freezing made, and calls no library GEMM. One row more and
-    the library's GEMM (oneDNN) takes over."""
+    the library's GEMM (oneDNN) takes over. (All without the AVX512_BF16 kernel, which tests/test_cpu_kernels.py
+    tests.)"""
+    import cpu_kernels
     import model as model_py
     import s3d
+
+    cpu_kernels.load()  # (built now, if at all, so that it stays off below)
+    monkeypatch.setattr(model_py, "DOT_BF16", False)
     from torch._inductor.utils import run_and_get_code
 
     def frozen_weight_types(code: list[str]) -> set[str]:  # what the generated kernels read the frozen weights as
