@@ -168,8 +168,8 @@ def plain_weight(weight: Tensor) -> Tensor:
 # than the library's GEMM: one row streams the weights at the read bandwidth there, and each row more costs a
 # multiply-add per weight, so by 5 rows gemv only ties with oneDNN and by 8 it loses (BENCHMARKS.md, section 20).
 GEMV_MAX_ROWS = 5
-# On a CPU with AVX512_BF16 gemv runs on its dot products (cpu_kernels.py): 5 rows then cost 1.1 times 1 row, 21 rows
-# (a tree's nodes) 2.6 times, against 3.8 times with oneDNN's GEMM (BENCHMARKS.md, section 23).
+# On a CPU with AVX512_BF16, 2 rows or more run on its dot products instead (cpu_kernels.py), which halve the work per
+# weight: the verify step of 5 rows gets cheaper (BENCHMARKS.md, section 23), and a tree's nodes stay off oneDNN.
 DOT_BF16_MAX_ROWS = 64
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 
