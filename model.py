@@ -168,20 +168,18 @@ def plain_weight(weight: Tensor) -> Tensor:
 # than the library's GEMM: one row streams the weights at the read bandwidth there, and each row more costs a
 # multiply-add per weight, so by 5 rows gemv only ties with oneDNN and by 8 it loses (BENCHMARKS.md, section 20).
 GEMV_MAX_ROWS = 5
-# On a CPU with AVX512_BF16, 2 rows or more run on its dot products instead (cpu_kernels.py), which halve the work per
-# weight: the verify step of 5 rows gets cheaper (BENCHMARKS.md, section 23), and a tree's nodes stay off oneDNN.
-DOT_BF16_MAX_ROWS = 64
+# On a CPU with AVX512_BF16, 2 to 5 rows run on its dot products instead (cpu_kernels.py), which halve the work per
+# weight: the verify step of 5 rows gets cheaper. A tree's 9 or 22 rows did not: oneDNN's GEMM stays there
+# (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
-    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (DOT_BF16_MAX_ROWS for bf16 weights where the
-    dot-product kernel is loaded), and a plain weight (not a torchao-quantized one)."""
-    max_rows = DOT_BF16_MAX_ROWS if use_dot_bf16(weight) else GEMV_MAX_ROWS
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing, and a plain weight (not a torchao-quantized one)."""
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
-            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= max_rows)
+            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS)
 
 
 def use_dot_bf16(weight: Tensor) -> bool:
