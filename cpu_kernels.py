@@ -94,6 +94,12 @@ def load() -> bool:
     try:
         from torch.utils.cpp_extension import load_inline
 
+        try:  # the extension loader runs `ninja` from PATH: put the requirements' own in front of a system one
+            import ninja
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+        except ImportError:
+            pass
+
         # (-fopenmp: without it at::parallel_for runs on one thread)
         load_inline("s3d_kernels", cpp_sources=[SOURCE], extra_cflags=["-O3", "-fopenmp", *ISA],
                     extra_ldflags=["-fopenmp"], is_python_module=False)
@@ -105,7 +111,7 @@ def load() -> bool:
     def _(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
-    model.DOT_BF16 = True  # model.gemv now calls it for 2 rows or more
+    model.DOT_BF16 = True  # model.gemv now calls it for 2 to GEMV_MAX_ROWS rows
     return True
 
 
