@@ -4,12 +4,12 @@ dot-product instruction.
 A verify step multiplies every weight by g+1 rows. Inductor's few-row reduction (model.gemv) converts each bf16
 weight to float32 and spends a multiply-add per row on it, so at 5 rows the cores' multiply-add rate, not the read
 bandwidth, bounds it. `vdpbf16ps` multiplies 32 bf16 weights by a pair of bf16 inputs and adds the products into 16
-float32 sums in one instruction: the 5-row map then costs about what the 1-row one does (BENCHMARKS.md, section 23).
+float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md, section 23, has what it saves).
 
-The kernel is C++ built once per machine by torch's extension loader (cached; about half a minute the first time on 2 cores) and
-registered as the operator `s3d_kernels::gemv_bf16`, which compiled steps call like any other. Only CPUs with
-AVX512_BF16 use it; elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment (to compare), model.gemv
-keeps Inductor's reductions.
+The kernel is C++ built once per machine by torch's extension loader (cached; about half a minute the first time on
+2 cores) and registered as the operator `s3d_kernels::gemv_bf16`, which compiled steps call like any other. Only
+CPUs with AVX512_BF16 use it; elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment (to
+compare), model.gemv keeps Inductor's reductions.
 """
 import functools
 import logging

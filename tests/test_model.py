@@ -119,10 +119,10 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
     import cpu_kernels
     import model as model_py
     import s3d
+    from torch._inductor.utils import run_and_get_code
 
     cpu_kernels.load()  # (built now, if at all, so that it stays off below)
     monkeypatch.setattr(model_py, "DOT_BF16", False)
-    from torch._inductor.utils import run_and_get_code
 
     def frozen_weight_types(code: list[str]) -> set[str]:  # what the generated kernels read the frozen weights as
         return set(re.findall(r"\(const ([\w:]+)\*\)\(_frozen_param", " ".join(code)))
