@@ -1,15 +1,23 @@
-"""One hand-written CPU kernel, for what Inductor cannot emit: linear maps of a few bfloat16 rows with AVX512_BF16's
-dot-product instruction.
+"""Two hand-written CPU kernels, for what Inductor and the libraries do slowly in a decode step of a few tokens:
+linear maps of a few bfloat16 rows with AVX512_BF16's dot-product instruction, and attention of a few queries over
+the cache.
 
 A verify step multiplies every weight by g+1 rows. Inductor's few-row reduction (model.gemv) converts each bf16
 weight to float32 and spends a multiply-add per row on it, so at 5 rows the cores' multiply-add rate, not the read
 bandwidth, bounds it. `vdpbf16ps` multiplies 32 bf16 weights by a pair of bf16 inputs and adds the products into 16
 float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md, section 23, has what it saves).
 
-The kernel is C++ built once per machine by torch's extension loader (cached; about half a minute the first time on
-2 cores) and registered as the operator `s3d_kernels::gemv_bf16`, which compiled steps call like any other. Only
-CPUs with AVX512_BF16 use it; elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment (to
-compare), model.gemv keeps Inductor's reductions.
+Attention of 1 to 5 queries over a few hundred cached keys is a few million multiply-adds a layer, yet the
+library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
+masked width. `attend` reads only the keys the mask lets some query see, reads each key once for up to 4 query rows
+of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does
+(BENCHMARKS.md, section 24).
+
+The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
+on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16` and `s3d_kernels::attend`, which compiled steps
+call like any other. Only CPUs with AVX512_BF16 use them; elsewhere, where the build fails, or with S3D_DOT_BF16=0 in
+the environment, model.py keeps Inductor's reductions and the library's attention. S3D_ATTEND=0 leaves out the
+attention kernel alone (to compare).
 """
 import functools
 import logging
@@ -27,6 +35,9 @@ SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+#include <cmath>
+#include <limits>
+#include <vector>
 
 // y[r, 16b:16b+16] = sum over k of x[r, k] w[16b:16b+16, k], for R rows; w in blocks (n/16, k/2, 16, 2): one 64-byte
 // load holds 16 output channels times 2 consecutive inputs, the operand vdpbf16ps takes
@@ -77,8 +88,160 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   return y.view(sizes);
 }
 
-TORCH_LIBRARY(s3d_kernels, m) { m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor"); }
-TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) { m.impl("gemv_bf16", gemv_bf16); }
+// Attention of a few queries over the cache (float32), for decode steps: per query row, its scores over the live
+// keys, a softmax and the weighted sum of the values. Every row is computed alone, in the same order whatever rows
+// come with it, so a verify row attends exactly as the AR step's one row does.
+
+// exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial; lanes outside `keep` are 0
+static inline __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));  // times 2^n
+}
+
+struct AttendArgs {
+  const float *q, *k, *v;
+  const bool* mask;
+  float* out;
+  int64_t S, G, T, padded;  // queries, query heads per KV head, keys; T rounded up to 16 (a row of scores)
+  int64_t qb, qh, qs, kb, kh, kt, vb, vh, vt, mb, ms, ob, oh, os;  // strides
+};
+
+// R query rows (row = g * S + s: query head kvh * G + g, query s) of KV head kvh; head_dim = 16 * DV
+template <int R, int DV>
+static void attend_rows(const AttendArgs& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
+  const float inf = std::numeric_limits<float>::infinity();
+  __m512 q[R][DV];
+  const bool* mask[R];
+  int64_t keys = 0;  // the keys any of the rows sees: the rest of the cache is never read
+  for (int r = 0; r < R; r++) {
+    const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
+    const float* qp = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
+    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * DV));
+    for (int d = 0; d < DV; d++) q[r][d] = _mm512_mul_ps(_mm512_loadu_ps(qp + 16 * d), scale);
+    mask[r] = a.mask + b * a.mb + s * a.ms;
+    int64_t last = a.T;
+    while (last > 0 && !mask[r][last - 1]) last--;
+    keys = std::max(keys, last);
+  }
+  const float* kp = a.k + b * a.kb + kvh * a.kh;
+  for (int64_t t = 0; t < keys; t++) {  // scores: each key read once for the R rows
+    __m512 kt[DV];
+    for (int d = 0; d < DV; d++) kt[d] = _mm512_loadu_ps(kp + t * a.kt + 16 * d);
+    for (int r = 0; r < R; r++) {
+      __m512 acc = _mm512_mul_ps(q[r][0], kt[0]);
+      for (int d = 1; d < DV; d++) acc = _mm512_fmadd_ps(q[r][d], kt[d], acc);
+      scores[r * a.padded + t] = _mm512_reduce_add_ps(acc);
+    }
+  }
+  float inv_sum[R];
+  for (int r = 0; r < R; r++) {  // softmax over the keys the mask lets row r see, 16 at a time
+    float* sc = scores + r * a.padded;
+    __m512 top = _mm512_set1_ps(-inf);
+    for (int64_t t = 0; t < keys; t += 16) {
+      __mmask16 live = keys - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (keys - t)) - 1);
+      live = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(live, mask[r] + t), _mm_set1_epi8(1));
+      __m512 x = _mm512_mask_blend_ps(live, _mm512_set1_ps(-inf), _mm512_loadu_ps(sc + t));
+      _mm512_storeu_ps(sc + t, x);
+      top = _mm512_max_ps(top, x);
+    }
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(top));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t t = 0; t < keys; t += 16) {
+      __m512 x = _mm512_loadu_ps(sc + t);
+      __m512 e = exp_nonpositive(_mm512_sub_ps(x, m), _mm512_cmp_ps_mask(x, _mm512_set1_ps(-inf), _CMP_NEQ_OQ));
+      _mm512_storeu_ps(sc + t, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
+  }
+  __m512 o[R][DV];
+  for (int r = 0; r < R; r++)
+    for (int d = 0; d < DV; d++) o[r][d] = _mm512_setzero_ps();
+  const float* vp = a.v + b * a.vb + kvh * a.vh;
+  for (int64_t t = 0; t < keys; t++) {  // the values weighted by the probabilities (0 where masked)
+    __m512 vt[DV];
+    for (int d = 0; d < DV; d++) vt[d] = _mm512_loadu_ps(vp + t * a.vt + 16 * d);
+    for (int r = 0; r < R; r++) {
+      __m512 p = _mm512_set1_ps(scores[r * a.padded + t]);
+      for (int d = 0; d < DV; d++) o[r][d] = _mm512_fmadd_ps(p, vt[d], o[r][d]);
+    }
+  }
+  for (int r = 0; r < R; r++) {
+    const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
+    float* op = a.out + b * a.ob + (kvh * a.G + g) * a.oh + s * a.os;
+    for (int d = 0; d < DV; d++) _mm512_storeu_ps(op + 16 * d, _mm512_mul_ps(o[r][d], _mm512_set1_ps(inv_sum[r])));
+  }
+}
+
+template <int DV>
+static void attend_any(int rows, const AttendArgs& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
+  switch (rows) {
+    case 1: return attend_rows<1, DV>(a, b, kvh, row0, scores);
+    case 2: return attend_rows<2, DV>(a, b, kvh, row0, scores);
+    case 3: return attend_rows<3, DV>(a, b, kvh, row0, scores);
+    default: return attend_rows<4, DV>(a, b, kvh, row0, scores);
+  }
+}
+
+// softmax(q k^T / sqrt(head_dim), where mask) v: q (B, H, S, D), k and v (B, Hkv, T, D) float32, mask (B or 1, 1, S, T)
+// bool (true: attend), D a multiple of 16 up to 128; (B, H, S, D) float32, as F.scaled_dot_product_attention with GQA
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& m_in) {
+  auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in),
+                   mask = last_contiguous(m_in);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "attend takes 4-d tensors");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
+              mask.scalar_type() == at::kBool, "attend takes float32 q, k, v and a bool mask");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(D % 16 == 0 && D <= 128 && H % Hkv == 0 && k.sizes() == v.sizes() && k.size(3) == D &&
+              mask.size(2) == S && mask.size(3) == T && (mask.size(0) == 1 || mask.size(0) == B), "attend: shapes");
+  at::Tensor out = at::empty({B, H, S, D}, q.options());
+  const AttendArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), mask.data_ptr<bool>(),
+                     out.data_ptr<float>(), S, H / Hkv, T, (T + 15) / 16 * 16, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
+                     k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                     mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(2), out.stride(0), out.stride(1), out.stride(2)};
+  const int64_t rows = a.G * S;  // query rows per KV head
+  int64_t chunk = 4;  // rows per work item: up to 4, fewer where that would leave a thread idle
+  while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk--;
+  const int64_t chunks = (rows + chunk - 1) / chunk;
+  at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(4 * a.padded);
+    for (int64_t i = begin; i < end; i++) {
+      const int64_t b = i / (Hkv * chunks), kvh = i / chunks % Hkv, row0 = i % chunks * chunk;
+      const int n = (int)std::min(chunk, rows - row0);
+      switch (D / 16) {  // head_dim as a template argument, so that a query row stays in registers
+        case 1: attend_any<1>(n, a, b, kvh, row0, scores.data()); break;
+        case 2: attend_any<2>(n, a, b, kvh, row0, scores.data()); break;
+        case 3: attend_any<3>(n, a, b, kvh, row0, scores.data()); break;
+        case 4: attend_any<4>(n, a, b, kvh, row0, scores.data()); break;
+        case 5: attend_any<5>(n, a, b, kvh, row0, scores.data()); break;
+        case 6: attend_any<6>(n, a, b, kvh, row0, scores.data()); break;
+        case 7: attend_any<7>(n, a, b, kvh, row0, scores.data()); break;
+        default: attend_any<8>(n, a, b, kvh, row0, scores.data());
+      }
+    }
+  });
+  return out;
+}
+
+TORCH_LIBRARY(s3d_kernels, m) {
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) {
+  m.impl("gemv_bf16", gemv_bf16);
+  m.impl("attend", attend);
+}
 """
 
 
@@ -87,7 +250,7 @@ ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mpref
 
 @functools.cache
 def load() -> bool:
-    """Builds (once per machine; torch caches the library) and registers gemv_bf16 on a CPU with AVX512_BF16.
+    """Builds (once per machine; torch caches the library) and registers the kernels on a CPU with AVX512_BF16.
     False where the CPU lacks it or the build fails (then the caller keeps Inductor's kernels)."""
     if not torch.cpu._is_avx512_bf16_supported() or os.environ.get("S3D_DOT_BF16") == "0":
         return False
@@ -111,7 +274,12 @@ def load() -> bool:
     def _(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
-    model.DOT_BF16 = True  # model.gemv now calls it for 2 to GEMV_MAX_ROWS rows
+    @torch.library.register_fake("s3d_kernels::attend")
+    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+    model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
+    model.ATTEND = os.environ.get("S3D_ATTEND") != "0"  # and Attention calls attend for decode steps
     return True
 
 
@@ -119,3 +287,10 @@ def gemv_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., k) @ weight.T for bfloat16 x and weight (n, k): (..., n) float32 sums (eager; compiled steps call the
     operator on a frozen model.pair_blocks(weight))."""
     return torch.ops.s3d_kernels.gemv_bf16(x, model.pair_blocks(weight))
+
+
+def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True) for float32 q (B, H, S, D), k and v
+    (B, Hkv, T, D) and a bool mask (B or 1, 1, S, T), with D a multiple of 16 up to 128 (eager; compiled steps call the
+    operator through model.Attention)."""
+    return torch.ops.s3d_kernels.attend(q, k, v, mask)

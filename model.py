@@ -220,6 +220,19 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
+# Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
+# cpu_kernels.py's kernel rather than the library's attention, which is built for long queries (BENCHMARKS.md,
+# section 24). Prefill and training keep the library's.
+ATTEND = False  # set by cpu_kernels.load() too
+ATTEND_MAX_ROWS = 64
+
+
+def use_attend(q: Tensor, k: Tensor, mask: Tensor) -> bool:
+    return (ATTEND and torch.compiler.is_compiling() and q.device.type == "cpu" and k.dtype == torch.float32
+            and mask.dtype == torch.bool and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128
+            and isinstance(q.shape[-2], int) and q.shape[-2] <= ATTEND_MAX_ROWS)
+
+
 def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:
     """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
     adapter = adapters[name] if adapters is not None else None
@@ -264,8 +277,11 @@ class Attention(nn.Module):
         # Attend over the cache positions the mask covers; the causal mask row of each position hides everything
         # after it, including stale entries a previous speculative iteration left behind.
         k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
-                                           enable_gqa=self.n_head != self.n_local_heads)
+        if use_attend(q, k, mask):
+            y = torch.ops.s3d_kernels.attend(q.to(k.dtype), k, v, mask)
+        else:
+            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+                                               enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)
         return linear(self.wo, y, adapters, "wo")
 

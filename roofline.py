@@ -100,13 +100,13 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     """The kind of a profiler event of a compiled CPU step: Inductor names its GEMM kernels gemm_m{M}n{N}k{K},
     its fused element-wise kernels cpp_fused_* (model.gemv's among them, with the ops they come from in the name),
     and the extern kernels it calls after the aten op (from the C++ wrapper: aoti_torch_cpu_<op>); cpu_kernels.py's
-    operator is s3d_kernels::gemv_bf16."""
+    operators are s3d_kernels::gemv_bf16 and s3d_kernels::attend."""
     if name.startswith("aoti_torch_cpu_"):
         name = "aten::" + name.removeprefix("aoti_torch_cpu_")
     if "gemm_m" in name:
         n = int(name.split("gemm_m", 1)[1].split("n", 1)[1].split("k", 1)[0])
         return "output head" if n in vocab_sizes else "linear maps"
-    if "scaled_dot_product" in name and "cpp_fused" not in name:
+    if ("scaled_dot_product" in name and "cpp_fused" not in name) or name == "s3d_kernels::attend":
         return "attention"
     if "cpp_fused" in name and "stack" in name and "_sum" in name:
         return "linear maps"  # model.gemv's reductions (torch.stack of a sum per row), with what Inductor fused in

@@ -1,8 +1,11 @@
-"""The AVX512_BF16 kernel (cpu_kernels.py): the linear map of a few bfloat16 rows in float32 sums, each row's result
-the same whatever rows come with it, called by compiled steps; and the machines and settings that leave it off.
-The kernel's own tests need a CPU with AVX512_BF16 and a C++ compiler; elsewhere they are skipped."""
+"""The hand-written CPU kernels (cpu_kernels.py): the linear map of a few bfloat16 rows in float32 sums, and the
+attention of a few queries over the cache, each row's result the same whatever rows come with it, both called by
+compiled steps; and the machines and settings that leave them off. The kernels' own tests need a CPU with
+AVX512_BF16 and a C++ compiler; elsewhere they are skipped."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
 
 import cpu_kernels
 import model as model_py
@@ -33,7 +36,6 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
     layout; off (model.DOT_BF16 false) the same step has Inductor's reduction; one row, or one row more than
     GEMV_MAX_ROWS, does not call it either way."""
     import s3d
-    from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).eval()
@@ -51,13 +53,75 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
     assert roofline.kernel_kind("s3d_kernels::gemv_bf16", (512,)) == "linear maps"  # (bench.py --roofline's split)
 
 
+def attention_inputs(batch, heads, kv_heads, head_dim, queries, keys, seed=0):
+    """q laid out as the model's (a transposed view), k and v the first keys of a longer cache, a random mask in
+    which every query sees the first key."""
+    torch.manual_seed(seed)
+    q = torch.randn(batch, queries, heads, head_dim).transpose(1, 2)
+    k, v = (torch.randn(batch, kv_heads, keys + 7, head_dim)[:, :, :keys] for _ in range(2))
+    mask = torch.rand(batch, 1, queries, keys) < 0.6
+    mask[..., 0] = True
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (1, 9, 3, 64, 1, 512), (2, 8, 2, 128, 3, 100),
+                                   (1, 4, 2, 16, 4, 16), (1, 6, 2, 96, 22, 61)])
+def test_attend_is_attention_row_by_row(loaded, shape):
+    """attend equals the library's attention (GQA, a bool mask, batches with a mask each) computed in float64, and
+    a query's row is the same bits whether it comes alone or with the others (the AR step and the verify step)."""
+    q, k, v, mask = attention_inputs(*shape)
+    y = cpu_kernels.attend(q, k, v, mask)
+    expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    assert y.shape == q.shape and y.dtype == torch.float32
+    assert (y.double() - expected).abs().max().item() < 1e-5
+    for s in range(q.shape[2]):
+        assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
+
+
+def test_attend_reads_only_keys_some_query_sees(loaded):
+    """Keys after the last one any query sees (stale entries of the static cache) are never read: NaN there
+    changes nothing. (A masked key before it may be read, and weighs exactly 0.)"""
+    q, k, v, mask = attention_inputs(1, 9, 3, 64, 5, 40)
+    mask[..., 30:] = False
+    y = cpu_kernels.attend(q, k, v, mask)
+    k[:, :, 30:], v[:, :, 30:] = float("nan"), float("nan")
+    assert torch.equal(cpu_kernels.attend(q, k, v, mask), y)
+
+
+def test_compiled_steps_attend_with_it(loaded, monkeypatch):
+    """A compiled forward of a few tokens on the CPU calls attend where model.ATTEND is on, and gives the eager
+    forward's logits; a prefill longer than ATTEND_MAX_ROWS, or ATTEND off, keeps the library's attention."""
+    import s3d
+
+    torch.manual_seed(0)
+    model = model_py.Transformer(model_py.ModelArgs(block_size=128, vocab_size=64, n_layer=2, n_head=4, n_local_heads=2,
+                                                    dim=64, intermediate_size=96)).eval()
+    model.setup_caches(1, 128)
+    tokens = torch.randint(0, 64, (1, model_py.ATTEND_MAX_ROWS + 1))
+    with torch.no_grad():
+        model(tokens, torch.arange(tokens.shape[1]))  # a prompt in the cache, eager
+        for rows in (1, 5, model_py.ATTEND_MAX_ROWS + 1):
+            pos = torch.arange(10, 10 + rows)
+            mask = model.causal_mask[None, None, 10:10 + rows, :10 + rows]
+            expected = model(tokens[:, :rows], pos, mask=mask)
+            for on in (True, False):
+                monkeypatch.setattr(model_py, "ATTEND", on)
+                torch._dynamo.reset()
+                step = s3d.compiled(lambda model, x, pos, mask: model(x, pos, mask=mask), "cpu", False, False)
+                logits, code = run_and_get_code(step, model, tokens[:, :rows], pos, mask)
+                torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+                assert ("s3d_kernels.attend" in " ".join(code)) == (on and rows <= model_py.ATTEND_MAX_ROWS)
+    assert roofline.kernel_kind("s3d_kernels::attend", (512,)) == "attention"  # (bench.py --roofline's split)
+
+
 def test_off_without_avx512_bf16_or_when_asked(monkeypatch):
-    """load() builds nothing, reports False and leaves model.gemv as it is on a CPU without AVX512_BF16, or with
-    S3D_DOT_BF16=0."""
+    """load() builds nothing, reports False and leaves model.gemv and the attention as they are on a CPU without
+    AVX512_BF16, or with S3D_DOT_BF16=0."""
     monkeypatch.setattr(model_py, "DOT_BF16", False)
+    monkeypatch.setattr(model_py, "ATTEND", False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert cpu_kernels.load.__wrapped__() is False
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setenv("S3D_DOT_BF16", "0")
     assert cpu_kernels.load.__wrapped__() is False
-    assert model_py.DOT_BF16 is False
+    assert model_py.DOT_BF16 is False and model_py.ATTEND is False
