@@ -1,23 +1,28 @@
-"""Two hand-written CPU kernels, for what Inductor and the libraries do slowly in a decode step of a few tokens:
-linear maps of a few bfloat16 rows with AVX512_BF16's dot-product instruction, and attention of a few queries over
-the cache.
+"""Three hand-written CPU kernels, for what Inductor and the libraries do slowly in a decode step of a few tokens:
+linear maps of a few bfloat16 rows on AVX512_BF16's dot products, the draft's int8 linear maps on AVX512_VNNI's, and
+attention of a few queries over the cache.
 
 A verify step multiplies every weight by g+1 rows. Inductor's few-row reduction (model.gemv) converts each bf16
 weight to float32 and spends a multiply-add per row on it, so at 5 rows the cores' multiply-add rate, not the read
 bandwidth, bounds it. `vdpbf16ps` multiplies 32 bf16 weights by a pair of bf16 inputs and adds the products into 16
 float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md, section 23, has what it saves).
 
+The S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters), which the reduction converts to
+float32 before 4 multiply-adds, one per row. `vpdpbusd` multiplies 64 int8 weights by 4 unsigned 8-bit inputs each
+into 16 int32 sums: with its rows rounded to 8 bits, which a draft may be (the full model checks every token it
+drafts), 4 rows cost an instruction per 64 weights each (section 24).
+
 Attention of 1 to 5 queries over a few hundred cached keys is a few million multiply-adds a layer, yet the
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
 masked width. `attend` reads only the keys the mask lets some query see, reads each key once for up to 4 query rows
-of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does
-(BENCHMARKS.md, section 24).
+of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does (section 24).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
-on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16` and `s3d_kernels::attend`, which compiled steps
-call like any other. Only CPUs with AVX512_BF16 use them; elsewhere, where the build fails, or with S3D_DOT_BF16=0 in
-the environment, model.py keeps Inductor's reductions and the library's attention. S3D_ATTEND=0 leaves out the
-attention kernel alone (to compare).
+on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
+`s3d_kernels::attend`, which compiled steps call like any other. Only CPUs with AVX512_BF16 use them (and with
+AVX512_VNNI, gemv_int8); elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment, model.py keeps
+Inductor's reductions and the library's attention. S3D_DOT_INT8=0 or S3D_ATTEND=0 leaves out one kernel alone (to
+compare).
 """
 import functools
 import logging
@@ -82,6 +87,80 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
       for (int64_t r = 0; r < m; r += 8)
         rows_block_any((int)std::min<int64_t>(8, m - r), pairs, xp + r * pairs, wp + b * pairs * 32,
                        yp + r * n + b * 16, n);
+  });
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  return y.view(sizes);
+}
+
+// The S3D draft's int8 weights (heads.DraftHeads.fold_adapters) on AVX512_VNNI's vpdpbusd, which multiplies 64 int8
+// weights by 4 u8 inputs each and adds into 16 int32 sums: each row is quantized to u8 first (round(x / s) + 128,
+// s = max |x| / 127 per row), which only a draft may do, its tokens being checked by the full model anyway. The
+// weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs. A last
+// sum adds up the weights themselves (inputs of 1), to take off the 128 the inputs carry.
+template <int R>
+static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale, float* y, int64_t n) {
+  __m512i acc[R], weight_sum = _mm512_setzero_si512();
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
+  for (int64_t p = 0; p < quads; p++) {
+    __m512i wq = _mm512_loadu_si512(w + p * 64);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(x[r * quads + p]), wq);
+    weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, wq);
+  }
+  const __m512i offset = _mm512_slli_epi32(weight_sum, 7);  // 128 times the sum of the weights
+  for (int r = 0; r < R; r++)
+    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset)),
+                                              _mm512_set1_ps(row_scale[r])));
+}
+
+at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
+              "w must be int8 (n/16, k/4, 16, 4)");
+  const int64_t k = x.size(-1), n = w.size(0) * 16, quads = w.size(1);
+  TORCH_CHECK(quads * 4 == k, "x has ", k, " inputs, w ", quads * 4);
+  const at::Tensor rows = x.reshape({-1, k}).to(at::kFloat).contiguous();
+  const int64_t m = rows.size(0);
+  TORCH_CHECK(m <= 8, "gemv_int8 takes up to 8 rows");
+  std::vector<uint8_t> xq(m * k);
+  std::vector<float> row_scale(m);
+  const float* xp = rows.data_ptr<float>();
+  for (int64_t r = 0; r < m; r++) {  // (k is a multiple of 4; the last 16 or fewer inputs through a masked load)
+    const float* row = xp + r * k;
+    __m512 top = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 16) {
+      const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + i)));
+    }
+    const float largest = _mm512_reduce_max_ps(top), s = largest > 0 ? largest / 127 : 1.0f;
+    row_scale[r] = s;
+    const __m512 inv = _mm512_set1_ps(1 / s);
+    for (int64_t i = 0; i < k; i += 16) {  // round to nearest, plus 128: 1 to 255
+      const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
+      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, row + i), inv)),
+                                   _mm512_set1_epi32(128));
+      _mm_mask_storeu_epi8(xq.data() + r * k + i, in, _mm512_cvtepi32_epi8(q));
+    }
+  }
+  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const int32_t* xq4 = reinterpret_cast<const int32_t*>(xq.data());
+  const int8_t* wp = w.data_ptr<int8_t>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; b++) {
+      const int8_t* wb = wp + b * quads * 64;
+      float* yb = yp + b * 16;
+      switch (m) {  // the row count a template argument, so that the sums stay in registers
+        case 1: quads_block<1>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 2: quads_block<2>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 3: quads_block<3>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 4: quads_block<4>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 5: quads_block<5>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 6: quads_block<6>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 7: quads_block<7>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        default: quads_block<8>(quads, xq4, wb, row_scale.data(), yb, n); break;
+      }
+    }
   });
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = n;
@@ -236,16 +315,18 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
 
 TORCH_LIBRARY(s3d_kernels, m) {
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
+  m.def("gemv_int8(Tensor x, Tensor w) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) {
   m.impl("gemv_bf16", gemv_bf16);
+  m.impl("gemv_int8", gemv_int8);
   m.impl("attend", attend);
 }
 """
 
 
-ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-mprefer-vector-width=512"]
+ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-mprefer-vector-width=512"]
 
 
 @functools.cache
@@ -274,11 +355,17 @@ def load() -> bool:
     def _(x: Tensor, w: Tensor) -> Tensor:
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
+    @torch.library.register_fake("s3d_kernels::gemv_int8")
+    def _(x: Tensor, w: Tensor) -> Tensor:
+        return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
+
     @torch.library.register_fake("s3d_kernels::attend")
     def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
         return torch.empty_like(q, memory_format=torch.contiguous_format)
 
     model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
+    # and gemv_int8 for the draft's int8 weights (every CPU with AVX512_BF16 so far has AVX512_VNNI too)
+    model.DOT_INT8 = torch.cpu._is_vnni_supported() and os.environ.get("S3D_DOT_INT8") != "0"
     model.ATTEND = os.environ.get("S3D_ATTEND") != "0"  # and Attention calls attend for decode steps
     return True
 
@@ -294,3 +381,9 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
     (B, Hkv, T, D) and a bool mask (B or 1, 1, S, T), with D a multiple of 16 up to 128 (eager; compiled steps call the
     operator through model.Attention)."""
     return torch.ops.s3d_kernels.attend(q, k, v, mask)
+
+
+def gemv_int8(x: Tensor, weight: Tensor) -> Tensor:
+    """About x (..., k) @ weight.T for an int8 weight (n, k), each row of x quantized to 8 bits first: (..., n) float32
+    sums (eager; compiled drafts call the operator on a frozen model.quad_blocks(weight))."""
+    return torch.ops.s3d_kernels.gemv_int8(x, model.quad_blocks(weight))

@@ -172,6 +172,7 @@ GEMV_MAX_ROWS = 5
 # weight: the verify step of 5 rows gets cheaper. A tree's 9 or 22 rows did not: oneDNN's GEMM stays there
 # (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
+DOT_INT8 = False  # the same for its AVX512_VNNI kernel of the draft's int8 weights
 
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
@@ -184,6 +185,13 @@ def use_gemv(x: Tensor, weight: Tensor) -> bool:
 
 def use_dot_bf16(weight: Tensor) -> bool:
     return DOT_BF16 and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
+
+
+def quad_blocks(weight: Tensor) -> Tensor:
+    """(n, k) -> (n/16, k/4, 16, 4), the layout cpu_kernels' gemv_int8 reads: 16 output channels times 4 consecutive
+    int8 inputs in one 64-byte load."""
+    n, k = weight.shape
+    return weight.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous()
 
 
 def pair_blocks(weight: Tensor) -> Tensor:
@@ -201,10 +209,16 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     at compile time, so that the reduction over k keeps 16 outputs in one vector register. Each row is its own
     reduction: Inductor fuses them into one loop over the weights that keeps one accumulator per row, and a row's
     result does not depend on how many rows come with it. Where cpu_kernels.py's AVX512_BF16 kernel is loaded, 2 rows
-    or more go to it instead (its sums, of pairs of products, round differently from the 1-row reduction's)."""
+    or more go to it instead (its sums, of pairs of products, round differently from the 1-row reduction's), and
+    int8 weights to its AVX512_VNNI kernel, which rounds the rows to 8 bits too (the draft's weights only)."""
     from torch._inductor.inductor_prims import force_stride_order  # (imported only when compiling)
 
     n, k = weight.shape
+    if scale is not None and DOT_INT8 and k % 4 == 0 and n % 16 == 0:
+        # the draft's int8 weights (the only int8 weights here) on AVX512_VNNI, its rows quantized to 8 bits too: a
+        # draft may be approximate (the verify step decides), and 4 rows cost about what 1 does (BENCHMARKS.md,
+        # section 24)
+        return (torch.ops.s3d_kernels.gemv_int8(x, quad_blocks(weight)) * scale.float()).to(x.dtype)
     if use_dot_bf16(weight) and x.numel() > k:
         # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
         # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)
@@ -222,7 +236,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
 
 # Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
 # cpu_kernels.py's kernel rather than the library's attention, which is built for long queries (BENCHMARKS.md,
-# section 24). Prefill and training keep the library's.
+# section 24). Prefill (compiled for any length) and training keep the library's.
 ATTEND = False  # set by cpu_kernels.load() too
 ATTEND_MAX_ROWS = 64
 

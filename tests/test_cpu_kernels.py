@@ -53,6 +53,46 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
     assert roofline.kernel_kind("s3d_kernels::gemv_bf16", (512,)) == "linear maps"  # (bench.py --roofline's split)
 
 
+@pytest.mark.parametrize("rows", [1, 4, 5, 8])
+def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
+    """gemv_int8 rounds each row to 8 bits (its largest magnitude to 127) and then sums exactly: it equals that
+    rounding done here, times the int8 weights, to float32 precision; within 2 % of the unrounded product; and a
+    row's result does not depend on the rows beside it."""
+    torch.manual_seed(rows)
+    x = torch.randn(1, rows, 100, dtype=torch.bfloat16)
+    weight = torch.randint(-127, 128, (48, 100), dtype=torch.int8)
+    y = cpu_kernels.gemv_int8(x, weight)
+    step = x.float().abs().amax(-1, keepdim=True) / 127
+    rounded = torch.round(x.float() * (1 / step))
+    expected = (rounded.double() @ weight.double().T) * step.double()
+    assert y.shape == (1, rows, 48) and y.dtype == torch.float32
+    assert ((y.double() - expected).norm() / expected.norm()).item() < 1e-6
+    exact = x.double() @ weight.double().T
+    assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
+    alone = [cpu_kernels.gemv_int8(x[:, i:i + 1], weight) for i in range(rows)]
+    assert all(torch.equal(alone[i][0, 0], y[0, i]) for i in range(rows))
+
+
+def test_compiled_int8_maps_call_gemv_int8(loaded, monkeypatch):
+    """model.gemv of int8 weights (the draft's copies) calls gemv_int8 on the frozen weight in its quad layout where
+    model.DOT_INT8 is on, and Inductor's reduction where it is off; both near the float product."""
+    import heads
+    import s3d
+
+    torch.manual_seed(0)
+    weight_int8, scale = heads.int8_per_channel(torch.randn(48, 64))
+    x = torch.randn(1, 4, 64, dtype=torch.bfloat16)
+    expected = x.float() @ (weight_int8.float() * scale[:, None]).T
+    for on in (True, False):
+        monkeypatch.setattr(model_py, "DOT_INT8", on)
+        torch._dynamo.reset()
+        step = s3d.compiled(lambda x, w, scale: model_py.gemv(x, w, scale), "cpu", False, False)
+        with torch.no_grad():
+            y, code = run_and_get_code(step, x, weight_int8, scale.to(torch.bfloat16))
+        assert ((y.float() - expected).norm() / expected.norm()).item() < 2e-2
+        assert ("gemv_int8" in " ".join(code)) == on
+
+
 def attention_inputs(batch, heads, kv_heads, head_dim, queries, keys, seed=0):
     """q laid out as the model's (a transposed view), k and v the first keys of a longer cache, a random mask in
     which every query sees the first key."""
@@ -119,9 +159,10 @@ def test_off_without_avx512_bf16_or_when_asked(monkeypatch):
     AVX512_BF16, or with S3D_DOT_BF16=0."""
     monkeypatch.setattr(model_py, "DOT_BF16", False)
     monkeypatch.setattr(model_py, "ATTEND", False)
+    monkeypatch.setattr(model_py, "DOT_INT8", False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     assert cpu_kernels.load.__wrapped__() is False
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setenv("S3D_DOT_BF16", "0")
     assert cpu_kernels.load.__wrapped__() is False
-    assert model_py.DOT_BF16 is False and model_py.ATTEND is False
+    assert model_py.DOT_BF16 is False and model_py.ATTEND is False and model_py.DOT_INT8 is False
