@@ -114,8 +114,8 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
     x @ W.T within bfloat16 rounding (times the scale for int8 weights); each row's result is the same bit for bit
     whether it comes alone or with others (so a 1-token AR step and a 5-token verify round alike); its kernel reads
     the bfloat16 weight itself, not a float32 copy that freezing made, and calls no library GEMM. One row more and
-    the library's GEMM (oneDNN) takes over. (All without the AVX512_BF16 kernel, which tests/test_cpu_kernels.py
-    tests.)"""
+    the library's GEMM (oneDNN) takes over. (All without the AVX512_BF16 and AVX512_VNNI kernels, which
+    tests/test_cpu_kernels.py tests.)"""
     import cpu_kernels
     import model as model_py
     import s3d
@@ -123,6 +123,7 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
 
     cpu_kernels.load()  # (built now, if at all, so that it stays off below)
     monkeypatch.setattr(model_py, "DOT_BF16", False)
+    monkeypatch.setattr(model_py, "DOT_INT8", False)
 
     def frozen_weight_types(code: list[str]) -> set[str]:  # what the generated kernels read the frozen weights as
         return set(re.findall(r"\(const ([\w:]+)\*\)\(_frozen_param", " ".join(code)))
