@@ -348,16 +348,15 @@ def load() -> bool:
         load_inline("s3d_kernels", cpp_sources=[SOURCE], extra_cflags=["-O3", "-fopenmp", *ISA],
                     extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # a missing compiler, or one without AVX512_BF16: the Inductor path still works
-        log.warning("s3d: AVX512_BF16 kernel not built (%s); few-row linear maps stay Inductor's", error)
+        log.warning("s3d: AVX-512 kernels not built (%s); few-row linear maps and attention stay Inductor's and "
+                    "the library's", error)
         return False
 
-    @torch.library.register_fake("s3d_kernels::gemv_bf16")
-    def _(x: Tensor, w: Tensor) -> Tensor:
+    def gemv_fake(x: Tensor, w: Tensor) -> Tensor:  # (gemv_bf16 and gemv_int8: w in blocks of 16 outputs)
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
-    @torch.library.register_fake("s3d_kernels::gemv_int8")
-    def _(x: Tensor, w: Tensor) -> Tensor:
-        return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
+    torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
+    torch.library.register_fake("s3d_kernels::gemv_int8", gemv_fake)
 
     @torch.library.register_fake("s3d_kernels::attend")
     def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -372,8 +371,8 @@ def load() -> bool:
 
 def gemv_bf16(x: Tensor, weight: Tensor) -> Tensor:
     """x (..., k) @ weight.T for bfloat16 x and weight (n, k): (..., n) float32 sums (eager; compiled steps call the
-    operator on a frozen model.pair_blocks(weight))."""
-    return torch.ops.s3d_kernels.gemv_bf16(x, model.pair_blocks(weight))
+    operator on a frozen model.dot_blocks(weight, 2))."""
+    return torch.ops.s3d_kernels.gemv_bf16(x, model.dot_blocks(weight, 2))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
@@ -385,5 +384,5 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 def gemv_int8(x: Tensor, weight: Tensor) -> Tensor:
     """About x (..., k) @ weight.T for an int8 weight (n, k), each row of x quantized to 8 bits first: (..., n) float32
-    sums (eager; compiled drafts call the operator on a frozen model.quad_blocks(weight))."""
-    return torch.ops.s3d_kernels.gemv_int8(x, model.quad_blocks(weight))
+    sums (eager; compiled drafts call the operator on a frozen model.dot_blocks(weight, 4))."""
+    return torch.ops.s3d_kernels.gemv_int8(x, model.dot_blocks(weight, 4))

@@ -187,18 +187,12 @@ def use_dot_bf16(weight: Tensor) -> bool:
     return DOT_BF16 and weight.dtype == torch.bfloat16 and weight.shape[1] % 2 == 0
 
 
-def quad_blocks(weight: Tensor) -> Tensor:
-    """(n, k) -> (n/16, k/4, 16, 4), the layout cpu_kernels' gemv_int8 reads: 16 output channels times 4 consecutive
-    int8 inputs in one 64-byte load."""
+def dot_blocks(weight: Tensor, inputs: int) -> Tensor:
+    """(n, k) -> (n/16, k/inputs, 16, inputs), the layout cpu_kernels' dot-product kernels read: 16 output channels
+    times `inputs` consecutive inputs in one 64-byte load (2 bfloat16 inputs for gemv_bf16, 4 int8 for gemv_int8).
+    In a compiled step freezing makes it once."""
     n, k = weight.shape
-    return weight.view(n // 16, 16, k // 4, 4).transpose(1, 2).contiguous()
-
-
-def pair_blocks(weight: Tensor) -> Tensor:
-    """(n, k) -> (n/16, k/2, 16, 2), the layout cpu_kernels' gemv_bf16 reads: 16 output channels times 2 consecutive
-    inputs in one 64-byte load. In a compiled step freezing makes it once."""
-    n, k = weight.shape
-    return weight.view(n // 16, 16, k // 2, 2).transpose(1, 2).contiguous()
+    return weight.view(n // 16, 16, k // inputs, inputs).transpose(1, 2).contiguous()
 
 
 def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -214,15 +208,15 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     from torch._inductor.inductor_prims import force_stride_order  # (imported only when compiling)
 
     n, k = weight.shape
-    if scale is not None and DOT_INT8 and k % 4 == 0 and n % 16 == 0:
+    if scale is not None and DOT_INT8 and k % 4 == 0:
         # the draft's int8 weights (the only int8 weights here) on AVX512_VNNI, its rows quantized to 8 bits too: a
         # draft may be approximate (the verify step decides), and 4 rows cost about what 1 does (BENCHMARKS.md,
         # section 24)
-        return (torch.ops.s3d_kernels.gemv_int8(x, quad_blocks(weight)) * scale.float()).to(x.dtype)
+        return (torch.ops.s3d_kernels.gemv_int8(x, dot_blocks(weight, 4)) * scale.float()).to(x.dtype)
     if use_dot_bf16(weight) and x.numel() > k:
         # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
         # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)
-        return torch.ops.s3d_kernels.gemv_bf16(x, pair_blocks(weight)).to(x.dtype)
+        return torch.ops.s3d_kernels.gemv_bf16(x, dot_blocks(weight, 2)).to(x.dtype)
     blocks = weight.view(n // 16, 16, k).transpose(1, 2).contiguous()  # a constant of the compiled step
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
     rows = force_stride_order(x.reshape(-1, k).float(), (k, 1))

@@ -100,7 +100,7 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
     """The kind of a profiler event of a compiled CPU step: Inductor names its GEMM kernels gemm_m{M}n{N}k{K},
     its fused element-wise kernels cpp_fused_* (model.gemv's among them, with the ops they come from in the name),
     and the extern kernels it calls after the aten op (from the C++ wrapper: aoti_torch_cpu_<op>); cpu_kernels.py's
-    operators are s3d_kernels::gemv_bf16 and s3d_kernels::attend."""
+    operators are s3d_kernels::gemv_bf16, s3d_kernels::gemv_int8 (linear maps) and s3d_kernels::attend."""
     if name.startswith("aoti_torch_cpu_"):
         name = "aten::" + name.removeprefix("aoti_torch_cpu_")
     if "gemm_m" in name:
