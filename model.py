@@ -173,6 +173,8 @@ GEMV_MAX_ROWS = 5
 # (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 DOT_INT8 = False  # the same for its AVX512_VNNI kernel of the draft's int8 weights
+# The feed-forward's gate and up maps as one gemv call for a few rows (FeedForward.forward; off only to compare)
+FUSE_GATE_UP = True
 
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
@@ -241,20 +243,30 @@ def use_attend(q: Tensor, k: Tensor, mask: Tensor) -> bool:
             and isinstance(q.shape[-2], int) and q.shape[-2] <= ATTEND_MAX_ROWS)
 
 
-def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:
-    """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
+def map_weight(layer: nn.Module, adapters: Optional[nn.ModuleDict], name: str) -> Optional[tuple[Tensor, Optional[Tensor]]]:
+    """The weight a linear map multiplies by, and its per-channel scale where it is int8: the layer's own, or in the
+    draft forward (adapters passed) the draft's copy of W + BA. None where the draft adds an unfolded adapter's
+    low-rank term instead (that map is then two)."""
     adapter = adapters[name] if adapters is not None else None
-    weight, scale = layer.weight, None
-    if adapter is not None and adapter.weight_int8 is not None:
+    if adapter is None:
+        return layer.weight, None
+    if adapter.weight_int8 is not None:
         # the draft's int8 copy of W + BA (heads.DraftHeads.fold_adapters): half the bytes of bfloat16 weights
-        weight, scale = adapter.weight_int8, adapter.scale
-    elif adapter is not None and adapter.fold and type(layer.weight) is nn.Parameter:
+        return adapter.weight_int8, adapter.scale
+    if adapter.fold and type(layer.weight) is nn.Parameter:
         # W + BA as one matrix (quantized weights, tensor subclasses, are not folded): where the compiled step
         # freezes the weights (CPU) it is computed once, at compile time, and the draft's linear maps then cost what
         # the target's do (heads.DraftHeads.fold_adapters)
-        weight = layer.weight + adapter.B @ adapter.A
-    elif adapter is not None:
-        return layer(x) + adapter(x)
+        return layer.weight + adapter.B @ adapter.A, None
+    return None
+
+
+def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name: str) -> Tensor:
+    """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
+    weight_scale = map_weight(layer, adapters, name)
+    if weight_scale is None:
+        return layer(x) + adapters[name](x)
+    weight, scale = weight_scale
     if use_gemv(x, weight):
         y = gemv(x, weight, scale)
     elif scale is not None:  # Inductor turns this into its weight-only int8 GEMM
@@ -302,7 +314,19 @@ class FeedForward(nn.Module):
         self.w2 = nn.Linear(config.intermediate_size, config.dim, bias=False)  # down
 
     def forward(self, x: Tensor, adapters: Optional[nn.ModuleDict] = None) -> Tensor:
-        h = F.silu(linear(self.w1, x, adapters, "w1")) * linear(self.w3, x, adapters, "w3")
+        gate, up = map_weight(self.w1, adapters, "w1"), map_weight(self.w3, adapters, "w3")
+        if (FUSE_GATE_UP and gate is not None and up is not None and (gate[1] is None) == (up[1] is None)
+                and use_gemv(x, gate[0]) and x.numel() > x.shape[-1]):
+            # Gate and up read the same input: for a few rows, one gemv over both weights (stacked once, at compile
+            # time) is one kernel call of two, which rounds the rows to 8 bits once for the int8 draft (verify(5)
+            # 12.8 -> 12.2 ms, the draft 5.4 -> 4.8: BENCHMARKS.md, section 25). One row, Inductor's reductions
+            # already read the row once for both.
+            weight = torch.cat([gate[0], up[0]])
+            scale = None if gate[1] is None else torch.cat([gate[1], up[1]])
+            h = gemv(x, weight, scale)
+            h = F.silu(h[..., :gate[0].shape[0]]) * h[..., gate[0].shape[0]:]
+        else:
+            h = F.silu(linear(self.w1, x, adapters, "w1")) * linear(self.w3, x, adapters, "w3")
         return linear(self.w2, h, adapters, "w2")
 
 

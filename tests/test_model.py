@@ -151,3 +151,48 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
     with torch.no_grad():
         y = int8_step(x[:, :2], weight_int8, scale)
     torch.testing.assert_close(y.float(), (x[:, :2].float() @ weight_int8.float().T) * scale.float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+@pytest.mark.parametrize("int8", [False, True])
+def test_gate_and_up_maps_are_one_call(monkeypatch, rows, int8):
+    """Compiled as the decoding steps are (bfloat16 on a CPU, a few rows), the feed-forward's gate and up maps, which
+    read the same input, are one gemv over both weights for more than one row: the result of two calls bit for bit
+    (each output's sum is the same sum), and where cpu_kernels' kernels are built, one kernel call fewer (int8: the
+    draft's copies of its weights, whose rows that kernel rounds to 8 bits once instead of twice). One row is
+    unchanged."""
+    import cpu_kernels
+    import heads
+    import model as model_py
+    import s3d
+    from torch._inductor.utils import run_and_get_code
+
+    kernels = cpu_kernels.load()
+    torch.manual_seed(rows)
+    config = ModelArgs(dim=64, intermediate_size=96)
+    feed_forward = model_py.FeedForward(config).to(torch.bfloat16).eval()
+    adapters = None
+    if int8:
+        adapters = torch.nn.ModuleDict()
+        for name in ("w1", "w3", "w2"):
+            weight = getattr(feed_forward, name).weight
+            adapters[name] = heads.LowRank(weight.shape[1], weight.shape[0], 2).to(torch.bfloat16)
+            adapters[name].weight_int8, adapters[name].scale = heads.int8_per_channel(
+                weight.float() + torch.randn(weight.shape) / 100)
+    x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
+    outputs, calls = {}, {}
+    for fused in (False, True):
+        monkeypatch.setattr(model_py, "FUSE_GATE_UP", fused)
+        torch._dynamo.reset()
+        step = s3d.compiled(lambda ff, x, adapters: ff(x, adapters), "cpu", False, False)
+        with torch.no_grad():
+            outputs[fused], code = run_and_get_code(step, feed_forward, x, adapters)
+        calls[fused] = " ".join(code).count('"s3d_kernels::gemv_')
+    assert torch.equal(outputs[True], outputs[False])
+    kernel_calls = kernels and rows > 1 and (model_py.DOT_INT8 if int8 else model_py.DOT_BF16)
+    assert calls[True] == calls[False] - (1 if kernel_calls else 0)
+    with torch.no_grad():
+        gate, up = (model_py.linear(getattr(feed_forward, n), x, adapters, n).float() for n in ("w1", "w3"))
+        h = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+        expected = model_py.linear(feed_forward.w2, h, adapters, "w2").float()  # (eager: the library's maps)
+    assert ((outputs[True].float() - expected).norm() / expected.norm()).item() < 2e-2
