@@ -52,8 +52,8 @@ static void rows_block(int64_t pairs, const uint32_t* x, const uint16_t* w, floa
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; p++) {
     __m512bh wp = (__m512bh)_mm512_loadu_si512(w + p * 32);
-    for (int r = 0; r < R; r++)
-      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)x[r * pairs + p]), wp);
+    for (int r = 0; r < R; r++)  // (x interleaved: the R rows' pairs p side by side, one stream of reads)
+      acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)x[p * R + r]), wp);
   }
   for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
 }
@@ -74,23 +74,29 @@ static void rows_block_any(int rows, int64_t pairs, const uint32_t* x, const uin
 at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "gemv_bf16 takes bfloat16");
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 2 && w.is_contiguous(), "w must be (n/16, k/2, 16, 2)");
-  const int64_t k = x.size(-1), n = w.size(0) * 16, pairs = w.size(1);
+  const int64_t k = x.size(-1), n = w.size(0) * 16, pairs = w.size(1), m = x.numel() / k;
   TORCH_CHECK(pairs * 2 == k, "x has ", k, " inputs, w ", pairs * 2);
-  at::Tensor rows = x.reshape({-1, k}).contiguous();
-  const int64_t m = rows.size(0);
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
+  const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();  // (no reshape: each op through the dispatcher costs)
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
   const uint32_t* xp = reinterpret_cast<const uint32_t*>(rows.data_ptr());
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
+  // each group of up to 8 rows interleaved, pair by pair: the rows' inputs for one weight load are adjacent
+  std::vector<uint32_t> xi(m * pairs);
+  for (int64_t r0 = 0; r0 < m; r0 += 8) {
+    const int64_t g = std::min<int64_t>(8, m - r0);
+    for (int64_t p = 0; p < pairs; p++)
+      for (int64_t r = 0; r < g; r++) xi[r0 * pairs + p * g + r] = xp[(r0 + r) * pairs + p];
+  }
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
       for (int64_t r = 0; r < m; r += 8)
-        rows_block_any((int)std::min<int64_t>(8, m - r), pairs, xp + r * pairs, wp + b * pairs * 32,
+        rows_block_any((int)std::min<int64_t>(8, m - r), pairs, xi.data() + r * pairs, wp + b * pairs * 32,
                        yp + r * n + b * 16, n);
   });
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n;
-  return y.view(sizes);
+  return y;
 }
 
 // The S3D draft's int8 weights (heads.DraftHeads.fold_adapters) on AVX512_VNNI's vpdpbusd, which multiplies 64 int8
@@ -105,7 +111,7 @@ static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const 
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
   for (int64_t p = 0; p < quads; p++) {
     __m512i wq = _mm512_loadu_si512(w + p * 64);
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(x[r * quads + p]), wq);
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(x[p * R + r]), wq);
     weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, wq);
   }
   const __m512i offset = _mm512_slli_epi32(weight_sum, 7);  // 128 times the sum of the weights
@@ -114,36 +120,52 @@ static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const 
                                               _mm512_set1_ps(row_scale[r])));
 }
 
+// 16 inputs from float32 or bfloat16 (the upper half of a float32), as float32; lanes outside `in` are 0
+static inline __m512 load_inputs(const void* row, bool bf16, int64_t i, __mmask16 in) {
+  if (!bf16) return _mm512_maskz_loadu_ps(in, (const float*)row + i);
+  const __m512i half = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, (const uint16_t*)row + i));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
+}
+
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
               "w must be int8 (n/16, k/4, 16, 4)");
-  const int64_t k = x.size(-1), n = w.size(0) * 16, quads = w.size(1);
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "gemv_int8 takes float32 or bfloat16 x");
+  const int64_t k = x.size(-1), n = w.size(0) * 16, quads = w.size(1), m = x.numel() / k;
   TORCH_CHECK(quads * 4 == k, "x has ", k, " inputs, w ", quads * 4);
-  const at::Tensor rows = x.reshape({-1, k}).to(at::kFloat).contiguous();
-  const int64_t m = rows.size(0);
   TORCH_CHECK(m <= 8, "gemv_int8 takes up to 8 rows");
-  std::vector<uint8_t> xq(m * k);
-  std::vector<float> row_scale(m);
-  const float* xp = rows.data_ptr<float>();
+  // (read as they come, without a copy to float32 first: each op through the dispatcher costs)
+  const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  const char* xp = static_cast<const char*>(rows.data_ptr());
+  std::vector<uint8_t> xq(m * k);  // the rows rounded to 8 bits
+  float row_scale[8];
   for (int64_t r = 0; r < m; r++) {  // (k is a multiple of 4; the last 16 or fewer inputs through a masked load)
-    const float* row = xp + r * k;
+    const void* row = xp + r * k * rows.element_size();
     __m512 top = _mm512_setzero_ps();
     for (int64_t i = 0; i < k; i += 16) {
       const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_maskz_loadu_ps(in, row + i)));
+      top = _mm512_max_ps(top, _mm512_abs_ps(load_inputs(row, bf16, i, in)));
     }
     const float largest = _mm512_reduce_max_ps(top), s = largest > 0 ? largest / 127 : 1.0f;
     row_scale[r] = s;
     const __m512 inv = _mm512_set1_ps(1 / s);
     for (int64_t i = 0; i < k; i += 16) {  // round to nearest, plus 128: 1 to 255
       const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(in, row + i), inv)),
+      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load_inputs(row, bf16, i, in), inv)),
                                    _mm512_set1_epi32(128));
       _mm_mask_storeu_epi8(xq.data() + r * k + i, in, _mm512_cvtepi32_epi8(q));
     }
   }
-  at::Tensor y = at::empty({m, n}, x.options().dtype(at::kFloat));
-  const int32_t* xq4 = reinterpret_cast<const int32_t*>(xq.data());
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
+  // the rows interleaved, quad by quad (as gemv_bf16's pairs)
+  const int32_t* rows_q = reinterpret_cast<const int32_t*>(xq.data());
+  std::vector<int32_t> xi(m * quads);
+  for (int64_t p = 0; p < quads; p++)
+    for (int64_t r = 0; r < m; r++) xi[p * m + r] = rows_q[r * quads + p];
+  const int32_t* xq4 = xi.data();
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
@@ -151,20 +173,18 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
       const int8_t* wb = wp + b * quads * 64;
       float* yb = yp + b * 16;
       switch (m) {  // the row count a template argument, so that the sums stay in registers
-        case 1: quads_block<1>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 2: quads_block<2>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 3: quads_block<3>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 4: quads_block<4>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 5: quads_block<5>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 6: quads_block<6>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        case 7: quads_block<7>(quads, xq4, wb, row_scale.data(), yb, n); break;
-        default: quads_block<8>(quads, xq4, wb, row_scale.data(), yb, n); break;
+        case 1: quads_block<1>(quads, xq4, wb, row_scale, yb, n); break;
+        case 2: quads_block<2>(quads, xq4, wb, row_scale, yb, n); break;
+        case 3: quads_block<3>(quads, xq4, wb, row_scale, yb, n); break;
+        case 4: quads_block<4>(quads, xq4, wb, row_scale, yb, n); break;
+        case 5: quads_block<5>(quads, xq4, wb, row_scale, yb, n); break;
+        case 6: quads_block<6>(quads, xq4, wb, row_scale, yb, n); break;
+        case 7: quads_block<7>(quads, xq4, wb, row_scale, yb, n); break;
+        default: quads_block<8>(quads, xq4, wb, row_scale, yb, n); break;
       }
     }
   });
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n;
-  return y.view(sizes);
+  return y;
 }
 
 // Attention of a few queries over the cache (float32), for decode steps: per query row, its scores over the live

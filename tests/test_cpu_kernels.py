@@ -56,8 +56,8 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
 @pytest.mark.parametrize("rows", [1, 4, 5, 8])
 def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
     """gemv_int8 rounds each row to 8 bits (its largest magnitude to 127) and then sums exactly: it equals that
-    rounding done here, times the int8 weights, to float32 precision; within 2 % of the unrounded product; and a
-    row's result does not depend on the rows beside it."""
+    rounding done here, times the int8 weights, to float32 precision; within 2 % of the unrounded product; a row's
+    result does not depend on the rows beside it, nor on whether they come in bfloat16 or float32."""
     torch.manual_seed(rows)
     x = torch.randn(1, rows, 100, dtype=torch.bfloat16)
     weight = torch.randint(-127, 128, (48, 100), dtype=torch.int8)
@@ -71,6 +71,10 @@ def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
     assert ((y.double() - exact).norm() / exact.norm()).item() < 2e-2
     alone = [cpu_kernels.gemv_int8(x[:, i:i + 1], weight) for i in range(rows)]
     assert all(torch.equal(alone[i][0, 0], y[0, i]) for i in range(rows))
+    assert torch.equal(cpu_kernels.gemv_int8(x.float(), weight), y)  # it reads float32 rows as well as bfloat16
+    strided = torch.zeros(1, rows, 200, dtype=torch.bfloat16)
+    strided[..., ::2] = x
+    assert torch.equal(cpu_kernels.gemv_int8(strided[..., ::2], weight), y)  # and strided rows
 
 
 def test_compiled_int8_maps_call_gemv_int8(loaded, monkeypatch):
