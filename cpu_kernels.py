@@ -8,8 +8,8 @@ bandwidth, bounds it. `vdpbf16ps` multiplies 32 bf16 weights by a pair of bf16 i
 float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md, section 23, has what it saves).
 
 The S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters), which the reduction converts to
-float32 before 4 multiply-adds, one per row. `vpdpbusd` multiplies 64 int8 weights by 4 unsigned 8-bit inputs each
-into 16 int32 sums: with its rows rounded to 8 bits, which a draft may be (the full model checks every token it
+float32 before 4 multiply-adds, one per row. `vpdpbusd` multiplies 64 unsigned 8-bit weights (int8 plus 128) by 4
+int8 inputs each into 16 int32 sums: with its rows rounded to 8 bits, which a draft may be (the full model checks every token it
 drafts), 4 rows cost an instruction per 64 weights each (section 24).
 
 Attention of 1 to 5 queries over a few hundred cached keys is a few million multiply-adds a layer, yet the
@@ -99,24 +99,23 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// The S3D draft's int8 weights (heads.DraftHeads.fold_adapters) on AVX512_VNNI's vpdpbusd, which multiplies 64 int8
-// weights by 4 u8 inputs each and adds into 16 int32 sums: each row is quantized to u8 first (round(x / s) + 128,
+// The S3D draft's int8 weights (heads.DraftHeads.fold_adapters) on AVX512_VNNI's vpdpbusd, which multiplies 64 u8
+// weights by 4 int8 inputs each and adds into 16 int32 sums: each row is quantized to int8 first (round(x / s),
 // s = max |x| / 127 per row), which only a draft may do, its tokens being checked by the full model anyway. The
-// weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs. A last
-// sum adds up the weights themselves (inputs of 1), to take off the 128 the inputs carry.
+// weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs, made
+// unsigned by adding 128 (flipping the top bit); 128 times each row's sum then comes off (the sums stay exact).
 template <int R>
-static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale, float* y, int64_t n) {
-  __m512i acc[R], weight_sum = _mm512_setzero_si512();
-  const __m512i ones = _mm512_set1_epi8(1);
+static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale,
+                        const int32_t* row_total, float* y, int64_t n) {
+  __m512i acc[R];
+  const __m512i flip = _mm512_set1_epi8((char)0x80);
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
   for (int64_t p = 0; p < quads; p++) {
-    __m512i wq = _mm512_loadu_si512(w + p * 64);
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(x[p * R + r]), wq);
-    weight_sum = _mm512_dpbusd_epi32(weight_sum, ones, wq);
+    const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), flip);  // w + 128, as unsigned
+    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], wu, _mm512_set1_epi32(x[p * R + r]));
   }
-  const __m512i offset = _mm512_slli_epi32(weight_sum, 7);  // 128 times the sum of the weights
-  for (int r = 0; r < R; r++)
-    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], offset)),
+  for (int r = 0; r < R; r++)  // take off the 128 times the row's sum that the weights' offset added
+    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * row_total[r]))),
                                               _mm512_set1_ps(row_scale[r])));
 }
 
@@ -138,8 +137,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const char* xp = static_cast<const char*>(rows.data_ptr());
-  std::vector<uint8_t> xq(m * k);  // the rows rounded to 8 bits
+  std::vector<int8_t> xq(m * k);  // the rows rounded to 8 bits
   float row_scale[8];
+  int32_t row_total[8];
   for (int64_t r = 0; r < m; r++) {  // (k is a multiple of 4; the last 16 or fewer inputs through a masked load)
     const void* row = xp + r * k * rows.element_size();
     __m512 top = _mm512_setzero_ps();
@@ -150,12 +150,14 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
     const float largest = _mm512_reduce_max_ps(top), s = largest > 0 ? largest / 127 : 1.0f;
     row_scale[r] = s;
     const __m512 inv = _mm512_set1_ps(1 / s);
-    for (int64_t i = 0; i < k; i += 16) {  // round to nearest, plus 128: 1 to 255
+    __m512i total = _mm512_setzero_si512();
+    for (int64_t i = 0; i < k; i += 16) {  // round to nearest: -127 to 127
       const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(load_inputs(row, bf16, i, in), inv)),
-                                   _mm512_set1_epi32(128));
+      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_inputs(row, bf16, i, in), inv));
+      total = _mm512_add_epi32(total, q);
       _mm_mask_storeu_epi8(xq.data() + r * k + i, in, _mm512_cvtepi32_epi8(q));
     }
+    row_total[r] = _mm512_reduce_add_epi32(total);
   }
   std::vector<int64_t> sizes = x.sizes().vec();
   sizes.back() = n;
@@ -173,14 +175,14 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
       const int8_t* wb = wp + b * quads * 64;
       float* yb = yp + b * 16;
       switch (m) {  // the row count a template argument, so that the sums stay in registers
-        case 1: quads_block<1>(quads, xq4, wb, row_scale, yb, n); break;
-        case 2: quads_block<2>(quads, xq4, wb, row_scale, yb, n); break;
-        case 3: quads_block<3>(quads, xq4, wb, row_scale, yb, n); break;
-        case 4: quads_block<4>(quads, xq4, wb, row_scale, yb, n); break;
-        case 5: quads_block<5>(quads, xq4, wb, row_scale, yb, n); break;
-        case 6: quads_block<6>(quads, xq4, wb, row_scale, yb, n); break;
-        case 7: quads_block<7>(quads, xq4, wb, row_scale, yb, n); break;
-        default: quads_block<8>(quads, xq4, wb, row_scale, yb, n); break;
+        case 1: quads_block<1>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 2: quads_block<2>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 3: quads_block<3>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 4: quads_block<4>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 5: quads_block<5>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 6: quads_block<6>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        case 7: quads_block<7>(quads, xq4, wb, row_scale, row_total, yb, n); break;
+        default: quads_block<8>(quads, xq4, wb, row_scale, row_total, yb, n); break;
       }
     }
   });

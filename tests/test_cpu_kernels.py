@@ -60,7 +60,7 @@ def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
     result does not depend on the rows beside it, nor on whether they come in bfloat16 or float32."""
     torch.manual_seed(rows)
     x = torch.randn(1, rows, 100, dtype=torch.bfloat16)
-    weight = torch.randint(-127, 128, (48, 100), dtype=torch.int8)
+    weight = torch.randint(-128, 128, (48, 100), dtype=torch.int8)  # (-128 too)
     y = cpu_kernels.gemv_int8(x, weight)
     step = x.float().abs().amax(-1, keepdim=True) / 127
     rounded = torch.round(x.float() * (1 / step))
