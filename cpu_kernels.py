@@ -44,6 +44,26 @@ SOURCE = r"""
 #include <limits>
 #include <vector>
 
+// Both gemv kernels read their rows interleaved: in each group of up to 8 rows (one pass over the weights), the rows'
+// 4-byte inputs for one weight load side by side, so that the inputs are one stream of reads beside the weights'
+// (one stream per row slowed 5 rows from memory by a third: BENCHMARKS.md, section 25)
+static std::vector<uint32_t> interleave_rows(const uint32_t* rows, int64_t m, int64_t width) {
+  std::vector<uint32_t> out(m * width);
+  for (int64_t r0 = 0; r0 < m; r0 += 8) {
+    const int64_t g = std::min<int64_t>(8, m - r0);
+    for (int64_t p = 0; p < width; p++)
+      for (int64_t r = 0; r < g; r++) out[r0 * width + p * g + r] = rows[(r0 + r) * width + p];
+  }
+  return out;
+}
+
+// the float32 sums of x's rows by n outputs, in x's shape (no reshape: each op through the dispatcher costs)
+static at::Tensor empty_sums(const at::Tensor& x, int64_t n) {
+  std::vector<int64_t> sizes = x.sizes().vec();
+  sizes.back() = n;
+  return at::empty(sizes, x.options().dtype(at::kFloat));
+}
+
 // y[r, 16b:16b+16] = sum over k of x[r, k] w[16b:16b+16, k], for R rows; w in blocks (n/16, k/2, 16, 2): one 64-byte
 // load holds 16 output channels times 2 consecutive inputs, the operand vdpbf16ps takes
 template <int R>
@@ -52,7 +72,7 @@ static void rows_block(int64_t pairs, const uint32_t* x, const uint16_t* w, floa
   for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
   for (int64_t p = 0; p < pairs; p++) {
     __m512bh wp = (__m512bh)_mm512_loadu_si512(w + p * 32);
-    for (int r = 0; r < R; r++)  // (x interleaved: the R rows' pairs p side by side, one stream of reads)
+    for (int r = 0; r < R; r++)  // (x interleaved: interleave_rows)
       acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)x[p * R + r]), wp);
   }
   for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
@@ -76,20 +96,11 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 4 && w.size(2) == 16 && w.size(3) == 2 && w.is_contiguous(), "w must be (n/16, k/2, 16, 2)");
   const int64_t k = x.size(-1), n = w.size(0) * 16, pairs = w.size(1), m = x.numel() / k;
   TORCH_CHECK(pairs * 2 == k, "x has ", k, " inputs, w ", pairs * 2);
-  const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();  // (no reshape: each op through the dispatcher costs)
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n;
-  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
-  const uint32_t* xp = reinterpret_cast<const uint32_t*>(rows.data_ptr());
+  const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();
+  at::Tensor y = empty_sums(x, n);
+  const std::vector<uint32_t> xi = interleave_rows(reinterpret_cast<const uint32_t*>(rows.data_ptr()), m, pairs);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
-  // each group of up to 8 rows interleaved, pair by pair: the rows' inputs for one weight load are adjacent
-  std::vector<uint32_t> xi(m * pairs);
-  for (int64_t r0 = 0; r0 < m; r0 += 8) {
-    const int64_t g = std::min<int64_t>(8, m - r0);
-    for (int64_t p = 0; p < pairs; p++)
-      for (int64_t r = 0; r < g; r++) xi[r0 * pairs + p * g + r] = xp[(r0 + r) * pairs + p];
-  }
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
       for (int64_t r = 0; r < m; r += 8)
@@ -117,6 +128,20 @@ static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const 
   for (int r = 0; r < R; r++)  // take off the 128 times the row's sum that the weights' offset added
     _mm512_storeu_ps(y + r * n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * row_total[r]))),
                                               _mm512_set1_ps(row_scale[r])));
+}
+
+static void quads_block_any(int rows, int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale,
+                            const int32_t* row_total, float* y, int64_t n) {
+  switch (rows) {  // the row count a template argument, so that the sums stay in registers
+    case 1: return quads_block<1>(quads, x, w, row_scale, row_total, y, n);
+    case 2: return quads_block<2>(quads, x, w, row_scale, row_total, y, n);
+    case 3: return quads_block<3>(quads, x, w, row_scale, row_total, y, n);
+    case 4: return quads_block<4>(quads, x, w, row_scale, row_total, y, n);
+    case 5: return quads_block<5>(quads, x, w, row_scale, row_total, y, n);
+    case 6: return quads_block<6>(quads, x, w, row_scale, row_total, y, n);
+    case 7: return quads_block<7>(quads, x, w, row_scale, row_total, y, n);
+    default: return quads_block<8>(quads, x, w, row_scale, row_total, y, n);
+  }
 }
 
 // 16 inputs from float32 or bfloat16 (the upper half of a float32), as float32; lanes outside `in` are 0
@@ -159,32 +184,14 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
     }
     row_total[r] = _mm512_reduce_add_epi32(total);
   }
-  std::vector<int64_t> sizes = x.sizes().vec();
-  sizes.back() = n;
-  at::Tensor y = at::empty(sizes, x.options().dtype(at::kFloat));
-  // the rows interleaved, quad by quad (as gemv_bf16's pairs)
-  const int32_t* rows_q = reinterpret_cast<const int32_t*>(xq.data());
-  std::vector<int32_t> xi(m * quads);
-  for (int64_t p = 0; p < quads; p++)
-    for (int64_t r = 0; r < m; r++) xi[p * m + r] = rows_q[r * quads + p];
-  const int32_t* xq4 = xi.data();
+  at::Tensor y = empty_sums(x, n);
+  const std::vector<uint32_t> xi = interleave_rows(reinterpret_cast<const uint32_t*>(xq.data()), m, quads);
+  const int32_t* xq4 = reinterpret_cast<const int32_t*>(xi.data());
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; b++) {
-      const int8_t* wb = wp + b * quads * 64;
-      float* yb = yp + b * 16;
-      switch (m) {  // the row count a template argument, so that the sums stay in registers
-        case 1: quads_block<1>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 2: quads_block<2>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 3: quads_block<3>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 4: quads_block<4>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 5: quads_block<5>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 6: quads_block<6>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        case 7: quads_block<7>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-        default: quads_block<8>(quads, xq4, wb, row_scale, row_total, yb, n); break;
-      }
-    }
+    for (int64_t b = begin; b < end; b++)
+      quads_block_any((int)m, quads, xq4, wp + b * quads * 64, row_scale, row_total, yp + b * 16, n);
   });
   return y;
 }

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import CheckpointError, UsageError, written_then_renamed
-from model import ModelArgs, Transformer, gemv, plain_weight, use_gemv
+from model import ModelArgs, Transformer, linear_map, plain_weight
 
 
 class LowRank(nn.Module):
@@ -112,9 +112,8 @@ class DraftHeads(nn.Module):
     def markov_bias(self, previous: Tensor) -> Tensor:
         """The sequential head's bias on the logits of the drafts that follow the tokens `previous` (any shape):
         (*previous.shape, logits)."""
-        x = F.embedding(previous, self.sequential_in)
         # (in a compiled CPU draft, one row through gemv costs a few microseconds where a library GEMM call costs 60)
-        return gemv(x, self.sequential_out) if use_gemv(x, self.sequential_out) else F.linear(x, self.sequential_out)
+        return linear_map(F.embedding(previous, self.sequential_in), self.sequential_out)
 
     def fold_adapters(self, fold: bool, int8_of: Optional[Transformer] = None) -> None:
         """fold=True: the draft forward multiplies by W + BA instead of adding B(Ax) to Wx. The same function, but

@@ -127,12 +127,8 @@ class Transformer(nn.Module):
             layer_adapters = adapters[str(i)] if adapters is not None and str(i) in adapters else None
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
         if draft and self.heads.draft_vocab is not None:
-            x = self.norm(x)
-            if use_gemv(x, self.heads.draft_head):
-                return gemv(x, self.heads.draft_head)
-            return F.linear(x, self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
-        x = self.norm(x)
-        return gemv(x, self.output.weight) if use_gemv(x, self.output.weight) else self.output(x)
+            return linear_map(self.norm(x), self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
+        return linear_map(self.norm(x), self.output.weight)
 
     def set_heads(self, heads: Optional[nn.Module]) -> None:
         """Attaches S3D draft adapters; they change the draft forward only, never the full one."""
@@ -228,6 +224,12 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     if scale is not None:
         y = y * scale.float()
     return y.view(*x.shape[:-1], n).to(x.dtype)
+
+
+def linear_map(x: Tensor, weight: Tensor) -> Tensor:
+    """x @ weight.T (no bias): gemv where use_gemv says so (a compiled bfloat16 CPU step of a few rows), else the
+    library's linear map."""
+    return gemv(x, weight) if use_gemv(x, weight) else F.linear(x, weight)
 
 
 # Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
