@@ -320,9 +320,8 @@ class FeedForward(nn.Module):
         if (FUSE_GATE_UP and gate is not None and up is not None and (gate[1] is None) == (up[1] is None)
                 and use_gemv(x, gate[0]) and x.numel() > x.shape[-1]):
             # Gate and up read the same input: for a few rows, one gemv over both weights (stacked once, at compile
-            # time) is one kernel call of two, which rounds the rows to 8 bits once for the int8 draft (verify(5)
-            # 12.8 -> 12.2 ms, the draft 5.4 -> 4.8: BENCHMARKS.md, section 25). One row, Inductor's reductions
-            # already read the row once for both.
+            # time) is one kernel call of two, which rounds the rows to 8 bits once for the int8 draft (BENCHMARKS.md,
+            # section 25). One row, Inductor's reductions already read the row once for both.
             weight = torch.cat([gate[0], up[0]])
             scale = None if gate[1] is None else torch.cat([gate[1], up[1]])
             h = gemv(x, weight, scale)
