@@ -19,6 +19,7 @@ from typing import Callable, Optional
 
 import torch
 
+import cpu_kernels
 import s3d
 from checkpoint import UsageError, load_model
 from heads import check_gamma, check_skip, load_heads, middle_third, new_heads
@@ -159,7 +160,13 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
         # attention in float32 unless the CPU has AMX: without native bf16, bf16 attention over a long cache is
         # several times slower (BENCHMARKS.md, section 5), and with AVX512_BF16 alone PyTorch's bf16 attention of one
         # query is too (the AR step's attention at 512 positions: 7.3 ms in bf16, 2.0 ms in float32; section 9)
-        model.kv_dtype = torch.float32
+        model.attention_dtype = torch.float32
+        # The cache itself stays in the model's dtype where the decode steps' attention kernel reads it
+        # (cpu_kernels.attend widens each element as it reads it: half the bytes of a float32 cache in bfloat16, the
+        # same numbers, as the keys and values come out of bfloat16 maps); elsewhere a bfloat16 cache would be
+        # copied to float32 for every step.
+        if not cpu_kernels.may_attend():
+            model.kv_dtype = torch.float32
     return model, Tokenizer(checkpoint)
 
 

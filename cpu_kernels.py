@@ -16,6 +16,7 @@ Attention of 1 to 5 queries over a few hundred cached keys is a few million mult
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
 masked width. `attend` reads only the keys the mask lets some query see, reads each key once for up to 4 query rows
 of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does (section 24).
+It reads a bfloat16 cache as well as a float32 one, widening each element as it goes (section 26).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
@@ -196,9 +197,16 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// Attention of a few queries over the cache (float32), for decode steps: per query row, its scores over the live
-// keys, a softmax and the weighted sum of the values. Every row is computed alone, in the same order whatever rows
-// come with it, so a verify row attends exactly as the AR step's one row does.
+// Attention of a few queries over the cache, for decode steps: per query row, its scores over the live keys, a
+// softmax and the weighted sum of the values, in float32. Every row is computed alone, in the same order whatever
+// rows come with it, so a verify row attends exactly as the AR step's one row does. The cache may be bfloat16 (half
+// the bytes to read; its keys and values come from bfloat16 maps, so that float32 would hold the same numbers):
+// each element is widened to float32 as it is read, and the sums are the same.
+
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+static inline __m512 load16(const at::BFloat16* p) {  // 16 bfloat16 as float32: the same bits, 16 places higher
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+}
 
 // exp(x) for x <= 0 (scores minus their maximum): Cephes' expf polynomial; lanes outside `keep` are 0
 static inline __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
@@ -216,8 +224,10 @@ static inline __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));  // times 2^n
 }
 
+template <typename KV>
 struct AttendArgs {
-  const float *q, *k, *v;
+  const float* q;
+  const KV *k, *v;
   const bool* mask;
   float* out;
   int64_t S, G, T, padded;  // queries, query heads per KV head, keys; T rounded up to 16 (a row of scores)
@@ -225,8 +235,8 @@ struct AttendArgs {
 };
 
 // R query rows (row = g * S + s: query head kvh * G + g, query s) of KV head kvh; head_dim = 16 * DV
-template <int R, int DV>
-static void attend_rows(const AttendArgs& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
+template <int R, int DV, typename KV>
+static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
   const float inf = std::numeric_limits<float>::infinity();
   __m512 q[R][DV];
   const bool* mask[R];
@@ -241,10 +251,10 @@ static void attend_rows(const AttendArgs& a, int64_t b, int64_t kvh, int64_t row
     while (last > 0 && !mask[r][last - 1]) last--;
     keys = std::max(keys, last);
   }
-  const float* kp = a.k + b * a.kb + kvh * a.kh;
+  const KV* kp = a.k + b * a.kb + kvh * a.kh;
   for (int64_t t = 0; t < keys; t++) {  // scores: each key read once for the R rows
     __m512 kt[DV];
-    for (int d = 0; d < DV; d++) kt[d] = _mm512_loadu_ps(kp + t * a.kt + 16 * d);
+    for (int d = 0; d < DV; d++) kt[d] = load16(kp + t * a.kt + 16 * d);
     for (int r = 0; r < R; r++) {
       __m512 acc = _mm512_mul_ps(q[r][0], kt[0]);
       for (int d = 1; d < DV; d++) acc = _mm512_fmadd_ps(q[r][d], kt[d], acc);
@@ -275,10 +285,10 @@ static void attend_rows(const AttendArgs& a, int64_t b, int64_t kvh, int64_t row
   __m512 o[R][DV];
   for (int r = 0; r < R; r++)
     for (int d = 0; d < DV; d++) o[r][d] = _mm512_setzero_ps();
-  const float* vp = a.v + b * a.vb + kvh * a.vh;
+  const KV* vp = a.v + b * a.vb + kvh * a.vh;
   for (int64_t t = 0; t < keys; t++) {  // the values weighted by the probabilities (0 where masked)
     __m512 vt[DV];
-    for (int d = 0; d < DV; d++) vt[d] = _mm512_loadu_ps(vp + t * a.vt + 16 * d);
+    for (int d = 0; d < DV; d++) vt[d] = load16(vp + t * a.vt + 16 * d);
     for (int r = 0; r < R; r++) {
       __m512 p = _mm512_set1_ps(scores[r * a.padded + t]);
       for (int d = 0; d < DV; d++) o[r][d] = _mm512_fmadd_ps(p, vt[d], o[r][d]);
@@ -291,8 +301,8 @@ static void attend_rows(const AttendArgs& a, int64_t b, int64_t kvh, int64_t row
   }
 }
 
-template <int DV>
-static void attend_any(int rows, const AttendArgs& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
+template <int DV, typename KV>
+static void attend_any(int rows, const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
   switch (rows) {
     case 1: return attend_rows<1, DV>(a, b, kvh, row0, scores);
     case 2: return attend_rows<2, DV>(a, b, kvh, row0, scores);
@@ -301,24 +311,9 @@ static void attend_any(int rows, const AttendArgs& a, int64_t b, int64_t kvh, in
   }
 }
 
-// softmax(q k^T / sqrt(head_dim), where mask) v: q (B, H, S, D), k and v (B, Hkv, T, D) float32, mask (B or 1, 1, S, T)
-// bool (true: attend), D a multiple of 16 up to 128; (B, H, S, D) float32, as F.scaled_dot_product_attention with GQA
-at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& m_in) {
-  auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
-  const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in),
-                   mask = last_contiguous(m_in);
-  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "attend takes 4-d tensors");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat &&
-              mask.scalar_type() == at::kBool, "attend takes float32 q, k, v and a bool mask");
-  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
-  TORCH_CHECK(D % 16 == 0 && D <= 128 && H % Hkv == 0 && k.sizes() == v.sizes() && k.size(3) == D &&
-              mask.size(2) == S && mask.size(3) == T && (mask.size(0) == 1 || mask.size(0) == B), "attend: shapes");
-  at::Tensor out = at::empty({B, H, S, D}, q.options());
-  const AttendArgs a{q.data_ptr<float>(), k.data_ptr<float>(), v.data_ptr<float>(), mask.data_ptr<bool>(),
-                     out.data_ptr<float>(), S, H / Hkv, T, (T + 15) / 16 * 16, q.stride(0), q.stride(1), q.stride(2), k.stride(0),
-                     k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
-                     mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(2), out.stride(0), out.stride(1), out.stride(2)};
-  const int64_t rows = a.G * S;  // query rows per KV head
+template <typename KV>
+static void attend_all(const AttendArgs<KV>& a, int64_t B, int64_t Hkv, int64_t D) {
+  const int64_t rows = a.G * a.S;  // query rows per KV head
   int64_t chunk = 4;  // rows per work item: up to 4, fewer where that would leave a thread idle
   while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk--;
   const int64_t chunks = (rows + chunk - 1) / chunk;
@@ -339,6 +334,35 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
       }
     }
   });
+}
+
+// softmax(q k^T / sqrt(head_dim), where mask) v: q (B, H, S, D) float32, k and v (B, Hkv, T, D) both float32 or both
+// bfloat16, mask (B or 1, 1, S, T) bool (true: attend), D a multiple of 16 up to 128; (B, H, S, D) float32, as
+// F.scaled_dot_product_attention with GQA on float32 copies of k and v
+at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in, const at::Tensor& m_in) {
+  auto last_contiguous = [](const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); };
+  const at::Tensor q = last_contiguous(q_in), k = last_contiguous(k_in), v = last_contiguous(v_in),
+                   mask = last_contiguous(m_in);
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && mask.dim() == 4, "attend takes 4-d tensors");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == v.scalar_type() &&
+              (k.scalar_type() == at::kFloat || k.scalar_type() == at::kBFloat16) && mask.scalar_type() == at::kBool,
+              "attend takes float32 q, float32 or bfloat16 k and v, and a bool mask");
+  const int64_t B = q.size(0), H = q.size(1), S = q.size(2), D = q.size(3), Hkv = k.size(1), T = k.size(2);
+  TORCH_CHECK(D % 16 == 0 && D <= 128 && H % Hkv == 0 && k.sizes() == v.sizes() && k.size(3) == D &&
+              mask.size(2) == S && mask.size(3) == T && (mask.size(0) == 1 || mask.size(0) == B), "attend: shapes");
+  at::Tensor out = at::empty({B, H, S, D}, q.options());
+  auto args = [&](auto* kv) {
+    using KV = std::remove_const_t<std::remove_pointer_t<decltype(kv)>>;
+    return AttendArgs<KV>{q.data_ptr<float>(), k.data_ptr<KV>(), v.data_ptr<KV>(), mask.data_ptr<bool>(),
+                          out.data_ptr<float>(), S, H / Hkv, T, (T + 15) / 16 * 16, q.stride(0), q.stride(1),
+                          q.stride(2), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+                          mask.size(0) == 1 ? 0 : mask.stride(0), mask.stride(2), out.stride(0), out.stride(1),
+                          out.stride(2)};
+  };
+  if (k.scalar_type() == at::kBFloat16)
+    attend_all(args((at::BFloat16*)nullptr), B, Hkv, D);
+  else
+    attend_all(args((float*)nullptr), B, Hkv, D);
   return out;
 }
 
@@ -358,11 +382,22 @@ TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) {
 ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-mprefer-vector-width=512"]
 
 
+def wanted() -> bool:
+    """Whether load() builds the kernels here: a CPU with AVX512_BF16, unless S3D_DOT_BF16=0."""
+    return torch.cpu._is_avx512_bf16_supported() and os.environ.get("S3D_DOT_BF16") != "0"
+
+
+def may_attend() -> bool:
+    """Whether compiled decode steps here will attend with `attend` (unless its build fails): cli.load keeps the
+    KV cache in bfloat16 for it."""
+    return wanted() and os.environ.get("S3D_ATTEND") != "0"
+
+
 @functools.cache
 def load() -> bool:
     """Builds (once per machine; torch caches the library) and registers the kernels on a CPU with AVX512_BF16.
     False where the CPU lacks it or the build fails (then the caller keeps Inductor's kernels)."""
-    if not torch.cpu._is_avx512_bf16_supported() or os.environ.get("S3D_DOT_BF16") == "0":
+    if not wanted():
         return False
     try:
         from torch.utils.cpp_extension import load_inline

@@ -50,9 +50,11 @@ class KVCache(nn.Module):
     p and overwrites whatever was there. Entries beyond the current position are never attended to (causal mask).
     """
 
-    def __init__(self, batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype):
+    def __init__(self, batch: int, max_seq: int, n_kv_heads: int, head_dim: int, dtype: torch.dtype,
+                 attention_dtype: Optional[torch.dtype] = None):
         super().__init__()
         shape = (batch, n_kv_heads, max_seq, head_dim)
+        self.attention_dtype = attention_dtype  # what attention computes in; None: the cache's dtype
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
 
@@ -75,7 +77,8 @@ class Transformer(nn.Module):
         self.heads: Optional[nn.Module] = None  # the S3D draft adapters (heads.DraftHeads), attached by set_heads()
         self.quantization: Optional[str] = None  # set by quantize.py: "int8", "int4 (groupsize 128)"
         self.max_seq_length = -1
-        self.kv_dtype: Optional[torch.dtype] = None  # the KV cache's (and attention's) dtype; None: the activations'
+        self.kv_dtype: Optional[torch.dtype] = None  # the KV cache's dtype; None: the activations'
+        self.attention_dtype: Optional[torch.dtype] = None  # the dtype attention computes in; None: the cache's
         self.register_buffer("freqs_cis", torch.empty(0), persistent=False)
         self.register_buffer("causal_mask", torch.empty(0, dtype=torch.bool), persistent=False)
 
@@ -87,7 +90,8 @@ class Transformer(nn.Module):
         dtype = self.kv_dtype or self.tok_embeddings.weight.dtype  # (the output weight may be quantized)
         self.max_seq_length = max_seq_length
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype).to(device)
+            layer.attention.kv_cache = KVCache(max_batch_size, max_seq_length, c.n_local_heads, c.head_dim, dtype,
+                                               self.attention_dtype).to(device)
         self.freqs_cis = precompute_freqs_cis(max_seq_length, c.head_dim, c.rope_base, c.rope_scaling).to(device)
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
@@ -239,10 +243,10 @@ ATTEND = False  # set by cpu_kernels.load() too
 ATTEND_MAX_ROWS = 64
 
 
-def use_attend(q: Tensor, k: Tensor, mask: Tensor) -> bool:
-    return (ATTEND and torch.compiler.is_compiling() and q.device.type == "cpu" and k.dtype == torch.float32
-            and mask.dtype == torch.bool and q.shape[-1] % 16 == 0 and q.shape[-1] <= 128
-            and isinstance(q.shape[-2], int) and q.shape[-2] <= ATTEND_MAX_ROWS)
+def use_attend(q: Tensor, k: Tensor, mask: Tensor, dtype: torch.dtype) -> bool:
+    return (ATTEND and torch.compiler.is_compiling() and q.device.type == "cpu" and dtype == torch.float32
+            and k.dtype in (torch.float32, torch.bfloat16) and mask.dtype == torch.bool and q.shape[-1] % 16 == 0
+            and q.shape[-1] <= 128 and isinstance(q.shape[-2], int) and q.shape[-2] <= ATTEND_MAX_ROWS)
 
 
 def map_weight(layer: nn.Module, adapters: Optional[nn.ModuleDict], name: str) -> Optional[tuple[Tensor, Optional[Tensor]]]:
@@ -295,14 +299,15 @@ class Attention(nn.Module):
         q = apply_rotary_emb(q.view(bsz, seqlen, self.n_head, self.head_dim), freqs_cis)
         k = apply_rotary_emb(k.view(bsz, seqlen, self.n_local_heads, self.head_dim), freqs_cis)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v.view(bsz, seqlen, self.n_local_heads, self.head_dim)))
-        k, v = self.kv_cache.update(input_pos, k, v)  # in the cache's dtype, which attention then runs in
+        k, v = self.kv_cache.update(input_pos, k, v)  # in the cache's dtype
         # Attend over the cache positions the mask covers; the causal mask row of each position hides everything
         # after it, including stale entries a previous speculative iteration left behind.
         k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
-        if use_attend(q, k, mask):
-            y = torch.ops.s3d_kernels.attend(q.to(k.dtype), k, v, mask)
+        dtype = self.kv_cache.attention_dtype or k.dtype
+        if use_attend(q, k, mask, dtype):  # (it reads a bfloat16 cache itself, widening each element to float32)
+            y = torch.ops.s3d_kernels.attend(q.to(dtype), k, v, mask)
         else:
-            y = F.scaled_dot_product_attention(q.to(k.dtype), k, v, attn_mask=mask,
+            y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
                                                enable_gqa=self.n_head != self.n_local_heads)
         y = y.to(x.dtype).transpose(1, 2).reshape(bsz, seqlen, q_size)
         return linear(self.wo, y, adapters, "wo")

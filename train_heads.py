@@ -185,6 +185,7 @@ class PrefixKV(torch.nn.Module):
     """Stands in for a layer's KVCache: during target_pass it keeps the packed sequences' keys and values (nothing
     is written to a static cache); during draft_pass it returns those, followed by the draft blocks' own, which
     block_mask sorts out."""
+    attention_dtype = None  # attention in the keys' dtype
 
     def __init__(self, k: Optional[Tensor] = None, v: Optional[Tensor] = None):
         super().__init__()

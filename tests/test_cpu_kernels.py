@@ -122,6 +122,44 @@ def test_attend_is_attention_row_by_row(loaded, shape):
         assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
 
 
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (2, 8, 2, 128, 3, 100), (1, 6, 2, 96, 22, 61)])
+def test_attend_reads_a_bfloat16_cache_as_its_float32_copy(loaded, shape):
+    """k and v in bfloat16 (the first keys of a longer cache, as the model passes them): exactly the result of
+    attending over their float32 copies."""
+    q, k, v, mask = attention_inputs(*shape)
+    k, v = (torch.randn(*t.shape[:2], t.shape[2] + 7, t.shape[3]).bfloat16()[:, :, :t.shape[2]] for t in (k, v))
+    assert torch.equal(cpu_kernels.attend(q, k, v, mask), cpu_kernels.attend(q, k.float(), v.float(), mask))
+
+
+def test_a_bfloat16_cache_with_float32_attention(loaded):
+    """cli.load's choice where attend runs the decode steps: a bfloat16 model's keys and values (bfloat16 numbers)
+    in a bfloat16 cache, attention in float32. The library's attention (an eager forward) gives exactly the logits
+    it gives with a float32 cache; compiled steps of 1 and 5 tokens attend with the kernel, reading the bfloat16
+    cache, and give the eager forward's logits."""
+    import s3d
+
+    torch.manual_seed(0)
+    model = model_py.Transformer(model_py.ModelArgs(block_size=128, vocab_size=64, n_layer=2, n_head=4, n_local_heads=2,
+                                                    dim=64, intermediate_size=96)).to(torch.bfloat16).eval()
+    model.attention_dtype = torch.float32
+    tokens = torch.randint(0, 64, (1, 20))
+    logits = {}
+    with torch.no_grad():
+        for kv_dtype in (torch.float32, torch.bfloat16):
+            model.kv_dtype = kv_dtype
+            model.setup_caches(1, 128)
+            assert model.layers[0].attention.kv_cache.k_cache.dtype == kv_dtype
+            logits[kv_dtype] = model(tokens, torch.arange(20), mask=model.causal_mask[None, None, :20, :20])
+        assert torch.equal(logits[torch.float32], logits[torch.bfloat16])
+        step = s3d.compiled(lambda model, x, pos, mask: model(x, pos, mask=mask), "cpu", False, False)
+        for rows in (1, 5):
+            pos, mask = torch.arange(15, 15 + rows), model.causal_mask[None, None, 15:15 + rows, :15 + rows]
+            y, code = run_and_get_code(step, model, tokens[:, 15:15 + rows], pos, mask)
+            assert "s3d_kernels.attend" in " ".join(code)
+            torch.testing.assert_close(y, logits[torch.bfloat16][:, 15:15 + rows], rtol=2e-2, atol=2e-2)
+    assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
+
+
 def test_attend_reads_only_keys_some_query_sees(loaded):
     """Keys after the last one any query sees (stale entries of the static cache) are never read: NaN there
     changes nothing. (A masked key before it may be read, and weighs exactly 0.)"""

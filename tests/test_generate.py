@@ -147,6 +147,24 @@ def test_dtype_auto_follows_the_cpu_and_s3d_equals_ar_in_both(default_checkpoint
             assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec[i]) <= spec_bench.TIE_ULPS
 
 
+@pytest.mark.parametrize("flags,attend,kv_dtype,attention_dtype", [
+    ([], False, torch.float32, torch.float32),  # AVX2: float32 attention over a float32 cache
+    (["avx512_bf16"], True, torch.bfloat16, torch.float32),  # cpu_kernels.attend reads the bfloat16 cache
+    (["avx512_bf16"], False, torch.float32, torch.float32),  # (its build or S3D_ATTEND=0 turned off)
+    (["amx_bf16", "avx512_bf16"], True, torch.bfloat16, None)])  # AMX: the library's bf16 attention
+def test_cpu_attention_and_cache_dtypes(tiny_checkpoint, monkeypatch, flags, attend, kv_dtype, attention_dtype):
+    """A bfloat16 model on a CPU: where attention computes in float32 and what the KV cache keeps."""
+    import cli
+    import cpu_kernels
+
+    monkeypatch.setattr(cli, "native_bf16", lambda: flags)
+    monkeypatch.setattr(cpu_kernels, "may_attend", lambda: attend)
+    model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.bfloat16)
+    model.setup_caches(1, 64)
+    cache = model.layers[0].attention.kv_cache
+    assert cache.k_cache.dtype == cache.v_cache.dtype == kv_dtype and cache.attention_dtype == attention_dtype
+
+
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     model = load_model(default_checkpoint, "cpu", torch.float32)
     from heads import new_heads
