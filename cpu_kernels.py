@@ -16,7 +16,8 @@ Attention of 1 to 5 queries over a few hundred cached keys is a few million mult
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
 masked width. `attend` reads only the keys the mask lets some query see, reads each key once for up to 4 query rows
 of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does (section 24).
-It reads a bfloat16 cache as well as a float32 one, widening each element as it goes (section 26).
+It reads a bfloat16 cache as well as a float32 one (section 26): the values widened to float32 as they are read, the
+scores on `vdpbf16ps` with the query rounded to bfloat16 (as the model's query is), 16 keys' sums at a time.
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
@@ -43,6 +44,7 @@ SOURCE = r"""
 #include <immintrin.h>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 // Both gemv kernels read their rows interleaved: in each group of up to 8 rows (one pass over the weights), the rows'
@@ -201,7 +203,8 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
 // softmax and the weighted sum of the values, in float32. Every row is computed alone, in the same order whatever
 // rows come with it, so a verify row attends exactly as the AR step's one row does. The cache may be bfloat16 (half
 // the bytes to read; its keys and values come from bfloat16 maps, so that float32 would hold the same numbers):
-// each element is widened to float32 as it is read, and the sums are the same.
+// the values are widened to float32 as they are read, and the scores (head_dim a multiple of 32) are dot products
+// of bfloat16 pairs, the query rounded to bfloat16 as the model's is, half the instructions of float32's.
 
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::BFloat16* p) {  // 16 bfloat16 as float32: the same bits, 16 places higher
@@ -222,6 +225,21 @@ static inline __m512 exp_nonpositive(__m512 x, __mmask16 keep) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
   p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_maskz_mov_ps(keep, _mm512_scalef_ps(p, n));  // times 2^n
+}
+
+// the sums of 16 vectors' lanes, a[i]'s in lane i: a tree of 45 shuffles and adds
+static inline __m512 sum16(const __m512 a[16]) {
+  __m512 b[8], c[4], d[2];
+  for (int i = 0; i < 8; i++)  // per 128-bit lane: lanes 0+2 of a[2i], of a[2i+1], then lanes 1+3 of each
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; i++) {  // per 128-bit lane: the sums of its 4 floats of a[4i] .. a[4i+3]
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; i++)  // 128-bit lanes 0+1 and 2+3, of c[2i] then of c[2i+1]
+    d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
 }
 
 template <typename KV>
@@ -252,13 +270,36 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
     keys = std::max(keys, last);
   }
   const KV* kp = a.k + b * a.kb + kvh * a.kh;
-  for (int64_t t = 0; t < keys; t++) {  // scores: each key read once for the R rows
-    __m512 kt[DV];
-    for (int d = 0; d < DV; d++) kt[d] = load16(kp + t * a.kt + 16 * d);
+  if constexpr (std::is_same_v<KV, at::BFloat16> && DV % 2 == 0) {
+    // bfloat16 keys: the query rounded to bfloat16 too (as the model's is), 32 products a vdpbf16ps, and the
+    // scores of 16 keys summed at once (the keys of a KV head stay in cache for the next row)
+    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * DV));
     for (int r = 0; r < R; r++) {
-      __m512 acc = _mm512_mul_ps(q[r][0], kt[0]);
-      for (int d = 1; d < DV; d++) acc = _mm512_fmadd_ps(q[r][d], kt[d], acc);
-      scores[r * a.padded + t] = _mm512_reduce_add_ps(acc);
+      const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
+      const float* qp = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
+      __m512bh qh[DV / 2];
+      for (int d = 0; d < DV / 2; d++)  // (the second operand fills lanes 0-15)
+        qh[d] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qp + 32 * d + 16), _mm512_loadu_ps(qp + 32 * d));
+      for (int64_t t0 = 0; t0 < keys; t0 += 16) {
+        __m512 acc[16];
+        for (int j = 0; j < 16; j++) {  // (past the last key: its copies, masked below)
+          const at::BFloat16* key = kp + std::min(t0 + j, keys - 1) * a.kt;
+          acc[j] = _mm512_dpbf16_ps(_mm512_setzero_ps(), qh[0], (__m512bh)_mm512_loadu_si512(key));
+          for (int d = 1; d < DV / 2; d++)
+            acc[j] = _mm512_dpbf16_ps(acc[j], qh[d], (__m512bh)_mm512_loadu_si512(key + 32 * d));
+        }
+        _mm512_storeu_ps(scores + r * a.padded + t0, _mm512_mul_ps(sum16(acc), scale));
+      }
+    }
+  } else {
+    for (int64_t t = 0; t < keys; t++) {  // scores: each key read once for the R rows
+      __m512 kt[DV];
+      for (int d = 0; d < DV; d++) kt[d] = load16(kp + t * a.kt + 16 * d);
+      for (int r = 0; r < R; r++) {
+        __m512 acc = _mm512_mul_ps(q[r][0], kt[0]);
+        for (int d = 1; d < DV; d++) acc = _mm512_fmadd_ps(q[r][d], kt[d], acc);
+        scores[r * a.padded + t] = _mm512_reduce_add_ps(acc);
+      }
     }
   }
   float inv_sum[R];

@@ -122,13 +122,20 @@ def test_attend_is_attention_row_by_row(loaded, shape):
         assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
 
 
-@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (2, 8, 2, 128, 3, 100), (1, 6, 2, 96, 22, 61)])
-def test_attend_reads_a_bfloat16_cache_as_its_float32_copy(loaded, shape):
-    """k and v in bfloat16 (the first keys of a longer cache, as the model passes them): exactly the result of
-    attending over their float32 copies."""
+@pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (2, 8, 2, 128, 3, 100), (1, 6, 2, 96, 22, 61),
+                                   (1, 4, 2, 48, 4, 30)])
+def test_attend_on_a_bfloat16_cache(loaded, shape):
+    """k and v in bfloat16 (the first keys of a longer cache, as the model passes them): the attention, computed in
+    float64, of the query rounded to bfloat16 where head_dim is a multiple of 32 (the scores on vdpbf16ps) and of
+    the float32 query otherwise; a query's row the same bits alone as with the others."""
     q, k, v, mask = attention_inputs(*shape)
     k, v = (torch.randn(*t.shape[:2], t.shape[2] + 7, t.shape[3]).bfloat16()[:, :, :t.shape[2]] for t in (k, v))
-    assert torch.equal(cpu_kernels.attend(q, k, v, mask), cpu_kernels.attend(q, k.float(), v.float(), mask))
+    y = cpu_kernels.attend(q, k, v, mask)
+    query = q.bfloat16().double() if q.shape[-1] % 32 == 0 else q.double()
+    expected = F.scaled_dot_product_attention(query, k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+    assert y.shape == q.shape and (y.double() - expected).abs().max().item() < 1e-5
+    for s in range(q.shape[2]):
+        assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
 
 
 def test_a_bfloat16_cache_with_float32_attention(loaded):
