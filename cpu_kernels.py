@@ -256,14 +256,13 @@ struct AttendArgs {
 template <int R, int DV, typename KV>
 static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
   const float inf = std::numeric_limits<float>::infinity();
-  __m512 q[R][DV];
+  const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * DV));
+  const float* query[R];
   const bool* mask[R];
   int64_t keys = 0;  // the keys any of the rows sees: the rest of the cache is never read
   for (int r = 0; r < R; r++) {
     const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
-    const float* qp = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
-    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * DV));
-    for (int d = 0; d < DV; d++) q[r][d] = _mm512_mul_ps(_mm512_loadu_ps(qp + 16 * d), scale);
+    query[r] = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
     mask[r] = a.mask + b * a.mb + s * a.ms;
     int64_t last = a.T;
     while (last > 0 && !mask[r][last - 1]) last--;
@@ -273,13 +272,10 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
   if constexpr (std::is_same_v<KV, at::BFloat16> && DV % 2 == 0) {
     // bfloat16 keys: the query rounded to bfloat16 too (as the model's is), 32 products a vdpbf16ps, and the
     // scores of 16 keys summed at once (the keys of a KV head stay in cache for the next row)
-    const __m512 scale = _mm512_set1_ps(1.0f / std::sqrt(16.0f * DV));
     for (int r = 0; r < R; r++) {
-      const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
-      const float* qp = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
       __m512bh qh[DV / 2];
       for (int d = 0; d < DV / 2; d++)  // (the second operand fills lanes 0-15)
-        qh[d] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qp + 32 * d + 16), _mm512_loadu_ps(qp + 32 * d));
+        qh[d] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(query[r] + 32 * d + 16), _mm512_loadu_ps(query[r] + 32 * d));
       for (int64_t t0 = 0; t0 < keys; t0 += 16) {
         __m512 acc[16];
         for (int j = 0; j < 16; j++) {  // (past the last key: its copies, masked below)
@@ -292,6 +288,9 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
       }
     }
   } else {
+    __m512 q[R][DV];
+    for (int r = 0; r < R; r++)
+      for (int d = 0; d < DV; d++) q[r][d] = _mm512_mul_ps(_mm512_loadu_ps(query[r] + 16 * d), scale);
     for (int64_t t = 0; t < keys; t++) {  // scores: each key read once for the R rows
       __m512 kt[DV];
       for (int d = 0; d < DV; d++) kt[d] = load16(kp + t * a.kt + 16 * d);
@@ -470,7 +469,7 @@ def load() -> bool:
     model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
     # and gemv_int8 for the draft's int8 weights (every CPU with AVX512_BF16 so far has AVX512_VNNI too)
     model.DOT_INT8 = torch.cpu._is_vnni_supported() and os.environ.get("S3D_DOT_INT8") != "0"
-    model.ATTEND = os.environ.get("S3D_ATTEND") != "0"  # and Attention calls attend for decode steps
+    model.ATTEND = may_attend()  # and Attention calls attend for decode steps
     return True
 
 

@@ -304,7 +304,7 @@ class Attention(nn.Module):
         # after it, including stale entries a previous speculative iteration left behind.
         k, v = k[:, :, :mask.shape[-1]], v[:, :, :mask.shape[-1]]
         dtype = self.kv_cache.attention_dtype or k.dtype
-        if use_attend(q, k, mask, dtype):  # (it reads a bfloat16 cache itself, widening each element to float32)
+        if use_attend(q, k, mask, dtype):  # (it reads a bfloat16 cache itself: no float32 copy)
             y = torch.ops.s3d_kernels.attend(q.to(dtype), k, v, mask)
         else:
             y = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), attn_mask=mask,
