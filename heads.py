@@ -108,6 +108,9 @@ class DraftHeads(nn.Module):
             self.sequential_out = nn.Parameter(torch.zeros(drafted, sequential_rank))
         self.folded = self.int8 = False  # fold_adapters
         self.register_buffer("draft_head", None, persistent=False)  # (K, dim): the output head's draft_vocab rows
+        # and their int8 copy, one scale per row, where the draft reads int8 copies (fold_adapters)
+        self.register_buffer("draft_head_int8", None, persistent=False)
+        self.register_buffer("draft_head_scale", None, persistent=False)
 
     def markov_bias(self, previous: Tensor) -> Tensor:
         """The sequential head's bias on the logits of the drafts that follow the tokens `previous` (any shape):
@@ -122,11 +125,16 @@ class DraftHeads(nn.Module):
 
         int8_of (the model these heads are attached to): the draft's linear maps read int8 copies of W + BA made
         here, one scale per output channel: half the bytes of bfloat16 weights, and reading weights is most of a
-        draft step's time on a CPU (BENCHMARKS.md, section 18). The drafts may then differ a little from the
-        bfloat16 draft's; the verify forward never reads these copies, so the output is still the target's."""
+        draft step's time on a CPU (BENCHMARKS.md, section 18); so does the draft head (set_heads made it). The drafts
+        may then differ a little from the bfloat16 draft's; the verify forward never reads these copies, so the
+        output is still the target's."""
         if (fold, int8_of is not None) == (self.folded, self.int8):
             return  # (the copies already made stay: new tensors would make a compiled draft step recompile)
         self.folded, self.int8 = fold, int8_of is not None
+        self.draft_head_int8 = self.draft_head_scale = None
+        if int8_of is not None and self.draft_head is not None:
+            self.draft_head_int8, scale = int8_per_channel(self.draft_head)
+            self.draft_head_scale = scale.to(self.draft_head.dtype)
         for i, layer_adapters in (self.adapters or {}).items():
             for name, adapter in layer_adapters.items():
                 adapter.fold, adapter.weight_int8, adapter.scale = fold, None, None

@@ -130,8 +130,10 @@ class Transformer(nn.Module):
             # a --skip override may keep a layer the heads have no adapter for: it then runs as in the target
             layer_adapters = adapters[str(i)] if adapters is not None and str(i) in adapters else None
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
-        if draft and self.heads.draft_vocab is not None:
-            return linear_map(self.norm(x), self.heads.draft_head)  # logit k is token heads.draft_vocab[k]
+        if draft and self.heads.draft_vocab is not None:  # logit k is token heads.draft_vocab[k]
+            if self.heads.draft_head_int8 is not None:  # the int8 draft's copy (heads.DraftHeads.fold_adapters)
+                return linear_map(self.norm(x), self.heads.draft_head_int8, self.heads.draft_head_scale)
+            return linear_map(self.norm(x), self.heads.draft_head)
         return linear_map(self.norm(x), self.output.weight)
 
     def set_heads(self, heads: Optional[nn.Module]) -> None:
@@ -230,10 +232,14 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
-def linear_map(x: Tensor, weight: Tensor) -> Tensor:
-    """x @ weight.T (no bias): gemv where use_gemv says so (a compiled bfloat16 CPU step of a few rows), else the
-    library's linear map."""
-    return gemv(x, weight) if use_gemv(x, weight) else F.linear(x, weight)
+def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
+    """x @ weight.T (no bias; times scale per output channel for int8 weights): gemv where use_gemv says so (a
+    compiled bfloat16 CPU step of a few rows), else the library's linear map."""
+    if use_gemv(x, weight):
+        return gemv(x, weight, scale)
+    if scale is not None:  # Inductor turns this into its weight-only int8 GEMM
+        return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    return F.linear(x, weight)
 
 
 # Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
@@ -273,12 +279,9 @@ def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name:
     if weight_scale is None:
         return layer(x) + adapters[name](x)
     weight, scale = weight_scale
-    if use_gemv(x, weight):
-        y = gemv(x, weight, scale)
-    elif scale is not None:  # Inductor turns this into its weight-only int8 GEMM
-        y = F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
-    else:
+    if scale is None and not use_gemv(x, weight):
         return F.linear(x, weight, layer.bias)
+    y = linear_map(x, weight, scale)
     return y if layer.bias is None else y + layer.bias
 
 

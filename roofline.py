@@ -87,7 +87,9 @@ def step_bytes(model: Transformer, context: int, layers: list[int], draft_vocab:
         linear = sum(tensor_bytes(p) for i in layers for name, p in model.layers[i].named_parameters()
                      if name.endswith("weight") and "norm" not in name)
     head = tensor_bytes(model.output.weight)
-    if draft_vocab:
+    if draft_vocab and adapters and heads.draft_head_int8 is not None:  # its int8 copy, too
+        head = tensor_bytes(heads.draft_head_int8) + tensor_bytes(heads.draft_head_scale)
+    elif draft_vocab:
         head = head * draft_vocab // model.config.vocab_size
     cache = model.layers[0].attention.kv_cache
     kv = 2 * len(layers) * cache.k_cache[0, :, :context].numel() * cache.k_cache.element_size()

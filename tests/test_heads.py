@@ -180,3 +180,30 @@ def test_int8_copies_draft_what_the_folded_adapters_do_and_the_target_never_read
         assert adapter.weight_int8 is None and torch.equal(draft(), folded)
     assert not torch.equal(int8, folded), "the draft should have read the int8 copies"
     assert (int8 - folded).norm() < 0.05 * folded.norm()  # (a wrong scale or layout gives errors of order 1)
+
+
+def test_the_int8_draft_reads_an_int8_copy_of_its_draft_head():
+    """With a draft vocabulary, fold_adapters(True, model) makes an int8 copy of the draft head's rows too, and the
+    draft's logits are those of the copy: the folded draft's hidden states times the rounded rows."""
+    model = with_trained_looking_heads(tiny_model())
+    heads = model.heads
+    heads.draft_vocab = torch.tensor([3, 17, 40, 41, 60, 2, 95, 8])
+    model.set_heads(heads)  # copies the draft head's rows
+    model.setup_caches(1, 64)
+    hidden = {}
+    model.norm.register_forward_hook(lambda module, args, out: hidden.update(x=out))
+    with torch.no_grad():
+        s3d.prefill(model, torch.tensor([PROMPTS[2][:10]]), torch.arange(10))
+        draft = lambda: model(torch.tensor([[5]]), torch.arange(10, 14), draft=True)  # noqa: E731
+        heads.fold_adapters(True)
+        folded = draft()
+        assert heads.draft_head_int8 is None
+        heads.fold_adapters(True, model)
+        int8 = draft()
+        assert heads.draft_head_int8.dtype == torch.int8 and heads.draft_head_int8.shape == (8, model.config.dim)
+        rounded = heads.draft_head_int8.float() * heads.draft_head_scale.float()[:, None]
+        torch.testing.assert_close(int8, hidden["x"] @ rounded.T)
+        assert ((rounded - heads.draft_head).abs() <= heads.draft_head_scale[:, None] / 2 * (1 + 1e-6)).all()
+        heads.fold_adapters(True)
+        assert heads.draft_head_int8 is None and torch.equal(draft(), folded)
+    assert int8.shape == folded.shape == (1, 4, 8) and not torch.equal(int8, folded)
