@@ -202,6 +202,15 @@ def most_frequent_tokens(sequences: list[list[int]], k: int, vocab_size: int) ->
     return torch.argsort(rank, descending=True)[:k]
 
 
+def widened_draft_vocab(old: Tensor, ranked: Tensor, k: int) -> Tensor:
+    """A draft vocabulary of k tokens that keeps `old` first, in its order (a sequential head's output rows are
+    those tokens', trained), then the tokens of `ranked` (most frequent first) that it lacks."""
+    if k < len(old):
+        raise UsageError(f"--draft_vocab {k}: these heads' sequential head was trained on a draft vocabulary of "
+                         f"{len(old)} tokens, whose rows it keeps; give at least {len(old)}")
+    return torch.cat([old, ranked[~torch.isin(ranked, old)][:k - len(old)]])
+
+
 def new_heads(model: Transformer, skip: tuple[int, int], gamma: int, rank: int,
               draft_vocab: Optional[Tensor] = None, sequential_rank: int = 0, bidirectional: bool = False) -> DraftHeads:
     """Fresh (untrained) heads for this model: they work, with low acceptance."""

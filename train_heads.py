@@ -14,7 +14,9 @@
 
 --draft_vocab K gives the heads a draft vocabulary: the K most frequent tokens of the training answers, the only
 ones the draft may propose (heads.DraftHeads). --init starts from a heads file instead of fresh heads; with
---steps 0 it only measures them and writes them out (with --draft_vocab: the same heads, with a draft vocabulary).
+--steps 0 it only measures them and writes them out (with --draft_vocab: the same heads, with a draft vocabulary;
+heads with a sequential head keep their draft vocabulary and its trained rows, and K widens it with the most
+frequent tokens it lacks, whose rows start at zero).
 """
 import argparse
 import json
@@ -33,7 +35,8 @@ import cli
 import s3d
 from checkpoint import UsageError, check_output, load_without_code, written_then_renamed
 from cli import DEFAULT_CHECKPOINT
-from heads import DraftHeads, check_skip, load_heads, middle_third, most_frequent_tokens, new_heads
+from heads import (DraftHeads, check_skip, load_heads, middle_third, most_frequent_tokens, new_heads,
+                   widened_draft_vocab)
 from model import Transformer
 from spec_bench import SPEC_BENCH, read_spec_bench
 from tokenizer import Tokenizer
@@ -540,7 +543,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch_tokens", type=int, default=2048, help="draft positions per optimizer step")
     p.add_argument("--draft_vocab", type=int, default=None, metavar="K", help="draft only the K most frequent tokens "
-                   "of the training answers: the draft's output head reads K rows (verify keeps them all)")
+                   "of the training answers: the draft's output head reads K rows (verify keeps them all); --init "
+                   "heads with a sequential head keep their draft vocabulary and widen it to K")
     p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank)")
     p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default), or "
                    "'reached': the probability that the offset is reached (1, a1, a1 a2, ..., from the held-out "
@@ -642,13 +646,18 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError(f"--rank and --sequential_rank may be at most {model.config.dim} (the model's width) and "
                          f"--gamma at most {model.config.block_size}, got {args.rank}, {args.sequential_rank} and "
                          f"{args.gamma}")
+    if args.draft_vocab and args.draft_vocab > model.config.vocab_size:
+        raise UsageError(f"--draft_vocab may be at most {model.config.vocab_size} (the model's vocabulary), got "
+                         f"{args.draft_vocab}")
     heads = load_heads(args.init, model.config) if args.init else None
     if heads is not None:
         args.gamma, args.rank = heads.gamma, heads.rank
         offset_weights(args)
         if heads.sequential_rank and args.draft_vocab:  # refused before the data are made
-            raise UsageError("--draft_vocab cannot be given to heads with a sequential head (its output rows are "
-                             "those of their own draft vocabulary)")
+            if heads.draft_vocab is None:
+                raise UsageError("--draft_vocab cannot be given to heads whose sequential head was trained on the "
+                                 "whole vocabulary (its output rows are every token's)")
+            widened_draft_vocab(heads.draft_vocab, heads.draft_vocab, args.draft_vocab)  # (too few: UsageError)
         if heads.sequential_rank and args.sequential_rank:
             raise UsageError(f"--sequential_rank: {args.init} has a sequential head already")
     n_layer = model.config.n_layer
@@ -679,16 +688,27 @@ def main(argv: Optional[list[str]] = None) -> None:
           f"answer tokens; {len(heldout)} held-out greedy answers")
     vocab = None
     if args.draft_vocab:
-        vocab = most_frequent_tokens([s["tokens"][s["prompt_len"]:] for s in train_seqs], args.draft_vocab,
-                                     model.config.vocab_size)
         answers = torch.tensor([t for s in heldout for t in s["tokens"][s["prompt_len"]:]])
-        print(f"draft vocabulary: the {len(vocab)} most frequent tokens of the training answers; they hold "
+        if heads is not None and heads.draft_vocab is not None:
+            print(f"draft vocabulary of {args.init.name}: {len(heads.draft_vocab)} tokens, holding "
+                  f"{torch.isin(answers, heads.draft_vocab.cpu()).float().mean():.1%} of the held-out answers' tokens")
+        vocab = most_frequent_tokens([s["tokens"][s["prompt_len"]:] for s in train_seqs], model.config.vocab_size,
+                                     model.config.vocab_size)
+        if heads is not None and heads.sequential_rank:
+            vocab = widened_draft_vocab(heads.draft_vocab.cpu(), vocab, args.draft_vocab)
+            what = f"its {len(heads.draft_vocab)} tokens and the most frequent others of the training answers"
+        else:
+            vocab, what = vocab[:args.draft_vocab], "the most frequent tokens of the training answers"
+        print(f"draft vocabulary: {len(vocab)} tokens, {what}; they hold "
               f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
     if heads is None:
         heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
     elif vocab is not None or args.sequential_rank:  # the same heads with a new draft vocabulary or sequential head
         vocab = heads.draft_vocab if vocab is None else vocab
         state = {**heads.state_dict(), "draft_vocab": vocab}
+        if heads.sequential_rank:  # the widened vocabulary's new rows start at zero: no bias until trained
+            trained = state["sequential_out"]
+            state["sequential_out"] = torch.cat([trained, trained.new_zeros(len(vocab) - len(trained), trained.shape[1])])
         heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab,
                            args.sequential_rank or heads.sequential_rank, heads.bidirectional)
         missing, _ = heads.load_state_dict(state, strict=False)

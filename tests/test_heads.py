@@ -5,7 +5,8 @@ import torch
 
 from checkpoint import CheckpointError, UsageError
 import s3d
-from heads import DraftHeads, check_gamma, int8_per_channel, load_heads, most_frequent_tokens, new_heads
+from heads import (DraftHeads, check_gamma, int8_per_channel, load_heads, most_frequent_tokens, new_heads,
+                   widened_draft_vocab)
 from test_s3d import PROMPTS, tiny_model, with_trained_looking_heads
 
 
@@ -131,6 +132,16 @@ def test_most_frequent_tokens_breaks_ties_by_the_lower_id():
     assert most_frequent_tokens([[7, 7, 3, 9], [9, 7]], 4, 12).tolist() == [7, 9, 3, 0]
     with pytest.raises(UsageError, match="1 to 12 tokens"):
         most_frequent_tokens([[1]], 13, 12)
+
+
+def test_a_widened_draft_vocabulary_keeps_the_old_one_first():
+    """A sequential head's output rows are its draft vocabulary's, in order: widening keeps those tokens where they
+    are and appends the most frequent ones they lack; fewer tokens than before are refused."""
+    old, ranked = torch.tensor([7, 2, 40]), torch.tensor([2, 9, 7, 1, 40, 3])
+    assert widened_draft_vocab(old, ranked, 5).tolist() == [7, 2, 40, 9, 1]
+    assert widened_draft_vocab(old, ranked, 3).tolist() == [7, 2, 40]
+    with pytest.raises(UsageError, match="give at least 3"):
+        widened_draft_vocab(old, ranked, 2)
 
 
 def test_folded_adapters_draft_the_same_logits():

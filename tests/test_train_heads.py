@@ -355,28 +355,42 @@ def test_outputs_are_refused_before_any_work(tmp_path, capsys):
     assert shipped.read_bytes() == b"trained for hours"
 
 
-def test_init_heads_keep_their_options_and_a_sequential_head_refuses_a_new_draft_vocabulary(tmp_path, capsys,
-                                                                                            tiny_checkpoint):
-    """--init with --draft_vocab rebuilds the heads with the vocabulary and keeps their bidirectional block; heads
-    with a sequential head (whose output rows are their own draft vocabulary's) are refused before any data."""
+def test_init_heads_keep_their_options_and_a_sequential_head_widens_its_draft_vocabulary(tmp_path, capsys,
+                                                                                         tiny_checkpoint):
+    """--init with --draft_vocab rebuilds the heads with the vocabulary and keeps their bidirectional block. Heads
+    with a sequential head (whose output rows are their own draft vocabulary's) keep that vocabulary first, with its
+    trained rows, and widen it (new rows zero); fewer tokens, or heads whose sequential head covers the whole
+    vocabulary, are refused before any data are made."""
     import cli
 
     model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.float32)
     new_heads(model, (1, 3), 2, 0, bidirectional=True).save(tmp_path / "bidirectional.safetensors")
     new_heads(model, (1, 3), 2, 0, sequential_rank=2).save(tmp_path / "sequential.safetensors")
+    trained = new_heads(model, (1, 3), 2, 0, draft_vocab=torch.tensor([9, 4, 30, 2, 7]), sequential_rank=2)
+    torch.nn.init.normal_(trained.sequential_out)
+    trained.save(tmp_path / "trained.safetensors")
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(20)))
-    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--draft_vocab", "8", "--steps", "0",
-              "--samples", "1", "--data_max_new_tokens", "2", "--device", "cpu", "--dtype", "float32"]
-    with pytest.raises(SystemExit) as e:
-        train_heads.main(["--init", str(tmp_path / "sequential.safetensors"), "--out", str(tmp_path / "s.safetensors"),
-                          "--data_dir", str(tmp_path / "s-data"), *common])
-    assert e.value.code == 2 and "--draft_vocab cannot be given to heads with a sequential head" in capsys.readouterr().err
-    assert not (tmp_path / "s-data").exists()
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--steps", "0", "--samples", "1",
+              "--data_max_new_tokens", "2", "--device", "cpu", "--dtype", "float32"]
+    for heads, k, message in (("sequential", "8", "trained on the whole vocabulary"), ("trained", "4", "give at least 5")):
+        with pytest.raises(SystemExit) as e:
+            train_heads.main(["--init", str(tmp_path / f"{heads}.safetensors"), "--out", str(tmp_path / "s.safetensors"),
+                              "--data_dir", str(tmp_path / "s-data"), "--draft_vocab", k, *common])
+        assert e.value.code == 2 and message in capsys.readouterr().err
+        assert not (tmp_path / "s-data").exists()
     train_heads.main(["--init", str(tmp_path / "bidirectional.safetensors"), "--out", str(tmp_path / "b.safetensors"),
-                      "--data_dir", str(tmp_path / "b-data"), *common])
+                      "--data_dir", str(tmp_path / "b-data"), "--draft_vocab", "8", *common])
     rebuilt = load_heads(tmp_path / "b.safetensors", model.config)
     assert rebuilt.bidirectional and len(rebuilt.draft_vocab) == 8
+    train_heads.main(["--init", str(tmp_path / "trained.safetensors"), "--out", str(tmp_path / "w.safetensors"),
+                      "--data_dir", str(tmp_path / "b-data"), "--draft_vocab", "12", *common])
+    widened = load_heads(tmp_path / "w.safetensors", model.config)
+    assert len(widened.draft_vocab) == 12 and len(set(widened.draft_vocab.tolist())) == 12
+    assert widened.draft_vocab[:5].tolist() == [9, 4, 30, 2, 7]
+    assert torch.equal(widened.sequential_out[:5], trained.sequential_out) and not widened.sequential_out[5:].any()
+    assert torch.equal(widened.sequential_in, trained.sequential_in)
+    assert "draft vocabulary: 12 tokens, its 5 tokens and the most frequent others" in capsys.readouterr().out
 
 
 def test_init_heads_take_a_new_sequential_head(tmp_path, capsys, tiny_checkpoint):
