@@ -24,7 +24,7 @@ def test_walkthrough_agrees_with_generate(default_checkpoint):
     for step in ("1. Prefill", "2. Draft", "3. Verify", "4. Accept", "5. Advance"):
         assert step in walk
     # g draft positions over the shipped heads' draft vocabulary, g + 1 verified over the whole vocabulary
-    assert "logits (4, 8192)" in walk and "logits (5, 49152)" in walk
+    assert "logits (4, 16384)" in walk and "logits (5, 49152)" in walk
     walk_accepted = [int(n) for n in re.findall(r"accepted (\d+) of 4", walk)]
     shown_accepted = [int(n) for n in re.findall(r"^ *\d+  (\d+)/4  ", shown, re.M)]
     assert len(walk_accepted) == 3 and walk_accepted == shown_accepted[:3]
