@@ -165,6 +165,33 @@ def step_fn(fn: Callable, model: Transformer, compile: bool, dynamic: bool = Fal
     return compiled(fn, model.output.weight.device.type, dynamic, autotune)
 
 
+class GuardsUntilWarm:
+    """Before each call of a compiled step, dynamo checks its guards: the inputs' dtypes and shapes and every
+    parameter and buffer of the model the step reads (0.2 to 0.4 ms a call for the default model on a CPU, some 5 %
+    of a decode step). Within one decoding loop nothing they check changes once each of the loop's steps has run:
+    shapes are static, and a mask's length is dynamic from its step's first compile. So from warm() to the end of
+    the with block the loop's calls skip them: torch.compiler's stance skip_guard_eval_unsafe keeps only the guards
+    that tell a step's compiled versions apart, and a call that would have recompiled raises instead (a mask
+    whose length was not dynamic does: tests/test_s3d.py). Compiled CPU steps only, where it was measured; the
+    with block restores the stance whatever happens inside it."""
+
+    def __init__(self, compile: bool, device: torch.device):
+        self.skip, self.stance = compile and device.type == "cpu", None
+
+    def __enter__(self) -> "GuardsUntilWarm":
+        return self
+
+    def warm(self) -> None:
+        """Every step of the loop has now run once, compiled, its guards checked."""
+        if self.skip and self.stance is None:
+            self.stance = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)  # (set as it is made)
+
+    def __exit__(self, *exc) -> None:
+        if self.stance is not None:
+            self.stance.__exit__(*exc)
+            self.stance = None
+
+
 def release_compiled() -> None:
     """Frees every compiled step (on a CPU each holds its own frozen, prepacked copy of the weights)."""
     from torch._inductor.codecache import PyCodeCache
@@ -227,10 +254,13 @@ def ar_generate(model: Transformer, prompt: list[int], max_new_tokens: int, *, s
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos = len(prompt)
-    while not done:
-        cur, _ = step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None, causal_mask(model, pos, 1))
-        done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)  # the one host sync of the step
-        pos += 1
+    with GuardsUntilWarm(compile, device) as guards:
+        while not done:
+            cur, _ = step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None,
+                          causal_mask(model, pos, 1))
+            done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)  # the one host sync of the step
+            pos += 1
+            guards.warm()
     return Result(out, time_to_first_token=t1 - t0, decode_time=time.perf_counter() - t1)
 
 
@@ -708,42 +738,44 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos, result = len(prompt), Result(out)
-    while not done:
-        if pace is not None and not pace.speculate():
+    with GuardsUntilWarm(compile, device) as guards:
+        while not done:
+            if pace is not None and not pace.speculate():
+                start = time.perf_counter()
+                cur, _ = ar_step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None,
+                                 causal_mask(model, pos, 1))
+                token = cur.item()  # the step's one host synchronisation
+                pace.ar_step_took(time.perf_counter() - start)
+                result.ar_steps += 1
+                if on_iteration is not None:
+                    on_iteration(None, 0, token)
+                done = emit(out, [token], max_new_tokens, eos_ids, on_token)
+                cur, pos = cur.clone(), pos + 1  # a copy: under CUDA graphs the next replay writes over the output
+                continue
             start = time.perf_counter()
-            cur, _ = ar_step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None,
-                             causal_mask(model, pos, 1))
-            token = cur.item()  # the step's one host synchronisation
-            pace.ar_step_took(time.perf_counter() - start)
-            result.ar_steps += 1
+            # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
+            drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
+            slots = torch.arange(pos, pos + draft.slots, device=device)
+            if tree is None:
+                n, tokens = verify(model, cur, drafts, probs, slots, sampling, causal_mask(model, pos, gamma + 1))
+                host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
+                candidates = [[d] for d in host[gamma + 2:]]
+            else:
+                n, tokens, path = verify(model, cur, drafts, slots, tree, sampling, tree_mask(model, pos, tree))
+                host = torch.cat([n.view(1), tokens, path, drafts]).tolist()  # the one host synchronisation
+                path = host[gamma + 2:2 * gamma + 3][:host[0] + 1]
+                result.paths.append(path[1:])
+                candidates = tree_candidates(tree, path, host[2 * gamma + 3:]) if on_iteration is not None else []
+            n = host[0]
+            result.accepted.append(n)
+            if pace is not None:
+                pace.iteration_took(time.perf_counter() - start, n + 1)
             if on_iteration is not None:
-                on_iteration(None, 0, token)
-            done = emit(out, [token], max_new_tokens, eos_ids, on_token)
-            cur, pos = cur.clone(), pos + 1  # a copy: under CUDA graphs the next replay writes over the output
-            continue
-        start = time.perf_counter()
-        # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
-        drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
-        slots = torch.arange(pos, pos + draft.slots, device=device)
-        if tree is None:
-            n, tokens = verify(model, cur, drafts, probs, slots, sampling, causal_mask(model, pos, gamma + 1))
-            host = torch.cat([n.view(1), tokens, drafts]).tolist()  # the iteration's one host synchronisation
-            candidates = [[d] for d in host[gamma + 2:]]
-        else:
-            n, tokens, path = verify(model, cur, drafts, slots, tree, sampling, tree_mask(model, pos, tree))
-            host = torch.cat([n.view(1), tokens, path, drafts]).tolist()  # the one host synchronisation
-            path = host[gamma + 2:2 * gamma + 3][:host[0] + 1]
-            result.paths.append(path[1:])
-            candidates = tree_candidates(tree, path, host[2 * gamma + 3:]) if on_iteration is not None else []
-        n = host[0]
-        result.accepted.append(n)
-        if pace is not None:
-            pace.iteration_took(time.perf_counter() - start, n + 1)
-        if on_iteration is not None:
-            on_iteration(candidates, n, host[n + 1])
-        done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
-        cur = tokens[n].view(1, 1).clone()
-        pos += n + 1
+                on_iteration(candidates, n, host[n + 1])
+            done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
+            cur = tokens[n].view(1, 1).clone()
+            pos += n + 1
+            guards.warm()  # (after an iteration: the adaptive loop's AR steps come first)
     result.time_to_first_token, result.decode_time = t1 - t0, time.perf_counter() - t1
     return result
 

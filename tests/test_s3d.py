@@ -267,6 +267,35 @@ def test_sequential_head_and_bidirectional_block_are_lossless(sequential_rank, b
             torch._dynamo.config.error_on_recompile = False
 
 
+def test_compiled_loops_skip_guards_once_warm_and_restore_them():
+    """Each compiled decoding loop checks its steps' guards until each step has run once, skips them after (the
+    mask's width still changing every step), and leaves the stance as it was, on an error too."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    skipping = lambda: eval_frame._stance.skip_guard_eval_unsafe  # noqa: E731
+    model = with_trained_looking_heads(tiny_model())
+    for prompt in PROMPTS[:2]:
+        seen = {"ar": [], "s3d": []}
+        with torch.no_grad():
+            ar = s3d.ar_generate(model, prompt, 12, compile=True, on_token=lambda t: seen["ar"].append(skipping()))
+            spec = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4), compile=True,
+                                            on_iteration=lambda d, n, t: seen["s3d"].append(skipping()))
+            adaptive = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4, adaptive=True), compile=True)
+        assert ar.tokens == s3d.ar_generate(model, prompt, 12).tokens
+        assert spec.tokens == adaptive.tokens == s3d.ar_generate(model, prompt, 30).tokens
+        # the prefill's token and the first step's: guards checked; every later step's: skipped
+        assert seen["ar"] == [False, False] + [True] * 10
+        assert seen["s3d"][0] is False and all(seen["s3d"][1:]) and len(seen["s3d"]) > 3
+        assert not skipping()
+
+    def stop(token):
+        if skipping():
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt), torch.no_grad():
+        s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4), compile=True, on_token=stop)
+    assert not skipping()
+
+
 def test_sampling_with_a_sequential_head_matches_the_ar_distribution():
     """Each draft sampled from the logits biased by the draft before it: its p is that biased distribution, and
     the rule still gives AR's distribution."""
