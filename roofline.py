@@ -18,16 +18,21 @@ from model import ModelArgs, Transformer
 
 
 def median_ms(call: Callable, repeats: int = 20, warmup: int = 2) -> float:
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)  # GPU work is asynchronous
+    """Median milliseconds of `repeats` calls after `warmup` ones. A compiled step is timed as the decoding loops
+    call it once warm, without dynamo's guard checks (s3d.GuardsUntilWarm): warmup=0 where it has just run."""
+    gpu = torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)  # GPU work is asynchronous
     for _ in range(warmup):
         call()
     times = []
-    for _ in range(repeats):
-        sync()
-        t = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - t)
+    with s3d.GuardsUntilWarm(True, torch.device("cuda" if gpu else "cpu")) as guards:
+        guards.warm()
+        for _ in range(repeats):
+            sync()
+            t = time.perf_counter()
+            call()
+            sync()
+            times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
 
 
@@ -123,7 +128,7 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
 def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
               repeats: int = 10) -> tuple[dict[str, float], int]:
     """Milliseconds per call of each kernel kind, from the profiler ('outside kernels' is the rest of the
-    unprofiled wall time: guard checks, the wrapper between kernels, host work), and the GEMM calls per call."""
+    unprofiled wall time: the wrapper between kernels, host work), and the GEMM calls per call."""
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
