@@ -281,15 +281,18 @@ def generate_batch(model: Transformer, prompts: list[list[int]], max_new_tokens:
     cur = prefill(model, idx, torch.arange(width, device=device), sampling, prefill_mask)
     step = step_fn(decode_one_token, model, compile)
     out, done = [[] for _ in prompts], [False] * len(prompts)
-    for i in range(max_new_tokens):
-        for r, t in enumerate(cur.view(-1).tolist()):
-            if not done[r]:
-                out[r].append(t)
-                done[r] = t in eos_ids
-        if all(done) or i == max_new_tokens - 1:
-            break
-        input_pos = torch.arange(width + i, width + i + 1, device=device)
-        cur, _ = step(model, cur.clone(), input_pos, sampling, mask=model.causal_mask[None, None, input_pos] & key_valid)
+    with GuardsUntilWarm(compile, device) as guards:
+        for i in range(max_new_tokens):
+            for r, t in enumerate(cur.view(-1).tolist()):
+                if not done[r]:
+                    out[r].append(t)
+                    done[r] = t in eos_ids
+            if all(done) or i == max_new_tokens - 1:
+                break
+            input_pos = torch.arange(width + i, width + i + 1, device=device)
+            cur, _ = step(model, cur.clone(), input_pos, sampling,
+                          mask=model.causal_mask[None, None, input_pos] & key_valid)
+            guards.warm()
     return out
 
 

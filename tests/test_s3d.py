@@ -296,6 +296,22 @@ def test_compiled_loops_skip_guards_once_warm_and_restore_them():
     assert not skipping()
 
 
+def test_batched_decoding_skips_guards_once_warm(monkeypatch):
+    """generate_batch (self-distillation) too: the stance set once, after its first compiled step, and restored;
+    the answers those of eager decoding."""
+    import torch._dynamo.eval_frame as eval_frame
+
+    stances, set_stance = [], torch.compiler.set_stance
+    monkeypatch.setattr(torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or set_stance(*a, **k))
+    model = tiny_model()
+    model.setup_caches(3, 64)
+    with torch.no_grad():
+        eager = s3d.generate_batch(model, PROMPTS[:3], 12)
+        assert stances == []
+        assert s3d.generate_batch(model, PROMPTS[:3], 12, compile=True) == eager
+    assert stances == [{"skip_guard_eval_unsafe": True}] and not eval_frame._stance.skip_guard_eval_unsafe
+
+
 def test_sampling_with_a_sequential_head_matches_the_ar_distribution():
     """Each draft sampled from the logits biased by the draft before it: its p is that biased distribution, and
     the rule still gives AR's distribution."""
