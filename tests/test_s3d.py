@@ -296,6 +296,18 @@ def test_compiled_loops_skip_guards_once_warm_and_restore_them():
     assert not skipping()
 
 
+def test_a_step_that_would_recompile_with_guards_skipped_raises(monkeypatch):
+    """What makes skipping guards safe: a call that needs a new compile raises rather than run a stale step. Here
+    the mask's length is left static, so the second step (the first unguarded) would need a recompile."""
+    def static_mask(model, pos, n):
+        return model.causal_mask[None, None, pos:pos + n, :pos + n]
+
+    monkeypatch.setattr(s3d, "causal_mask", static_mask)
+    model = tiny_model()
+    with pytest.raises(RuntimeError, match="skip_guard_eval_unsafe"), torch.no_grad():
+        s3d.ar_generate(model, PROMPTS[0], 6, compile=True)
+
+
 def test_batched_decoding_skips_guards_once_warm(monkeypatch):
     """generate_batch (self-distillation) too: the stance set once, after its first compiled step, and restored;
     the answers those of eager decoding."""
