@@ -49,15 +49,17 @@ SOURCE = r"""
 
 // Both gemv kernels read their rows interleaved: in each group of up to 8 rows (one pass over the weights), the rows'
 // 4-byte inputs for one weight load side by side, so that the inputs are one stream of reads beside the weights'
-// (one stream per row slowed 5 rows from memory by a third: BENCHMARKS.md, section 25)
-static std::vector<uint32_t> interleave_rows(const uint32_t* rows, int64_t m, int64_t width) {
-  std::vector<uint32_t> out(m * width);
+// (one stream per row slowed 5 rows from memory by a third: BENCHMARKS.md, section 25). Into a buffer kept per
+// thread and call after call: a new one each call cost an allocation and a zero fill (1 % of a verify step, section 29)
+static const uint32_t* interleave_rows(const uint32_t* rows, int64_t m, int64_t width) {
+  static thread_local std::vector<uint32_t> out;
+  if ((int64_t)out.size() < m * width) out.resize(m * width);
   for (int64_t r0 = 0; r0 < m; r0 += 8) {
     const int64_t g = std::min<int64_t>(8, m - r0);
     for (int64_t p = 0; p < width; p++)
       for (int64_t r = 0; r < g; r++) out[r0 * width + p * g + r] = rows[(r0 + r) * width + p];
   }
-  return out;
+  return out.data();
 }
 
 // the float32 sums of x's rows by n outputs, in x's shape (no reshape: each op through the dispatcher costs)
@@ -101,13 +103,13 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(pairs * 2 == k, "x has ", k, " inputs, w ", pairs * 2);
   const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();
   at::Tensor y = empty_sums(x, n);
-  const std::vector<uint32_t> xi = interleave_rows(reinterpret_cast<const uint32_t*>(rows.data_ptr()), m, pairs);
+  const uint32_t* xi = interleave_rows(reinterpret_cast<const uint32_t*>(rows.data_ptr()), m, pairs);
   const uint16_t* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
       for (int64_t r = 0; r < m; r += 8)
-        rows_block_any((int)std::min<int64_t>(8, m - r), pairs, xi.data() + r * pairs, wp + b * pairs * 32,
+        rows_block_any((int)std::min<int64_t>(8, m - r), pairs, xi + r * pairs, wp + b * pairs * 32,
                        yp + r * n + b * 16, n);
   });
   return y;
@@ -188,8 +190,8 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
     row_total[r] = _mm512_reduce_add_epi32(total);
   }
   at::Tensor y = empty_sums(x, n);
-  const std::vector<uint32_t> xi = interleave_rows(reinterpret_cast<const uint32_t*>(xq.data()), m, quads);
-  const int32_t* xq4 = reinterpret_cast<const int32_t*>(xi.data());
+  const int32_t* xq4 =
+      reinterpret_cast<const int32_t*>(interleave_rows(reinterpret_cast<const uint32_t*>(xq.data()), m, quads));
   const int8_t* wp = w.data_ptr<int8_t>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
