@@ -6,7 +6,7 @@ prints it (BENCHMARKS.md); bench.py --profile uses step_costs; bench.py --random
 import statistics
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -17,23 +17,38 @@ from heads import middle_third, new_heads
 from model import ModelArgs, Transformer
 
 
-def median_ms(call: Callable, repeats: int = 20, warmup: int = 2) -> float:
-    """Median milliseconds of `repeats` calls after `warmup` ones. A compiled step is timed as the decoding loops
-    call it once warm, without dynamo's guard checks (s3d.GuardsUntilWarm): warmup=0 where it has just run."""
+def median_ms(call: Callable, repeats: int = 20, warmup: int = 2, before: Optional[Callable] = None) -> float:
+    """Median milliseconds of `repeats` calls after `warmup` ones; before(), when given, runs untimed before each. A
+    compiled step is timed as the decoding loops call it once warm, without dynamo's guard checks
+    (s3d.GuardsUntilWarm): warmup=0 where it has just run."""
     gpu = torch.cuda.is_initialized()
     sync = torch.cuda.synchronize if gpu else (lambda: None)  # GPU work is asynchronous
+    before = before or (lambda: None)
     for _ in range(warmup):
+        before()
         call()
     times = []
     with s3d.GuardsUntilWarm(True, torch.device("cuda" if gpu else "cpu")) as guards:
         guards.warm()
         for _ in range(repeats):
+            before()
             sync()
             t = time.perf_counter()
             call()
             sync()
             times.append(time.perf_counter() - t)
     return 1000 * statistics.median(times)
+
+
+# Each step is timed right after the step that comes before it in its decoding loop: the AR step after itself,
+# verify after a draft, a draft after verify. Timed after itself, the draft found part of its weights still in the
+# last-level cache and took about 10 % less than it does in the loop (BENCHMARKS.md, section 29).
+BEFORE = {"ar": "ar", "verify": "draft", "draft": "verify"}
+
+
+def loop_ms(calls: dict[str, Callable], repeats: int = 20) -> dict[str, float]:
+    """median_ms of the AR step, draft and verify calls of step_calls, each after the one before it in the loop."""
+    return {name: median_ms(call, repeats, before=calls[BEFORE[name]]) for name, call in calls.items()}
 
 
 def last_level_cache_bytes() -> int:
@@ -177,8 +192,8 @@ def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) ->
 @torch.no_grad()
 def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 64,
                repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one AR step, one draft and one verify step."""
-    return {name: median_ms(call, repeats) for name, call in step_calls(model, draft, compile, pos).items()}
+    """Median milliseconds of one AR step, one draft and one verify step, each after the one before it in the loop."""
+    return loop_ms(step_calls(model, draft, compile, pos), repeats)
 
 
 @torch.no_grad()
@@ -189,7 +204,8 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
     int8: into int8 copies of the weights), at
     position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s), split by kernel kind. Every step is
     compiled first, then timed in rounds that take each step in turn (per_round calls after an untimed one, its
-    heads attached), so that a slow spell of a shared machine hits every step alike."""
+    heads attached, each call after the step before it in the loop: BEFORE), so that a slow spell of a shared
+    machine hits every step alike."""
     n_layer, g, skip = model.config.n_layer, heads[0][0].gamma, heads[0][0].skip
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
     steps = []  # label, heads, call, layers, tokens, draft vocabulary size
@@ -210,11 +226,19 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
             step[2]()  # compiles it
             print(f"compiled: {step[0]}", flush=True)
     times = {step[0]: [] for step in steps}
+    ar, verify, draft = steps[:3]
     for _ in range(rounds):
         for label, h, call, *_ in steps:
-            model.heads = h  # (set_heads would copy the draft head again)
+            before = ar if label == ar[0] else draft if label == verify[0] else verify  # (BEFORE)
+
+            def timed() -> None:
+                model.heads = before[1]  # (set_heads would copy the draft head again)
+                before[2]()
+                model.heads = h
+
+            timed()
             call()
-            times[label] += [median_ms(call, 1, warmup=0) for _ in range(per_round)]
+            times[label] += [median_ms(call, 1, warmup=0, before=timed) for _ in range(per_round)]
     rows = []
     for label, h, call, layers, tokens, vocab in steps:
         model.heads = h
@@ -269,11 +293,10 @@ def random_weights_costs(model: Transformer, context: int, skips: list[tuple[int
         for g in gammas:
             model.set_heads(new_heads(model, skip, g, 8))
             calls = step_calls(model, s3d.Draft("s3d", g, skip), compile, context)
-            if "ar" not in steps:
-                steps["ar"] = median_ms(calls["ar"], repeats)
-            if f"verify{g + 1}" not in steps:
-                steps[f"verify{g + 1}"] = median_ms(calls["verify"], repeats)
-            steps[f"draft{g} {skip[0]}:{skip[1]}"] = median_ms(calls["draft"], repeats)
+            ms = loop_ms(calls, repeats)
+            steps.setdefault("ar", ms["ar"])
+            steps.setdefault(f"verify{g + 1}", ms["verify"])
+            steps[f"draft{g} {skip[0]}:{skip[1]}"] = ms["draft"]
     model.set_heads(None)
     return {"ms": steps, "bytes": step_bytes(model, context + 1, list(range(n_layer)))}
 

@@ -357,3 +357,16 @@ def test_a_prompt_longer_than_the_context_is_refused_before_the_run(tmp_path, de
     prompts.write_text(json.dumps({"question_id": 7, "category": "qa", "turns": ["word " * 9000]}) + "\n")
     error = assert_one_line_error("exceeds the model's context of 8192", "--methods", "ar", "--prompts", str(prompts))
     assert "question 7 of" in error
+
+
+def test_each_step_is_timed_after_the_one_before_it_in_the_loop():
+    """roofline.loop_ms (bench.py --profile's step costs) times the AR step after itself, verify after a draft and a
+    draft after verify, as the decoding loops run them: every call of a step, warm-up and timed, comes right after
+    a call of the one before it (a draft timed after itself finds part of its weights still in cache)."""
+    import roofline
+
+    log = []
+    calls = {name: (lambda name=name: log.append(name)) for name in ("ar", "draft", "verify")}
+    ms = roofline.loop_ms(calls, repeats=3)
+    assert set(ms) == {"ar", "draft", "verify"} and all(v >= 0 for v in ms.values())
+    assert log == ["ar", "ar"] * 5 + ["verify", "draft"] * 5 + ["draft", "verify"] * 5
