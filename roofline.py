@@ -46,9 +46,10 @@ def median_ms(call: Callable, repeats: int = 20, warmup: int = 2, before: Option
 BEFORE = {"ar": "ar", "verify": "draft", "draft": "verify"}
 
 
-def loop_ms(calls: dict[str, Callable], repeats: int = 20) -> dict[str, float]:
-    """median_ms of the AR step, draft and verify calls of step_calls, each after the one before it in the loop."""
-    return {name: median_ms(call, repeats, before=calls[BEFORE[name]]) for name, call in calls.items()}
+def loop_ms(calls: dict[str, Callable], repeats: int = 20, names: Optional[list[str]] = None) -> dict[str, float]:
+    """median_ms of the AR step, draft and verify calls of step_calls (those in names, or all), each after the one
+    before it in the loop."""
+    return {name: median_ms(calls[name], repeats, before=calls[BEFORE[name]]) for name in names or calls}
 
 
 def last_level_cache_bytes() -> int:
@@ -226,19 +227,19 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
             step[2]()  # compiles it
             print(f"compiled: {step[0]}", flush=True)
     times = {step[0]: [] for step in steps}
-    ar, verify, draft = steps[:3]
+    first = {"ar": steps[0], "verify": steps[1], "draft": steps[2]}  # the draft before verify: the heads' own
     for _ in range(rounds):
-        for label, h, call, *_ in steps:
-            before = ar if label == ar[0] else draft if label == verify[0] else verify  # (BEFORE)
+        for i, (label, h, call, *_) in enumerate(steps):
+            before = first[BEFORE["ar" if i == 0 else "verify" if i == 1 else "draft"]]
 
-            def timed() -> None:
+            def run_before() -> None:
                 model.heads = before[1]  # (set_heads would copy the draft head again)
                 before[2]()
                 model.heads = h
 
-            timed()
+            run_before()
             call()
-            times[label] += [median_ms(call, 1, warmup=0, before=timed) for _ in range(per_round)]
+            times[label] += [median_ms(call, 1, warmup=0, before=run_before) for _ in range(per_round)]
     rows = []
     for label, h, call, layers, tokens, vocab in steps:
         model.heads = h
@@ -293,10 +294,10 @@ def random_weights_costs(model: Transformer, context: int, skips: list[tuple[int
         for g in gammas:
             model.set_heads(new_heads(model, skip, g, 8))
             calls = step_calls(model, s3d.Draft("s3d", g, skip), compile, context)
-            ms = loop_ms(calls, repeats)
-            steps.setdefault("ar", ms["ar"])
-            steps.setdefault(f"verify{g + 1}", ms["verify"])
-            steps[f"draft{g} {skip[0]}:{skip[1]}"] = ms["draft"]
+            # the AR step once, verify once per g, the draft for each skip range and g
+            wanted = {"ar": "ar", "verify": f"verify{g + 1}", "draft": f"draft{g} {skip[0]}:{skip[1]}"}
+            ms = loop_ms(calls, repeats, [name for name, key in wanted.items() if key not in steps])
+            steps.update({wanted[name]: v for name, v in ms.items()})
     model.set_heads(None)
     return {"ms": steps, "bytes": step_bytes(model, context + 1, list(range(n_layer)))}
 

@@ -172,8 +172,8 @@ class GuardsUntilWarm:
     shapes are static, and a mask's length is dynamic from its step's first compile. So from warm() to the end of
     the with block the loop's calls skip them: torch.compiler's stance skip_guard_eval_unsafe keeps only the guards
     that tell a step's compiled versions apart, and a call that would have recompiled raises instead of running a
-    stale step (a mask whose length was left static does: tests/test_s3d.py). Compiled CPU steps only, where it was measured; the
-    with block restores the stance whatever happens inside it."""
+    stale step (a mask whose length was left static does: tests/test_s3d.py). Compiled CPU steps only, where it was
+    measured; the with block restores the stance whatever happens inside it."""
 
     def __init__(self, compile: bool, device: torch.device):
         self.skip, self.stance = compile and device.type == "cpu", None

@@ -370,3 +370,6 @@ def test_each_step_is_timed_after_the_one_before_it_in_the_loop():
     ms = roofline.loop_ms(calls, repeats=3)
     assert set(ms) == {"ar", "draft", "verify"} and all(v >= 0 for v in ms.values())
     assert log == ["ar", "ar"] * 5 + ["verify", "draft"] * 5 + ["draft", "verify"] * 5
+    log.clear()  # only the steps named (--random_weights times the AR step once), still each after its predecessor
+    assert set(roofline.loop_ms(calls, repeats=1, names=["draft"])) == {"draft"}
+    assert log == ["verify", "draft"] * 3
