@@ -223,10 +223,15 @@ def table_row(label: str, f: dict) -> str:
     return f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | {same_as_ar(f)} |"
 
 
+def per_category(args) -> str:
+    """'at most 2 per category', naming the categories where --categories chose some."""
+    return f"at most {args.limit} per category" + (f" of {', '.join(args.categories)}" if args.categories else "")
+
+
 def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draft]) -> None:
     turns = sum(1 for r in result["records"] if r["method"] == "ar")
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
-    print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, at most {args.limit} per category) from {args.prompts}, "
+    print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, {per_category(args)}) from {args.prompts}, "
           f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, {args.dtype}, "
           f"{'compiled' if args.compile else 'eager'}{INTERLEAVED * args.interleave}. {machine_line()}.\n")
     print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
@@ -309,7 +314,7 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
 
 
 def print_profile(points: list[dict], args, n_rows: int) -> None:
-    print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts (at most {args.limit} per category), "
+    print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts ({per_category(args)}), "
           f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
           f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
@@ -449,7 +454,7 @@ def bench_formats(args) -> list[dict]:
     """One row per weight format (--formats): perplexity, AR and S3D speed, tau, memory, from one command. Each
     format runs in a fresh process: a process does not hand all the memory it used back to the system, so a
     format's peak memory would include what the formats before it left resident (BENCHMARKS.md, section 5)."""
-    rows, table, mismatches = read_spec_bench(args.prompts, args.limit), [], []
+    rows, table, mismatches = read_spec_bench(args.prompts, args.limit, args.categories), [], []
     for fmt in args.formats:
         if fmt in checkpoint.QUANTIZATIONS:
             checkpoint.check_quantization(fmt, torch.device(args.device), args.groupsize)
@@ -461,7 +466,7 @@ def bench_formats(args) -> list[dict]:
         ar, spec = row["ar"], row["s3d"]
         tqdm.write(f"{row['format']}: perplexity {row['perplexity']:.3f}, AR {ar['tokens_per_s']:.1f} tokens/s, S3D "
                    f"{spec['tokens_per_s']:.1f} tokens/s (tau {spec['tau']:.2f})")
-    print(f"\nWeight formats, {len(rows)} Spec-Bench prompts (at most {args.limit} per category), {args.max_new_tokens} "
+    print(f"\nWeight formats, {len(rows)} Spec-Bench prompts ({per_category(args)}), {args.max_new_tokens} "
           f"greedy tokens, S3D with {args.heads.name}, {'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. Perplexity of "
           f"{cli.PERPLEXITY_TEXT.name}. {machine_line()}.\n")
@@ -481,7 +486,7 @@ def bench_speculative(args) -> list[dict]:
     model, tok = cli.load(args.checkpoint, torch.device(args.device), DTYPES[args.dtype])
     if args.quantize:
         checkpoint.quantize(model, args.quantize, args.groupsize)
-    rows = read_spec_bench(args.prompts, args.limit)
+    rows = read_spec_bench(args.prompts, args.limit, args.categories)
     if args.profile or args.sweep:
         if args.sweep and not args.skips and args.draft == "s3d" and not args.heads_files:
             raise UsageError("--sweep --draft s3d needs heads files (--heads A B ..., one per skip range): fresh "
@@ -554,6 +559,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
     p.add_argument("--limit", "--per_category", type=int, default=1, help="prompts per category")
+    p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
+                   help="only these categories of --prompts (summarization has the longest prompts: 650 tokens, "
+                        "the median of the dev set's)")
     p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS,
                    help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive); "
                         "hf: transformers' generate(); llama.cpp: llama.cpp on a GGUF of the same weights (make peers)")
@@ -603,6 +611,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     cli.check_sampling(args.temperature, args.top_k, args.top_p)
     if args.interleave and (args.roofline or args.random_weights or args.decode):
         p.error("--interleave goes with the evaluation, --profile/--sweep and --formats")
+    if args.categories is not None:
+        if args.roofline or args.random_weights or args.decode:
+            p.error("--categories goes with the evaluation, --profile/--sweep and --formats")
+        read_spec_bench(args.prompts, 1, args.categories)  # now, not after the model has loaded
     if args.plot and not (args.profile or args.sweep):
         p.error("--plot goes with --profile or --sweep")
     if args.tree is not None:

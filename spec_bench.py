@@ -23,9 +23,11 @@ SPEC_BENCH = Path(__file__).resolve().parent / "data" / "spec_bench_dev.jsonl"
 TIE_ULPS = 4
 
 
-def read_spec_bench(path: Path = SPEC_BENCH, limit: Optional[int] = None) -> list[dict]:
-    """Rows {question_id, category, turns} of a Spec-Bench JSONL file, the first `limit` of each category."""
-    rows, seen = [], {}
+def read_spec_bench(path: Path = SPEC_BENCH, limit: Optional[int] = None,
+                    categories: Optional[list[str]] = None) -> list[dict]:
+    """Rows {question_id, category, turns} of a Spec-Bench JSONL file, the first `limit` of each category (of
+    `categories` only, when given)."""
+    rows, seen, found = [], {}, set()
     for number, line in enumerate(read_text_file(path, "--prompts").splitlines(), 1):
         if not line.strip():
             continue
@@ -35,9 +37,15 @@ def read_spec_bench(path: Path = SPEC_BENCH, limit: Optional[int] = None) -> lis
             assert isinstance(turns, list) and turns and all(isinstance(t, str) for t in turns)
         except (json.JSONDecodeError, KeyError, TypeError, AssertionError):
             raise UsageError(f"{path}:{number}: not a Spec-Bench row (question_id, category, turns: [str, ...])") from None
+        found.add(category)
+        if categories is not None and category not in categories:
+            continue
         if limit is None or seen.get(category, 0) < limit:
             seen[category] = seen.get(category, 0) + 1
             rows.append({"question_id": row.get("question_id", number), "category": category, "turns": turns})
+    unknown = sorted(set(categories or []) - found)
+    if unknown:
+        raise UsageError(f"--categories {' '.join(unknown)}: not in {path} (it has {', '.join(sorted(found))})")
     if not rows:
         raise UsageError(f"{path} has no prompts")
     return rows

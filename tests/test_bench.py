@@ -84,6 +84,17 @@ def test_a_wrong_speculative_answer_is_reported(tiny_checkpoint, prompts, tmp_pa
     assert "MISMATCH: skip differs from AR on question 1 turn 0" in capsys.readouterr().err
 
 
+def test_categories_choose_the_rows(tiny_checkpoint, prompts, tmp_path, capsys):
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5", "--methods", "ar"]
+    result = bench_json(tmp_path, *common, "--categories", "qa")
+    assert [(r["question_id"], r["category"]) for r in result["records"]] == [(2, "qa"), (3, "qa")]
+    assert "at most 5 per category of qa" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit:  # a category the file does not have: one line, exit code 2
+        bench_json(tmp_path, *common, "--categories", "poetry", "--force")
+    assert exit.value.code == 2
+    assert capsys.readouterr().err.strip() == f"bench.py: error: --categories poetry: not in {prompts} (it has qa, writing)"
+
+
 def test_interleaved_evaluation_answers_each_row_with_every_method_in_turn(tiny_checkpoint, prompts, tmp_path,
                                                                           capsys):
     common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5", "--methods", "ar",
@@ -222,7 +233,8 @@ def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(c
     point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "cd": 0.5,
              "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
              "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
-    args = argparse.Namespace(draft="s3d", limit=1, max_new_tokens=8, dtype="float32", compile=False, interleave=False)
+    args = argparse.Namespace(draft="s3d", limit=1, categories=None, max_new_tokens=8, dtype="float32", compile=False,
+                              interleave=False)
     tables = []
     for files in (["runs/a.safetensors"], ["runs/a.safetensors", "heads/b.safetensors"]):
         bench.print_profile([{**point, "heads": f} for f in files], args, 2)
@@ -258,6 +270,8 @@ def test_speed_model_by_hand():
     (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
     (("--tree", "2,x"), "--tree takes candidates per depth"),
     (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
+    (("--roofline", "--categories", "qa"), "--categories goes with the evaluation, --profile/--sweep and --formats"),
+    (("--categories", "qa", "poetry"), "--categories poetry: not in data/spec_bench_dev.jsonl"),
     (("--gamma", "0"), "must be at least 1"),
     (("--decode", "--gguf", "no-such.gguf"), "--gguf no-such.gguf: no such file"),
     (("--decode", "--repeats", "0"), "must be at least 1"),

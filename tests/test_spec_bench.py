@@ -36,3 +36,10 @@ def test_read_spec_bench_takes_the_first_rows_of_each_category(tmp_path):
     bad.write_text(json.dumps({"category": "qa", "turns": "not a list"}) + "\n")
     with pytest.raises(UsageError, match="bad.jsonl:1: not a Spec-Bench row"):
         spec_bench.read_spec_bench(bad)
+
+
+def test_read_spec_bench_takes_only_the_categories_asked_for():
+    rows = spec_bench.read_spec_bench(limit=3, categories=["summarization", "qa"])
+    assert sorted(r["category"] for r in rows) == ["qa"] * 3 + ["summarization"] * 3
+    with pytest.raises(UsageError, match="--categories poetry: not in .* \\(it has .*summarization"):
+        spec_bench.read_spec_bench(categories=["qa", "poetry"])
