@@ -261,6 +261,12 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
 # The speed model (docs/design.md, section 4): step costs, acceptance, predicted against measured speedup.
 
 
+def decoding_position(records: list[dict], method: str) -> int:
+    """Where the speed model times the steps: the median over method's answers of the position halfway through
+    the answer (its prompt's tokens, earlier turns included, and half its new tokens)."""
+    return int(statistics.median(r["prompt_tokens"] + r["new_tokens"] // 2 for r in records if r["method"] == method))
+
+
 def profile(args, model, tok, rows: list[dict]) -> list[dict]:
     """For every (skip range, g) of the grid, as a chain and as each tree of --trees that is g deep: cd and cv in AR
     steps, the acceptance per position and measured speedup on the prompts, and the speed model's prediction. For
@@ -290,7 +296,10 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                 result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar and ar["records"])
                 figures = result["summary"][args.draft]
                 report_mismatches(result["records"], result["mismatches"], args.dtype)
-                costs = roofline.step_costs(model, draft, args.compile)
+                # timed where these answers were decoded: attention's work grows with the context, so a step costs
+                # more AR steps after a long prompt (BENCHMARKS.md, section 30)
+                position = decoding_position(result["records"], args.draft)
+                costs = roofline.step_costs(model, draft, args.compile, position)
                 cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
                 own = tree or s3d.top_k_tree((1,) * g)
                 if rates is None:  # the first of this g: its tau predicts itself (as the chain's acceptance does)
@@ -301,7 +310,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                     predicted_tau = s3d.expected_tree_tokens(own, rates)
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                                "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g,
-                               "tree": str(tree) if tree else None, "nodes": len(own) - 1, "cd": cd, "cv": cv,
+                               "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,
+                               "cd": cd, "cv": cv,
                                "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
                                "predicted_tau": predicted_tau, "predicted_speedup": predicted_tau / (cd + cv),
                                "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
@@ -317,7 +327,8 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
     print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts ({per_category(args)}), "
           f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
-          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20).\n")
+          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20), at position "
+          f"{statistics.median(p['position'] for p in points):.0f} (the median middle of the answers).\n")
     several = len({p["heads"] for p in points}) > 1  # then a column says which heads file each row measured
     print(f"|{' heads |' * several} skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position "
           "| tau (predicted) | predicted | measured | output == AR |")

@@ -191,7 +191,11 @@ def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts
     assert all(p["matches_ar"] == p["answers"] == 3 for p in beside["points"])
 
 
-def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path):
+def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path, monkeypatch):
+    positions = []
+    step_costs = bench.roofline.step_costs
+    monkeypatch.setattr(bench.roofline, "step_costs",
+                        lambda model, draft, compile, pos: positions.append(pos) or step_costs(model, draft, compile, pos))
     png = tmp_path / "sweep.png"
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
                         "--draft", "skip", "--skips", "1:2", "1:3", "--gammas", "1", "2", "--plot", str(png))
@@ -202,7 +206,18 @@ def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompt
         assert p["cd"] == pytest.approx(p["step_ms"]["draft"] / p["step_ms"]["ar"])
         assert p["predicted_speedup"] == pytest.approx(s3d.predicted_speedup(p["acceptance"], p["cd"], p["cv"]))
         assert p["matches_ar"] == p["answers"] == 3  # --limit 1: 2 rows, 3 turns
+    # the steps are timed where the answers were decoded (the same answers as an evaluation's), not at a fixed position
+    answers = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--methods", "ar",
+                         "skip", "--skip", "1:2", "--gamma", "1", "--force")["records"]
+    assert positions == [p["position"] for p in points] == [bench.decoding_position(answers, "skip")] * 4
     assert result["best"] == max(points, key=lambda p: p["measured_speedup"])
+
+
+def test_the_speed_model_times_the_steps_at_the_middle_of_the_answers():
+    records = [{"method": "s3d", "prompt_tokens": 100, "new_tokens": 20}, {"method": "ar", "prompt_tokens": 5000,
+               "new_tokens": 1}, {"method": "s3d", "prompt_tokens": 300, "new_tokens": 7},
+               {"method": "s3d", "prompt_tokens": 800, "new_tokens": 128}]
+    assert bench.decoding_position(records, "s3d") == 303  # the median of 110, 303 and 864; AR's answers do not count
 
 
 def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoint, prompts, tmp_path):
@@ -230,7 +245,8 @@ def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoi
 
 
 def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(capsys):
-    point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "cd": 0.5,
+    point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "position": 40,
+             "cd": 0.5,
              "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
              "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
     args = argparse.Namespace(draft="s3d", limit=1, categories=None, max_new_tokens=8, dtype="float32", compile=False,
