@@ -311,8 +311,7 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                                "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g,
                                "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,
-                               "cd": cd, "cv": cv,
-                               "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
+                               "cd": cd, "cv": cv, "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
                                "predicted_tau": predicted_tau, "predicted_speedup": predicted_tau / (cd + cv),
                                "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
                                "ties": figures["ties"], "answers": figures["answers"], "mismatches": result["mismatches"]})

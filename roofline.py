@@ -191,9 +191,9 @@ def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) ->
 
 
 @torch.no_grad()
-def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int = 64,
-               repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one AR step, one draft and one verify step, each after the one before it in the loop."""
+def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int, repeats: int = 20) -> dict[str, float]:
+    """Median milliseconds of one AR step, one draft and one verify step at position pos (bench.py --profile: where
+    the answers were decoded), each after the one before it in the loop."""
     return loop_ms(step_calls(model, draft, compile, pos), repeats)
 
 

@@ -246,8 +246,7 @@ def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoi
 
 def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(capsys):
     point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": None, "nodes": 2, "position": 40,
-             "cd": 0.5,
-             "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
+             "cd": 0.5, "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
              "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
     args = argparse.Namespace(draft="s3d", limit=1, categories=None, max_new_tokens=8, dtype="float32", compile=False,
                               interleave=False)
