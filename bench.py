@@ -70,7 +70,9 @@ def gguf_source(args) -> Optional[Path]:
 # ---------------------------------------------------------------------------------------------------------------
 # Spec-Bench-style evaluation: every method answers the same prompts, turn by turn, in one process.
 
-SPECULATIVE = (*s3d.DRAFTERS, "adaptive")  # adaptive: the s3d draft, with AR steps wherever they are faster
+# adaptive: the s3d draft, with AR steps wherever they are faster; lookup: the s3d draft, with drafts copied from the
+# context wherever its last tokens occurred before (s3d.ContextLookup)
+SPECULATIVE = (*s3d.DRAFTERS, "adaptive", "lookup")
 METHODS = ("ar", *SPECULATIVE, "hf", "llama.cpp")  # hf, llama.cpp: other engines on the same weights
 
 
@@ -85,7 +87,15 @@ def summarize(records: list[dict], ar_records: list[dict], gamma: int) -> dict:
             "speedup": rate / ar_rate, "tau": s3d.mean_tokens_per_iteration(accepted) if accepted else 1.0,
             "acceptance": s3d.acceptance_rates(accepted, gamma) if accepted else [],
             "matches_ar": sum(r["matches_ar"] for r in records), "ties": sum(map(is_tie, records)),
-            "ar_steps": sum(r["ar_steps"] for r in records)}
+            "ar_steps": sum(r["ar_steps"] for r in records),
+            "copied": sum(c for r in records for c in r["copied"]),
+            "tau_copied": tau_where(records, True), "tau_drafted": tau_where(records, False)}
+
+
+def tau_where(records: list[dict], copied: bool) -> Optional[float]:
+    """tau over the iterations whose drafts were copied from the context (or were not); None where there are none."""
+    accepted = [n for r in records for n, c in zip(r["accepted"], r["copied"]) if c == copied]
+    return s3d.mean_tokens_per_iteration(accepted) if accepted else None
 
 
 def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
@@ -97,7 +107,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     device, hf, llm = model.output.weight.device, None, None
     sampling = s3d.Sampling(args.temperature, args.top_k, args.top_p)
 
-    def run(method: str, prompt: list[int]) -> s3d.Result:
+    def run(method: str, prompt: list[int], warming: bool = False) -> s3d.Result:
         if method == "hf":
             return peers.hf_generate(hf, prompt, args.max_new_tokens, tok.eos_ids, sampling)
         if method == "llama.cpp":
@@ -105,7 +115,9 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
         common = dict(sampling=sampling, eos_ids=tok.eos_ids, compile=args.compile)
         if method == "ar":
             return s3d.ar_generate(model, prompt, args.max_new_tokens, **common)
-        return s3d.speculative_generate(model, prompt, args.max_new_tokens, drafts[method], **common)
+        # (a warm-up must compile the drafter: with context lookup, its run might copy every draft)
+        draft = dataclasses.replace(drafts[method], lookup=0) if warming else drafts[method]
+        return s3d.speculative_generate(model, prompt, args.max_new_tokens, draft, **common)
 
     # size the cache for the longest conversation now: growing it later would recompile inside the timed runs
     lengths = [len(tok.encode(tok.apply_chat_template([{"role": "user", "content": t} for t in r["turns"]])))
@@ -141,7 +153,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                             "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
                             if result.decode_time > 0 else None,
                             "iterations": len(result.accepted), "accepted": result.accepted,
-                            "ar_steps": result.ar_steps,
+                            "ar_steps": result.ar_steps, "copied": result.copied,
                             "paths": result.paths,
                             "tau": s3d.mean_tokens_per_iteration(result.accepted) if result.accepted else 1.0,
                             "matches_ar": i is None, "first_difference": i, "gap_ulps": gap,
@@ -164,7 +176,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
             hf = peers.transformers_copy(model) if "hf" in args.methods else None
             llm = llama_cpp() if "llama.cpp" in args.methods else None
             for method in args.methods:
-                run(method, warm_up)
+                run(method, warm_up, warming=True)
             cli.return_freed_memory()
             cli.reset_peak_memory(device)
             for row in tqdm(rows, desc=" ".join(args.methods), unit="prompt"):
@@ -179,7 +191,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                     llm = llama_cpp()
                 if n > 0:  # the methods before this one: their compiled steps would count in this one's peak memory
                     s3d.release_compiled()
-                run(method, warm_up)
+                run(method, warm_up, warming=True)
                 cli.return_freed_memory()
                 cli.reset_peak_memory(device)
                 for row in tqdm(rows, desc=method, unit="prompt"):
@@ -202,10 +214,11 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
 
 def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
     d = drafts.get(method)
-    if method in ("s3d", "adaptive"):
+    if method in ("s3d", "adaptive", "lookup"):
         tree = f", tree {d.tree} ({len(d.tree) - 1} nodes)" if d.tree else ""
         adaptive = ", adaptive" if d.adaptive else ""
-        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}{tree}{adaptive}"
+        lookup = f", context lookup {s3d.LOOKUP_SHORTEST}-{d.lookup}" if d.lookup else ""
+        return f"s3d {args.heads.name if args.heads else 'untrained'} {d.skip[0]}:{d.skip[1]}{tree}{adaptive}{lookup}"
     if method == "skip":
         return f"skip {d.skip[0]}:{d.skip[1]}"
     if method == "model":
@@ -248,6 +261,12 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
         if f["ar_steps"]:
             print(f"\n{method_label(method, args, drafts)}: {f['ar_steps']} of its {f['new_tokens']} tokens "
                   f"({100 * f['ar_steps'] / f['new_tokens']:.0f} %) came from AR steps taken instead of iterations")
+        if f["copied"]:
+            iterations = sum(len(r["accepted"]) for r in result["records"] if r["method"] == method)
+            drafted = f", {f['tau_drafted']:.2f} where the draft ran" if f["tau_drafted"] is not None else ""
+            print(f"\n{method_label(method, args, drafts)}: {f['copied']} of its {iterations} iterations "
+                  f"({100 * f['copied'] / iterations:.0f} %) copied their drafts from the context, with no draft "
+                  f"forward (tau {f['tau_copied']:.2f} there{drafted})")
     for method, f in result["summary"].items():
         if method != "ar" and len(f["categories"]) > 1:
             print(f"\nPer category, {method_label(method, args, drafts)} against AR on the same prompts:\n")
@@ -520,10 +539,12 @@ def bench_speculative(args) -> list[dict]:
         drafts = {}
         for kind in [m for m in args.methods if m in SPECULATIVE]:
             skip = args.skip or (drafts["s3d"].skip if "s3d" in drafts else None)  # skip draws on the heads' range
-            if kind == "adaptive":  # the s3d method's draft, or the one it would have
+            if kind in ("adaptive", "lookup"):  # the s3d method's draft, or the one it would have
                 base = drafts.get("s3d") or cli.make_draft(model, "s3d", args.gamma, skip, args.heads, 8, None, args.tree,
                                                            args.draft_weights)
-                drafts[kind] = dataclasses.replace(base, adaptive=True)
+                drafts[kind] = dataclasses.replace(base, **({"adaptive": True} if kind == "adaptive" else
+                                                            {"lookup": args.lookup}))
+                s3d.check_draft(model, drafts[kind])
                 continue
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
                                           *((args.tree, args.draft_weights) if kind == "s3d" else ()))
@@ -574,6 +595,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the median of the dev set's)")
     p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS,
                    help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive); "
+                        "lookup: the s3d draft, with drafts copied from the context wherever they can be (--lookup); "
                         "hf: transformers' generate(); llama.cpp: llama.cpp on a GGUF of the same weights (make peers)")
     p.add_argument("--heads", type=Path, nargs="+", default=None,
                    help="S3D heads file (default: fresh, untrained heads); --profile/--sweep take several")
@@ -589,6 +611,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--skips", type=cli.skip_range, nargs="+", metavar="S:E",
                    help="for --profile/--sweep (default: symmetric middle ranges)")
     p.add_argument("--gammas", type=int, nargs="+", default=[2, 4], help="for --profile/--sweep")
+    p.add_argument("--lookup", type=int, default=s3d.LOOKUP_LONGEST, metavar="N",
+                   help="for --methods lookup: copy the drafts from after the latest earlier occurrence of the last N "
+                        f"tokens (down to {s3d.LOOKUP_SHORTEST}), where there is one (generate.py --lookup)")
     p.add_argument("--tree", type=cli.tree_shape, metavar="K1,K2,..", help="the s3d method verifies this tree of "
                    "candidates (generate.py --tree); its depth is g")
     p.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)
@@ -630,6 +655,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.tree is not None:
         if not {"s3d", "adaptive"} & set(args.methods) or args.profile or args.sweep:
             p.error("--tree goes with --methods s3d or adaptive (for --profile/--sweep: --trees)")
+    if "lookup" in args.methods and args.tree is not None:
+        p.error("--methods lookup copies a chain of drafts: it does not go with --tree")
+    if args.lookup < s3d.LOOKUP_SHORTEST:
+        p.error(f"--lookup matches {s3d.LOOKUP_SHORTEST} tokens or more, not {args.lookup}")
     if args.trees and not ((args.profile or args.sweep) and args.draft == "s3d"):
         p.error("--trees goes with --profile or --sweep of the s3d draft")
     if [t for t in args.trees if t.depth not in args.gammas]:

@@ -55,6 +55,7 @@ class DraftView:
 
        7  2/4  [ The]{[ A][ In]}[ robot]{[ cat]} x[ was][ is] -> [ had]
 
+    Drafts copied from the context (--lookup) follow the word `copy`: `7  4/4  copy [ The][ robot][ was][ a] + [ big]`.
     With --adaptive, a plain AR step taken instead of an iteration shows as `AR -> [ had]`."""
 
     GREEN, RED, YELLOW, DIM, RESET = "\033[32m", "\033[9;31m", "\033[33m", "\033[2m", "\033[0m"
@@ -72,9 +73,9 @@ class DraftView:
     def first_token(self, token: int) -> None:
         print(f"{0:4d}  prefill  {self.piece(token, self.YELLOW)}", flush=True)
 
-    def __call__(self, candidates: list[list[int]], n: int, target: int) -> None:
+    def __call__(self, candidates: list[list[int]], n: int, target: int, copied: bool = False) -> None:
         """candidates: s3d.speculative_generate's, the tokens tried at each depth (the accepted one first); None
-        for an AR step."""
+        for an AR step. copied: the drafts were copied from the context (--lookup)."""
         if candidates is None:
             print(f"{'':4s}  AR   -> {self.piece(target, self.YELLOW)}", flush=True)
             return
@@ -88,7 +89,7 @@ class DraftView:
             line += f" x{self.pieces(candidates[n], self.RED)} -> {self.piece(target, self.YELLOW)}"
             if n + 1 < len(candidates):  # a chain's drafts after the rejected one
                 line += f"  ({self.pieces([tried[0] for tried in candidates[n + 1:]], self.DIM)})"
-        print(f"{len(self.accepted):4d}  {n}/{self.gamma}  {line.strip()}", flush=True)
+        print(f"{len(self.accepted):4d}  {n}/{self.gamma}  {'copy ' * copied}{line.strip()}", flush=True)
 
     def histogram(self) -> str:
         if not self.accepted:
@@ -144,6 +145,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     spec.add_argument("--adaptive", action="store_true",
                       help="take plain AR steps instead of speculating wherever they have been making tokens faster "
                            "(timed as decoding runs); the output is the same")
+    spec.add_argument("--lookup", type=int, default=None, metavar="N",
+                      help="copy the drafts from the prompt and answer so far, with no draft forward, wherever their "
+                           f"last N tokens (down to {s3d.LOOKUP_SHORTEST}) occurred before; the output is the same "
+                           f"(default: {s3d.LOOKUP_LONGEST} with a chain of S3D or layer-skip drafts; 0: off)")
     spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
     spec.add_argument("--show_drafts", action="store_true",
                       help="show every iteration: accepted drafts (green), the first rejected one (red) and the "
@@ -157,6 +162,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
         p.error("--show_drafts shows speculative iterations: add --s3d HEADS or --draft {s3d,skip,model}")
     if args.adaptive and args.draft in (None, "model"):
         p.error("--adaptive chooses between AR steps and S3D or layer-skip drafts: add --s3d HEADS or --draft skip")
+    if args.lookup and args.draft in (None, "model"):
+        p.error("--lookup copies drafts in place of the S3D or layer-skip draft's: add --s3d HEADS or --draft skip")
+    if args.lookup and args.lookup < s3d.LOOKUP_SHORTEST:
+        p.error(f"--lookup matches {s3d.LOOKUP_SHORTEST} tokens or more, not {args.lookup}")
     if args.skip is not None and args.draft in (None, "model"):
         p.error("--skip sets the layers the S3D or layer-skip draft leaves out: add --s3d HEADS or --draft {s3d,skip}")
     if args.gamma is not None and args.draft is None:
@@ -241,6 +250,9 @@ def report(result: s3d.Result, model: Transformer, device: torch.device, compile
         lines.append(f"{len(result.accepted)} iterations, tau {s3d.mean_tokens_per_iteration(result.accepted):.2f} tokens "
                      f"per iteration (bonus included), acceptance per draft position "
                      f"{' '.join(f'{a:.2f}' for a in rates)}")
+    if any(result.copied):
+        lines.append(f"{sum(result.copied)} of the {len(result.accepted)} iterations copied their drafts from the "
+                     f"context, with no draft forward (--lookup)")
     if result.ar_steps:
         lines.append(f"{result.ar_steps} AR steps taken instead of iterations (--adaptive: speculating was the slower "
                      f"there)")
@@ -286,8 +298,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         raise UsageError("this checkpoint has no chat template; use --no-chat")
     draft = cli.make_draft(model, args.draft, args.gamma, args.skip, args.s3d, args.rank, args.draft_checkpoint, args.tree,
                            args.draft_weights)
-    if args.adaptive:
-        draft = dataclasses.replace(draft, adaptive=True)
+    lookup = args.lookup
+    if lookup is None:  # on wherever it can serve: a chain of S3D or layer-skip drafts
+        lookup = s3d.LOOKUP_LONGEST if draft is not None and draft.kind != "model" and draft.tree is None else 0
+    if args.adaptive or lookup:
+        draft = dataclasses.replace(draft, adaptive=args.adaptive, lookup=lookup)
+        s3d.check_draft(model, draft)
     messages = [{"role": "user", "content": args.prompt}]
     check_length(model, cli.encode_prompt(tokenizer, messages, chat), args.max_new_tokens, draft)
     compile_time = None
@@ -295,7 +311,10 @@ def main(argv: Optional[list[str]] = None) -> None:
         print("compiling the decode steps (minutes on a CPU: Inductor tunes and freezes every matmul) ...",
               file=sys.stderr, flush=True)
         t = time.perf_counter()
-        for warm_draft in [draft] + [None] * (draft is not None and args.compare_ar):
+        # (with the drafter's lookup off: a short run might copy every draft, and the drafter compile later)
+        warm_drafts = [draft and dataclasses.replace(draft, lookup=0)]
+        warm_drafts += [None] * (draft is not None and args.compare_ar)
+        for warm_draft in warm_drafts:
             run_once(model, tokenizer, cli.encode_prompt(tokenizer, messages, chat), args, warm_draft, stream=False,
                      max_new_tokens=min(args.max_new_tokens, 8))
         compile_time = time.perf_counter() - t

@@ -224,6 +224,7 @@ class Result:
     decode_time: float = 0.0  # seconds from the first token to the last
     paths: list[list[int]] = field(default_factory=list)  # tree verification: the accepted path's nodes per iteration
     ar_steps: int = 0  # adaptive decoding: the AR steps taken instead of iterations
+    copied: list[bool] = field(default_factory=list)  # per iteration: its drafts were copied from the context
 
 
 def emit(out: list[int], new: list[int], max_new_tokens: int, eos_ids: set[int],
@@ -359,7 +360,8 @@ class Draft:
     skip[0] .. skip[1]-1 left out) or "model" (a separate small model with the target's vocabulary). With a tree
     (S3D only), several candidates per position are verified at once, gamma being the tree's depth. Adaptive: take
     AR steps instead of iterations wherever they have been making tokens faster (Pace). int8 (S3D only): the draft
-    reads int8 copies of its layers' weights (None: where that measured faster, see int8_draft)."""
+    reads int8 copies of its layers' weights (None: where that measured faster, see int8_draft). lookup: drafts
+    copied from the context instead, wherever its last tokens occurred before (ContextLookup)."""
     kind: str = "s3d"
     gamma: int = 4
     skip: Optional[tuple[int, int]] = None
@@ -367,6 +369,7 @@ class Draft:
     tree: Optional["Tree"] = None
     adaptive: bool = False
     int8: Optional[bool] = None
+    lookup: int = 0  # context lookup (ContextLookup): the longest run of tokens matched; 0 turns it off
 
     @property
     def slots(self) -> int:
@@ -427,6 +430,48 @@ def model_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile:
 
 
 DRAFTERS = {"s3d": s3d_drafter, "skip": skip_drafter, "model": model_drafter}
+
+# Context lookup keeps to matches of 2 tokens or more: a drafted copy after one matching token was accepted less
+# than half as often on the dev prompts (BENCHMARKS.md, section 31).
+LOOKUP_SHORTEST = 2
+LOOKUP_LONGEST = 4  # the programs' default: matches of 4, then 3, then 2 tokens
+
+
+class ContextLookup:
+    """Drafts without a draft forward: where the last n tokens of the prompt and answer so far occurred before (n
+    from `longest` down to LOOKUP_SHORTEST), the g tokens that followed their latest occurrence (prompt lookup
+    decoding, Saxena 2023, over the answer too). Answers repeat their prompt (a summary, an extraction, a name, code
+    being edited) and themselves (lists, markup); there a copy is often right for several tokens, and its iteration
+    costs one verify forward. Where nothing matches, the draft runs as usual. The drafts are point masses, checked
+    by the same acceptance rule, so the output stays exactly the target's. An index of n-grams, kept up to date
+    with each accepted token, makes a lookup a few dictionary reads."""
+
+    def __init__(self, tokens: list[int], longest: int, gamma: int):
+        self.tokens, self.gamma, self.sizes = list(tokens), gamma, range(longest, LOOKUP_SHORTEST - 1, -1)
+        self.index: dict[tuple[int, ...], int] = {}  # an n-gram -> where the tokens after its latest occurrence start
+        self.indexed = 0  # the n-grams that end before this position are in the index
+        self.extend([])
+
+    def extend(self, new: list[int]) -> None:
+        """The tokens accepted since; indexes every n-gram that a token follows (the one ending at the last token
+        is left out: it would match itself)."""
+        self.tokens += new
+        for end in range(self.indexed, len(self.tokens)):
+            for n in self.sizes:
+                if end >= n:
+                    self.index[tuple(self.tokens[end - n:end])] = end
+        self.indexed = len(self.tokens)
+
+    def propose(self) -> Optional[list[int]]:
+        """g drafts copied from after the latest earlier occurrence of the longest matching n-gram, or None."""
+        for n in self.sizes:
+            start = self.index.get(tuple(self.tokens[-n:])) if len(self.tokens) >= n else None
+            if start is not None:
+                copy = self.tokens[start:start + self.gamma]
+                while len(copy) < self.gamma:  # the copy ran into the last token: it goes on copying itself, as a
+                    copy.append(copy[start + len(copy) - len(self.tokens)])  # repeating pattern would go on
+                return copy
+        return None
 
 
 def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -660,6 +705,11 @@ def check_draft(model: Transformer, draft: Draft) -> None:
     if draft.adaptive and draft.kind == "model":  # the small model's cache would miss the AR steps' tokens
         raise UsageError("adaptive decoding goes with the drafts that share the target's cache (s3d, skip), not the "
                          "model draft")
+    if draft.lookup and (draft.kind == "model" or draft.tree is not None):  # (the small model's cache: as above)
+        raise UsageError("context lookup goes with a chain of S3D or layer-skip drafts, not with the model draft or "
+                         "a tree")
+    if draft.lookup and draft.lookup < LOOKUP_SHORTEST:
+        raise UsageError(f"context lookup matches {LOOKUP_SHORTEST} tokens or more: --lookup {draft.lookup} is too few")
     if draft.int8 and (draft.kind != "s3d" or model.heads.rank == 0):
         raise UsageError("int8 draft weights are copies of the S3D heads' folded layers: they need heads with adapters "
                          "(rank > 0)")
@@ -716,13 +766,14 @@ class Pace:
 def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: int, draft: Draft, *,
                          sampling: Sampling = GREEDY, eos_ids: set[int] = frozenset(), compile: bool = False,
                          compile_prefill: bool = False, on_token: Optional[Callable[[int], None]] = None,
-                         on_iteration: Optional[Callable[[list[list[int]], int, int], None]] = None) -> Result:
+                         on_iteration: Optional[Callable[[list[list[int]], int, int, bool], None]] = None) -> Result:
     """Speculative decoding; the output is exactly the target's (greedy: token for token; sampling: in
-    distribution). on_iteration(candidates, n, target_token) sees every iteration: the drafts tried at each depth
-    ([[d1], [d2], ..] for a chain; for a tree, the candidates after the accepted path's node, down to the first
-    depth where none was accepted, the accepted one first), how many were accepted, and the target's own token
-    after them (the replacement, or the bonus when all g were accepted); with draft.adaptive, an AR step taken
-    instead of an iteration shows as on_iteration(None, 0, its token)."""
+    distribution). on_iteration(candidates, n, target_token, copied) sees every iteration: the drafts tried at
+    each depth ([[d1], [d2], ..] for a chain; for a tree, the candidates after the accepted path's node, down to
+    the first depth where none was accepted, the accepted one first), how many were accepted, the target's own
+    token after them (the replacement, or the bonus when all g were accepted), and whether the drafts were copied
+    from the context (draft.lookup); with draft.adaptive, an AR step taken instead of an iteration shows as
+    on_iteration(None, 0, its token, False)."""
     check_draft(model, draft)
     gamma, tree, device = draft.gamma, draft.tree, model.output.weight.device
     for m in (model, draft.model):
@@ -741,6 +792,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     done = emit(out, [cur.item()], max_new_tokens, eos_ids, on_token)
     t1 = time.perf_counter()
     pos, result = len(prompt), Result(out)
+    lookup = ContextLookup(prompt + out, draft.lookup, gamma) if draft.lookup else None
+    drafted = False  # whether the drafter has run: the guards stay on until it has (warm)
     with GuardsUntilWarm(compile, device) as guards:
         while not done:
             if pace is not None and not pace.speculate():
@@ -751,13 +804,21 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
                 pace.ar_step_took(time.perf_counter() - start)
                 result.ar_steps += 1
                 if on_iteration is not None:
-                    on_iteration(None, 0, token)
+                    on_iteration(None, 0, token, False)
                 done = emit(out, [token], max_new_tokens, eos_ids, on_token)
+                if lookup is not None:
+                    lookup.extend([token])
                 cur, pos = cur.clone(), pos + 1  # a copy: under CUDA graphs the next replay writes over the output
                 continue
             start = time.perf_counter()
-            # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of the draft's outputs
-            drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
+            copied = lookup.propose() if lookup is not None else None
+            if copied is not None:  # no draft forward. Sampling: the copies' point masses as distributions, as the
+                drafts = torch.tensor(copied, device=device)  # drafter gives (None would take a second compiled verify)
+                probs = None if sampling.temperature == 0 else \
+                    torch.nn.functional.one_hot(drafts, model.config.vocab_size).float()
+            else:  # copies of the drafts: under CUDA graphs the verify replay may reuse the memory of their outputs
+                drafts, probs = (None if t is None else t.clone() for t in drafter(cur, pos))
+                drafted = True
             slots = torch.arange(pos, pos + draft.slots, device=device)
             if tree is None:
                 n, tokens = verify(model, cur, drafts, probs, slots, sampling, causal_mask(model, pos, gamma + 1))
@@ -771,14 +832,18 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
                 candidates = tree_candidates(tree, path, host[2 * gamma + 3:]) if on_iteration is not None else []
             n = host[0]
             result.accepted.append(n)
+            result.copied.append(copied is not None)
             if pace is not None:
                 pace.iteration_took(time.perf_counter() - start, n + 1)
             if on_iteration is not None:
-                on_iteration(candidates, n, host[n + 1])
+                on_iteration(candidates, n, host[n + 1], copied is not None)
             done = emit(out, host[1:n + 2], max_new_tokens, eos_ids, on_token)
+            if lookup is not None:
+                lookup.extend(host[1:n + 2])
             cur = tokens[n].view(1, 1).clone()
             pos += n + 1
-            guards.warm()  # (after an iteration: the adaptive loop's AR steps come first)
+            if drafted:  # (after an iteration: the adaptive loop's AR steps come first)
+                guards.warm()
     result.time_to_first_token, result.decode_time = t1 - t0, time.perf_counter() - t1
     return result
 

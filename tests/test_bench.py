@@ -34,17 +34,18 @@ def bench_json(tmp_path, *args):
 
 def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5",
-                        "--methods", "ar", "s3d", "skip", "model", "adaptive", "hf", "--skip", "1:3", "--gamma", "3",
+                        "--methods", "ar", "s3d", "skip", "model", "adaptive", "lookup", "hf", "--skip", "1:3",
+                        "--gamma", "3",
                         "--draft_checkpoint", str(tiny_checkpoint))
     assert set(result) == {"machine", "args", "records", "summary", "mismatches"}
-    assert set(result["summary"]) == {"ar", "s3d", "skip", "model", "adaptive", "hf"}
+    assert set(result["summary"]) == {"ar", "s3d", "skip", "model", "adaptive", "lookup", "hf"}
     # 3 rows, 4 turns (the first row has two), each answered by each method
-    assert len(result["records"]) == 4 * 6
+    assert len(result["records"]) == 4 * 7
     assert {(r["question_id"], r["turn"]) for r in result["records"]} == {(1, 0), (1, 1), (2, 0), (3, 0)}
     for r in result["records"]:
         assert set(r) == {"question_id", "category", "turn", "method", "prompt_tokens", "new_tokens", "decode_s",
                           "time_to_first_token_s", "tokens_per_s", "iterations", "accepted", "tau", "matches_ar",
-                          "first_difference", "gap_ulps", "tokens", "paths", "ar_steps"}
+                          "first_difference", "gap_ulps", "tokens", "paths", "ar_steps", "copied"}
         assert 1 <= r["new_tokens"] <= 6 and r["paths"] == []  # (a tree's accepted nodes: no tree here)
     second_turn = next(r for r in result["records"] if r["turn"] == 1 and r["method"] == "ar")
     first_turn = next(r for r in result["records"] if r["question_id"] == 1 and r["turn"] == 0 and r["method"] == "ar")
@@ -54,13 +55,18 @@ def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
                           "tokens_per_s_per_gib", "categories"}
         assert set(f["categories"]) == {"writing", "qa"} and f["peak_memory_gib"] > 0
         assert f["tokens_per_s_per_gib"] == pytest.approx(f["tokens_per_s"] / f["peak_memory_gib"])
-    for method in ("s3d", "skip", "model", "adaptive"):  # greedy speculative decoding is AR's output: no mismatch
+    for method in ("s3d", "skip", "model", "adaptive", "lookup"):  # greedy speculative decoding is AR's output
         f = result["summary"][method]
         assert f["matches_ar"] == 4 and len(f["acceptance"]) == 3
         # adaptive decoding's first steps are AR steps (they time one); the others take none
         assert (f["ar_steps"] > 0) == (method == "adaptive")
         accepted = [n for r in result["records"] if r["method"] == method for n in r["accepted"]]
         assert f["tau"] == pytest.approx(s3d.mean_tokens_per_iteration(accepted))
+        copied = [c for r in result["records"] if r["method"] == method for c in r["copied"]]
+        assert len(copied) == len(accepted) and f["copied"] == sum(copied) and (f["copied"] > 0) == (method == "lookup")
+        if method == "lookup":  # tau over the copied iterations and over the others make up the whole
+            taus = [f[k] * sum(c == (k == "tau_copied") for c in copied) for k in ("tau_copied", "tau_drafted")]
+            assert sum(taus) == pytest.approx(f["tau"] * len(copied))
     assert result["mismatches"] == [] and result["summary"]["ar"]["speedup"] == pytest.approx(1.0)
 
 
@@ -288,6 +294,8 @@ def test_speed_model_by_hand():
     (("--roofline", "--categories", "qa"), "--categories goes with the evaluation, --profile/--sweep and --formats"),
     (("--categories", "qa", "poetry"), "--categories poetry: not in data/spec_bench_dev.jsonl"),
     (("--gamma", "0"), "must be at least 1"),
+    (("--lookup", "1"), "--lookup matches 2 tokens or more, not 1"),
+    (("--methods", "ar", "s3d", "lookup", "--tree", "2,1"), "--methods lookup copies a chain of drafts"),
     (("--decode", "--gguf", "no-such.gguf"), "--gguf no-such.gguf: no such file"),
     (("--decode", "--repeats", "0"), "must be at least 1"),
     (("--roofline", "--context", "0"), "must be at least 1"),

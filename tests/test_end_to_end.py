@@ -111,19 +111,20 @@ def lossless_setup(ours):
     return model, tok, prompts, ar
 
 
-@pytest.mark.parametrize("kind", ["s3d", "s3d-trained", "skip", "model"])
+@pytest.mark.parametrize("kind", ["s3d", "s3d-trained", "s3d-trained-lookup", "skip", "model"])
 def test_greedy_speculative_equals_ar_on_spec_bench(lossless_setup, kind):
     model, tok, prompts, ar_outputs = lossless_setup
     heads = {"s3d": lambda: new_heads(model, (10, 20), 4, 8),
-             "s3d-trained": lambda: load_heads(SHIPPED_HEADS, model.config)}.get(kind, lambda: None)()
+             "s3d-trained": lambda: load_heads(SHIPPED_HEADS, model.config)}.get(kind.removesuffix("-lookup"),
+                                                                                 lambda: None)()
     model.set_heads(heads)
-    draft = kind.removesuffix("-trained")
+    draft, lookup = kind.removesuffix("-lookup").removesuffix("-trained"), 4 * kind.endswith("-lookup")
     draft_model = small_draft_model(model) if draft == "model" else None
     near_ties, taus = [], []
     with torch.no_grad():
         for prompt, ar in zip(prompts, ar_outputs):
-            spec = s3d.speculative_generate(model, prompt, 128, s3d.Draft(draft, 4, (10, 20), draft_model),
-                                            eos_ids=tok.eos_ids)
+            spec = s3d.speculative_generate(model, prompt, 128, s3d.Draft(draft, 4, (10, 20), draft_model,
+                                                                          lookup=lookup), eos_ids=tok.eos_ids)
             taus.append(s3d.mean_tokens_per_iteration(spec.accepted))
             if spec.tokens != ar:
                 i = next(i for i, (a, b) in enumerate(zip(spec.tokens, ar)) if a != b)

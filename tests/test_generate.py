@@ -199,6 +199,9 @@ def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     (("--draft", "s3d", "--rank", "0", "--draft_weights", "int8"), "they need heads with adapters (rank > 0)"),
     (("--adaptive",), "--adaptive chooses between AR steps and S3D or layer-skip drafts"),
     (("--draft", "model", "--draft_checkpoint", "x", "--adaptive"), "--adaptive chooses between AR steps"),
+    (("--lookup", "4"), "--lookup copies drafts in place of the S3D or layer-skip draft's"),
+    (("--draft", "skip", "--lookup", "1"), "--lookup matches 2 tokens or more, not 1"),
+    (("--draft", "s3d", "--tree", "2,1", "--lookup", "3"), "context lookup goes with a chain"),
 ])
 def test_bad_speculative_arguments(args, pattern, default_checkpoint):
     assert_one_line_error(run(*args), pattern)
@@ -209,13 +212,13 @@ HEADS = os.path.join(ROOT, "heads", "smollm2-135m-instruct.safetensors")
 
 def test_a_tree_deeper_than_the_heads_is_refused(default_checkpoint):
     assert_one_line_error(run("--s3d", HEADS, "--tree", "2,1,1,1,1"), "exceeds")
-ITERATION = re.compile(r"^ *(\d+)  (\d+)/(\d+)  ")
+ITERATION = re.compile(r"^ *(\d+)  (\d+)/(\d+)  (copy )?")
 
 
-def show_drafts_lines(stdout: str) -> list[tuple[int, int]]:
-    """(n, g) of every iteration line that --show_drafts printed, in order."""
+def show_drafts_lines(stdout: str) -> list[tuple[int, int, bool]]:
+    """(n, g, whether the drafts were copied) of every iteration line that --show_drafts printed, in order."""
     found = [ITERATION.match(line) for line in stdout.splitlines()]
-    return [(int(m[2]), int(m[3])) for m in found if m]
+    return [(int(m[2]), int(m[3]), m[4] is not None) for m in found if m]
 
 
 def test_tree_auto_is_a_tree_on_a_gpu_and_the_chain_on_a_cpu():
@@ -234,11 +237,12 @@ def test_tree_auto_is_a_tree_on_a_gpu_and_the_chain_on_a_cpu():
                                              (("--s3d", HEADS, "--tree", "chain"), "s3d")])
 def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     """--show_drafts prints one line per iteration whose accepted length is the loop's, then the text and a
-    histogram of the same lengths; piped, it has no escape codes."""
+    histogram of the same lengths; piped, it has no escape codes. A chain copies drafts from the context by
+    default (--lookup 4), and the lines say which."""
     from heads import load_heads
     from tokenizer import Tokenizer
 
-    prompt_text = "Name three prime numbers."
+    prompt_text = "Repeat this sentence three times: the cat sat on the mat."  # (copies for --lookup)
     proc = run("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text, "--show_drafts", *draft_args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\033" not in proc.stdout
@@ -249,11 +253,12 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
         model.set_heads(load_heads(HEADS, model.config))
     with torch.no_grad():
         tree = s3d.parse_tree(draft_args[-1]) if "--tree" in draft_args and draft_args[-1] != "chain" else None
-        result = s3d.speculative_generate(model, prompt, 24, s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None,
-                                                                       tree=tree), eos_ids=tokenizer.eos_ids)
+        draft = s3d.Draft(kind, 4, (8, 22) if kind == "skip" else None, tree=tree, lookup=0 if tree else 4)
+        result = s3d.speculative_generate(model, prompt, 24, draft, eos_ids=tokenizer.eos_ids)
     if draft_args == ("--s3d", HEADS):  # --tree auto on this CPU: the chain, and it says so
         assert "--tree auto: the chain (a cpu device)" in proc.stderr, proc.stderr
-    assert show_drafts_lines(proc.stdout) == [(n, 4) for n in result.accepted]
+    assert show_drafts_lines(proc.stdout) == [(n, 4, c) for n, c in zip(result.accepted, result.copied)]
+    assert any(result.copied) == (tree is None)
     assert tokenizer.decode(result.tokens, skip_special=True) in proc.stdout
     for k in range(5):
         assert re.search(rf"^ +{k} \| #* +{result.accepted.count(k)}$", proc.stdout, re.M), proc.stdout

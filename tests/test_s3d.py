@@ -1,5 +1,5 @@
 """s3d.py: speculative decoding is lossless (greedy: token for token; sampling: in distribution), for every draft
-kind and g, adaptive decoding included, with exact EOS and max_new_tokens handling, no recompilation and one host
+kind and g, adaptive decoding and context lookup included, with exact EOS and max_new_tokens handling, no recompilation and one host
 sync per iteration."""
 import dataclasses
 import itertools
@@ -210,7 +210,7 @@ def test_draft_vocabulary_is_lossless_and_drafts_only_its_tokens():
     def run(prompt):
         drafts = []
         r = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4),
-                                     on_iteration=lambda d, n, t: drafts.extend(c[0] for c in d))
+                                     on_iteration=lambda d, n, t, c: drafts.extend(c[0] for c in d))
         return r.tokens, drafts
 
     with torch.no_grad():
@@ -253,7 +253,7 @@ def test_sequential_head_and_bidirectional_block_are_lossless(sequential_rank, b
             drafted[name] = []
             for prompt in PROMPTS:
                 r = s3d.speculative_generate(m, prompt, 30, s3d.Draft("s3d", 4),
-                                             on_iteration=lambda d, n, t: drafted[name].extend(c[0] for c in d))
+                                             on_iteration=lambda d, n, t, c: drafted[name].extend(c[0] for c in d))
                 assert r.tokens == s3d.ar_generate(m, prompt, 30).tokens
         assert drafted["plain"] != drafted["option"]
         warm = s3d.speculative_generate(model, PROMPTS[0], 20, s3d.Draft("s3d", 4), compile=True)
@@ -279,7 +279,7 @@ def test_compiled_loops_skip_guards_once_warm_and_restore_them():
         with torch.no_grad():
             ar = s3d.ar_generate(model, prompt, 12, compile=True, on_token=lambda t: seen["ar"].append(skipping()))
             spec = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4), compile=True,
-                                            on_iteration=lambda d, n, t: seen["s3d"].append(skipping()))
+                                            on_iteration=lambda d, n, t, c: seen["s3d"].append(skipping()))
             adaptive = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 4, adaptive=True), compile=True)
         assert ar.tokens == s3d.ar_generate(model, prompt, 12).tokens
         assert spec.tokens == adaptive.tokens == s3d.ar_generate(model, prompt, 30).tokens
@@ -450,6 +450,77 @@ def test_adaptive_sampling_matches_the_ar_distribution(monkeypatch, temperature,
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Context lookup: drafts copied from the context, where its last tokens occurred before.
+
+
+def test_context_lookup_copies_what_followed_the_latest_occurrence_of_the_longest_match():
+    lookup = s3d.ContextLookup([1, 2, 3, 4, 5, 6, 9, 3, 4, 7, 8, 2, 3, 4], 4, 3)
+    # (2, 3, 4) occurred once before, at the start: its 3-gram beats the later (3, 4)'s 2-gram
+    assert lookup.propose() == [5, 6, 9]
+    lookup.extend([7])  # (3, 4, 7) occurred before: 8 followed it, then 2, 3 (the tokens just accepted)
+    assert lookup.propose() == [8, 2, 3]
+    lookup.extend([1])  # (7, 1), (1,): no match of 2 tokens, and 1 token is not enough
+    assert lookup.propose() is None
+    lookup.extend([2])  # (1, 2) at the start; the latest (2, 3, 4)'s copy runs on from there
+    assert lookup.propose() == [3, 4, 5]
+
+
+def test_context_lookup_takes_the_latest_occurrence_and_a_copy_that_reaches_the_end_repeats():
+    assert s3d.ContextLookup([5, 1, 8, 5, 1, 9, 5, 1], 4, 2).propose() == [9, 5]  # (5, 1): after 9, not 8
+    # (4, 5) last occurred just before the end: the copy goes on as the pattern would, 4 5 4 5 ..
+    assert s3d.ContextLookup([9, 4, 5, 4, 5], 2, 5).propose() == [4, 5, 4, 5, 4]
+    assert s3d.ContextLookup([3, 3], 4, 3).propose() is None  # (3, 3) ends at the last token: itself only
+
+
+REPEATING = [[7] * 12, [3, 14, 15, 92, 65, 3, 14, 15, 40, 41, 3, 14]]
+
+
+@pytest.mark.parametrize("draft", ["s3d", "skip"])
+@pytest.mark.parametrize("adaptive", [False, True], ids=["chain", "adaptive"])
+def test_lookup_greedy_is_token_for_token_ar(monkeypatch, draft, adaptive):
+    monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace("ASS"))
+    model = with_trained_looking_heads(tiny_model())
+    copied = []
+    with torch.no_grad():
+        for prompt in PROMPTS + REPEATING:
+            spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft(draft, 4, (2, 4), adaptive=adaptive, lookup=3))
+            assert spec.tokens == s3d.ar_generate(model, prompt, 40).tokens
+            assert len(spec.copied) == len(spec.accepted) and sum(n + 1 for n in spec.accepted) + spec.ar_steps >= 39
+            copied += spec.copied
+    assert any(copied) and not all(copied)  # both kinds of iteration ran
+
+
+def test_lookup_sampling_matches_the_ar_distribution():
+    """The prompt ends in 3 and has 3 followed by each token of the vocabulary, so whatever token prefill samples,
+    the first iteration copies its drafts (point masses); the rest may copy or draft."""
+    model = sampling_model()
+    prompt = [1, 3, 0, 2, 3, 1, 4, 3, 2, 0, 3, 4, 1, 3, 3, 2, 1, 3]
+    exact = exact_first_tokens_distribution(model, prompt, 3, 0.7, 3)
+    counts, copied = {}, 0
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for _ in range(N_SAMPLES):
+            r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", 2, lookup=2), sampling=s3d.Sampling(0.7, 3))
+            counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
+            copied += r.copied[0]
+    assert copied == N_SAMPLES
+    assert chi_square_p_value(counts, exact, N_SAMPLES) > 1e-3
+
+
+@pytest.mark.parametrize("draft,lookup,pattern", [
+    ("model", 4, "context lookup goes with a chain of S3D or layer-skip drafts"),
+    ("tree", 4, "context lookup goes with a chain"),
+    ("s3d", 1, "context lookup matches 2 tokens or more"),
+])
+def test_lookup_refuses_what_it_cannot_serve(draft, lookup, pattern):
+    model = with_trained_looking_heads(tiny_model())
+    kind, tree = ("s3d", s3d.top_k_tree((2, 1))) if draft == "tree" else (draft, None)
+    small = tiny_model(n_layer=2) if draft == "model" else None
+    with pytest.raises(UsageError, match=pattern):
+        s3d.speculative_generate(model, [1, 2], 4, s3d.Draft(kind, 2, model=small, tree=tree, lookup=lookup))
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Compiled loop: no recompilation after warm-up, one host synchronisation per iteration.
 
 
@@ -475,6 +546,29 @@ def test_compiled_loop_is_lossless_and_never_recompiles(monkeypatch, draft, adap
                 assert (spec.ar_steps > 0) == adaptive
         finally:
             torch._dynamo.config.error_on_recompile = False
+
+
+def test_compiled_lookup_is_lossless_and_never_recompiles():
+    """The prompt has 5 followed by every token and ends in 5, so the first iteration copies its drafts whatever
+    token prefill makes: verify then runs before the drafter ever has, and the loop must keep checking guards until
+    the drafter has run too (its first call compiles it)."""
+    import torch._dynamo
+
+    s3d.release_compiled()  # (the steps compiled by earlier tests count towards dynamo's limit of 8 versions)
+    model = with_trained_looking_heads(tiny_model())
+    prompt = [t for v in range(96) for t in (5, v)] + [5]
+    with torch.no_grad():
+        warm = s3d.speculative_generate(model, prompt, 25, s3d.Draft("s3d", 4, lookup=3), compile=True)
+        assert warm.tokens == s3d.ar_generate(model, prompt, 25).tokens
+        assert warm.copied[0] and not all(warm.copied)
+        torch._dynamo.config.error_on_recompile = True
+        try:
+            for prompt in PROMPTS + REPEATING:
+                spec = s3d.speculative_generate(model, prompt, 25, s3d.Draft("s3d", 4, lookup=3), compile=True)
+                assert spec.tokens == s3d.ar_generate(model, prompt, 25).tokens
+        finally:
+            torch._dynamo.config.error_on_recompile = False
+            s3d.release_compiled()  # (and so do this test's, for the tests after it)
 
 
 @pytest.mark.parametrize("tree", [None, s3d.top_k_tree((3, 2, 1))], ids=["chain", "tree"])
@@ -532,9 +626,10 @@ def test_int8_draft_needs_adapters():
         s3d.speculative_generate(model, [1, 2], 4, s3d.Draft("skip", 3, (2, 4), int8=True))
 
 
-@pytest.mark.parametrize("tree,adaptive", [(None, False), (s3d.top_k_tree((3, 2, 1, 1)), False), (None, True)],
-                         ids=["chain", "tree", "adaptive"])
-def test_one_host_sync_per_iteration(monkeypatch, tree, adaptive):
+@pytest.mark.parametrize("tree,adaptive,lookup", [(None, False, 0), (s3d.top_k_tree((3, 2, 1, 1)), False, 0),
+                                                 (None, True, 0), (None, False, 3)],
+                         ids=["chain", "tree", "adaptive", "lookup"])
+def test_one_host_sync_per_iteration(monkeypatch, tree, adaptive, lookup):
     monkeypatch.setattr(s3d, "Pace", lambda: ScriptedPace("AS"))
     calls = {"n": 0}
     for name in ("item", "tolist", "__bool__", "__int__", "__index__"):
@@ -547,9 +642,10 @@ def test_one_host_sync_per_iteration(monkeypatch, tree, adaptive):
         monkeypatch.setattr(torch.Tensor, name, counting)
     model = with_trained_looking_heads(tiny_model())
     with torch.no_grad():
-        r = s3d.speculative_generate(model, PROMPTS[0], 30, s3d.Draft("s3d", 4, tree=tree, adaptive=adaptive))
+        r = s3d.speculative_generate(model, REPEATING[1] if lookup else PROMPTS[0], 30,
+                                     s3d.Draft("s3d", 4, tree=tree, adaptive=adaptive, lookup=lookup))
     assert calls["n"] == len(r.accepted) + r.ar_steps + 1  # + the first token, sampled by prefill
-    assert (r.ar_steps > 0) == adaptive
+    assert (r.ar_steps > 0) == adaptive and any(r.copied) == bool(lookup)
 
 
 def test_batched_generation_equals_one_by_one_greedy():
@@ -644,7 +740,7 @@ def test_tree_with_a_draft_vocabulary_drafts_only_its_tokens():
         for prompt in PROMPTS:
             prompt = [t % 12 for t in prompt]
             spec = s3d.speculative_generate(model, prompt, 30, s3d.Draft("s3d", 3, tree=s3d.top_k_tree((3, 2, 1))),
-                                            on_iteration=lambda d, n, t: tried.update(x for c in d for x in c))
+                                            on_iteration=lambda d, n, t, c: tried.update(x for c in d for x in c))
             assert spec.tokens == s3d.ar_generate(model, prompt, 30).tokens
     assert tried <= {4, 0, 2, 7, 9, 11}
     with pytest.raises(UsageError, match="more candidates than the draft's 6 tokens"):  # one line from the programs
@@ -657,7 +753,7 @@ def test_tree_on_iteration_shows_the_candidates_along_the_accepted_path():
     seen = []
     with torch.no_grad():
         spec = s3d.speculative_generate(model, [3, 1, 4], 30, s3d.Draft("s3d", 3, tree=tree),
-                                        on_iteration=lambda d, n, t: seen.append((d, n, t)))
+                                        on_iteration=lambda d, n, t, c: seen.append((d, n, t)))
     position = 1
     for (candidates, n, target), path in zip(seen, spec.paths):
         assert len(candidates) == min(n + 1, 3) and len(candidates[0]) == 12 and sorted(candidates[0]) == list(range(12))
