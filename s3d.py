@@ -431,8 +431,8 @@ def model_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile:
 
 DRAFTERS = {"s3d": s3d_drafter, "skip": skip_drafter, "model": model_drafter}
 
-# Context lookup keeps to matches of 2 tokens or more: a drafted copy after one matching token was accepted less
-# than half as often on the dev prompts (BENCHMARKS.md, section 31).
+# Context lookup keeps to matches of 2 tokens or more: a single token recurs by chance too often for what followed
+# it to be a good guess (BENCHMARKS.md, section 31, has what the lookup gains).
 LOOKUP_SHORTEST = 2
 LOOKUP_LONGEST = 4  # the programs' default: matches of 4, then 3, then 2 tokens
 
