@@ -11,7 +11,8 @@ One S3D iteration (docs/design.md, section 2), with `cur` the last accepted toke
 The baselines use the same verify and acceptance and differ only in their draft function, chosen once before the
 loop (DRAFTERS): the layer-skipped model drafting one token at a time (Draft & Verify style, no adapters) and a
 separate small draft model (as in gpt-fast). Adaptive decoding (Pace) takes plain AR steps instead of iterations
-wherever speculating has been the slower of the two. The speed model (predicted_speedup) is at the end.
+wherever speculating has been the slower of the two; context lookup (ContextLookup) copies the drafts from the prompt
+and answer instead of drafting them, wherever they repeat. The speed model (predicted_speedup) is at the end.
 """
 import collections
 import functools
