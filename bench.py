@@ -544,7 +544,6 @@ def bench_speculative(args) -> list[dict]:
                                                            args.draft_weights)
                 drafts[kind] = dataclasses.replace(base, **({"adaptive": True} if kind == "adaptive" else
                                                             {"lookup": args.lookup}))
-                s3d.check_draft(model, drafts[kind])
                 continue
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
                                           *((args.tree, args.draft_weights) if kind == "s3d" else ()))

@@ -448,20 +448,19 @@ class ContextLookup:
     with each accepted token, makes a lookup a few dictionary reads."""
 
     def __init__(self, tokens: list[int], longest: int, gamma: int):
-        self.tokens, self.gamma, self.sizes = list(tokens), gamma, range(longest, LOOKUP_SHORTEST - 1, -1)
+        self.tokens, self.gamma, self.sizes = [], gamma, range(longest, LOOKUP_SHORTEST - 1, -1)
         self.index: dict[tuple[int, ...], int] = {}  # an n-gram -> where the tokens after its latest occurrence start
-        self.indexed = 0  # the n-grams that end before this position are in the index
-        self.extend([])
+        self.extend(tokens)
 
     def extend(self, new: list[int]) -> None:
         """The tokens accepted since; indexes every n-gram that a token follows (the one ending at the last token
         is left out: it would match itself)."""
+        first = len(self.tokens)  # the n-grams ending before it are in the index already
         self.tokens += new
-        for end in range(self.indexed, len(self.tokens)):
+        for end in range(first, len(self.tokens)):
             for n in self.sizes:
                 if end >= n:
                     self.index[tuple(self.tokens[end - n:end])] = end
-        self.indexed = len(self.tokens)
 
     def propose(self) -> Optional[list[int]]:
         """g drafts copied from after the latest earlier occurrence of the longest matching n-gram, or None."""
