@@ -3,6 +3,7 @@
     python bench.py --decode            # decode tokens/s: ours eager and compiled, transformers, llama.cpp (make peers)
     python bench.py --methods ar s3d hf --heads H --limit 10 --json out.json     # Spec-Bench evaluation
     python bench.py --methods ar s3d llama.cpp --heads H --interleave     # S3D beside llama.cpp (make peers)
+    python bench.py --methods ar s3d lookup --heads H --interleave --rounds 3   # each round's speedup, the median
     python bench.py --profile --heads A B --gammas 2 4 --plot speed.png   # the speed model: predicted vs measured
     python bench.py --sweep --draft skip --plot sweep.png                 # search skip ranges and g, keep the best
     python bench.py --sweep --heads H --gammas 4 --trees 4,2,2,1 3,2,1,1 2,1,1,1   # chain or tree: which is fastest
@@ -133,7 +134,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     records, peaks = [], {}
     ar_answers = {(r["question_id"], r["turn"]): r["tokens"] for r in reference or []}
 
-    def answer_row(method: str, row: dict) -> None:
+    def answer_row(method: str, row: dict, round_: int = 0) -> None:
         """The method's answers to the row's turns, one record per turn."""
         messages = []
         for turn, text in enumerate(row["turns"]):
@@ -148,7 +149,8 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
             gap = None if i is None or method not in SPECULATIVE or args.temperature > 0 or i >= len(result.tokens) \
                 else gap_in_ulps(model, prompt, ar_tokens, i, result.tokens[i])
             records.append({"question_id": row["question_id"], "category": row["category"], "turn": turn,
-                            "method": method, "prompt_tokens": len(prompt), "new_tokens": len(result.tokens),
+                            "round": round_, "method": method, "prompt_tokens": len(prompt),
+                            "new_tokens": len(result.tokens),
                             "decode_s": result.decode_time, "time_to_first_token_s": result.time_to_first_token,
                             "tokens_per_s": (len(result.tokens) - 1) / result.decode_time
                             if result.decode_time > 0 else None,
@@ -179,9 +181,11 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
                 run(method, warm_up, warming=True)
             cli.return_freed_memory()
             cli.reset_peak_memory(device)
-            for row in tqdm(rows, desc=" ".join(args.methods), unit="prompt"):
-                for method in args.methods:
-                    answer_row(method, row)
+            for round_ in range(args.rounds):  # (--rounds: the whole evaluation again, its records marked with it)
+                desc = " ".join(args.methods) + (f", round {round_ + 1} of {args.rounds}" if args.rounds > 1 else "")
+                for row in tqdm(rows, desc=desc, unit="prompt"):
+                    for method in args.methods:
+                        answer_row(method, row, round_)
             peaks = dict.fromkeys(args.methods, cli.peak_memory_bytes(device))
         else:
             for n, method in enumerate(args.methods):
@@ -203,6 +207,11 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
         figures = summarize(mine, ar, gamma)
         figures["peak_memory_gib"] = peaks[method] / 2**30
         figures["tokens_per_s_per_gib"] = figures["tokens_per_s"] / figures["peak_memory_gib"]
+        if args.rounds > 1:  # the ratio to AR in each round, each from AR's answers in that round
+            figures["round_speedups"] = [summarize([r for r in mine if r["round"] == k],
+                                                   [r for r in ar if r["round"] == k], gamma)["speedup"]
+                                         for k in range(args.rounds)]
+            figures["median_speedup"] = statistics.median(figures["round_speedups"])
         figures["categories"] = {c: summarize([r for r in mine if r["category"] == c],
                                               [r for r in ar if r["category"] == c], gamma)
                                  for c in dict.fromkeys(r["category"] for r in mine)}
@@ -242,11 +251,12 @@ def per_category(args) -> str:
 
 
 def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draft]) -> None:
-    turns = sum(1 for r in result["records"] if r["method"] == "ar")
+    turns = sum(1 for r in result["records"] if r["method"] == "ar" and r["round"] == 0)
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    rounds = f", {args.rounds} rounds (every figure below is of all of them)" if args.rounds > 1 else ""
     print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, {per_category(args)}) from {args.prompts}, "
           f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, {args.dtype}, "
-          f"{'compiled' if args.compile else 'eager'}{INTERLEAVED * args.interleave}. {machine_line()}.\n")
+          f"{'compiled' if args.compile else 'eager'}{INTERLEAVED * args.interleave}{rounds}. {machine_line()}.\n")
     print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for method, f in result["summary"].items():
@@ -257,6 +267,10 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
         print(f"\nAgainst {method_label('llama.cpp', args, drafts)}'s tokens/s on the same prompts: " + ", ".join(
             f"{method_label(m, args, drafts)} {f['tokens_per_s'] / peer:.2f}x"
             for m, f in result["summary"].items() if m not in ("llama.cpp", "hf")))
+    if args.rounds > 1:  # the spell of a shared machine moves the ratios from one round to the next
+        print("\nAgainst AR in each round: " + "; ".join(
+            f"{method_label(m, args, drafts)} " + " ".join(f"{x:.2f}x" for x in f["round_speedups"])
+            + f" (median {f['median_speedup']:.2f}x)" for m, f in result["summary"].items() if m != "ar"))
     for method, f in result["summary"].items():
         if f["ar_steps"]:
             print(f"\n{method_label(method, args, drafts)}: {f['ar_steps']} of its {f['new_tokens']} tokens "
@@ -587,6 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "float32 (as generate.py)")
     p.add_argument("--max_new_tokens", "--tokens", type=int, default=128, help="new tokens per answer")
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
+    p.add_argument("--rounds", type=int, default=1, help="with --interleave: the evaluation this many times in one "
+                   "process, and each method's speedup over AR in every round and their median")
     p.add_argument("--prompts", type=Path, default=Path("data/spec_bench_dev.jsonl"), help="Spec-Bench JSONL")
     p.add_argument("--limit", "--per_category", type=int, default=1, help="prompts per category")
     p.add_argument("--categories", nargs="+", default=None, metavar="CATEGORY",
@@ -637,12 +653,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--methods needs ar: speedups are measured against it")
     g = cli.tree_gamma(args.tree, args.gamma)
     args.gamma = 4 if g is None else g
-    if min([args.gamma, args.max_new_tokens, args.limit, args.repeats, args.context, *args.gammas]) < 1:
-        p.error("--gamma, --gammas, --max_new_tokens, --limit, --repeats and --context must be at least 1")
+    if min([args.gamma, args.max_new_tokens, args.limit, args.repeats, args.rounds, args.context, *args.gammas]) < 1:
+        p.error("--gamma, --gammas, --max_new_tokens, --limit, --repeats, --rounds and --context must be at least 1")
     if args.random_weights and args.context + max(args.gammas) + 1 > roofline.SHAPES[args.random_weights]["block_size"]:
         p.error(f"--context {args.context} does not fit {args.random_weights}'s context of "
                 f"{roofline.SHAPES[args.random_weights]['block_size']} tokens")
     cli.check_sampling(args.temperature, args.top_k, args.top_p)
+    evaluation = not (args.roofline or args.random_weights or args.decode or args.profile or args.sweep or args.formats)
+    if args.rounds > 1 and not (args.interleave and evaluation):
+        p.error("--rounds goes with the evaluation (--methods), --interleave")
     if args.interleave and (args.roofline or args.random_weights or args.decode):
         p.error("--interleave goes with the evaluation, --profile/--sweep and --formats")
     if args.categories is not None:
@@ -679,7 +698,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
     if args.gguf is not None and not args.gguf.is_file():
         p.error(f"--gguf {args.gguf}: no such file")
-    evaluation = not (args.roofline or args.random_weights or args.decode or args.profile or args.sweep or args.formats)
     if "llama.cpp" in args.methods and evaluation:  # now, not after the other methods have run
         if not peers.llama_cpp_available():
             p.error("--methods llama.cpp needs llama-cpp-python: make peers")

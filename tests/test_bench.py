@@ -43,7 +43,7 @@ def test_evaluation_json_has_every_field(tiny_checkpoint, prompts, tmp_path):
     assert len(result["records"]) == 4 * 7
     assert {(r["question_id"], r["turn"]) for r in result["records"]} == {(1, 0), (1, 1), (2, 0), (3, 0)}
     for r in result["records"]:
-        assert set(r) == {"question_id", "category", "turn", "method", "prompt_tokens", "new_tokens", "decode_s",
+        assert set(r) == {"question_id", "category", "turn", "round", "method", "prompt_tokens", "new_tokens", "decode_s",
                           "time_to_first_token_s", "tokens_per_s", "iterations", "accepted", "tau", "matches_ar",
                           "first_difference", "gap_ulps", "tokens", "paths", "ar_steps", "copied"}
         assert 1 <= r["new_tokens"] <= 6 and r["paths"] == []  # (a tree's accepted nodes: no tree here)
@@ -118,6 +118,30 @@ def test_interleaved_evaluation_answers_each_row_with_every_method_in_turn(tiny_
     assert {key(r): r["tokens"] for r in mixed["records"]} == {key(r): r["tokens"] for r in blocked["records"]}
     assert mixed["mismatches"] == [] and {f["matches_ar"] for f in mixed["summary"].values()} == {4}
     assert len({f["peak_memory_gib"] for f in mixed["summary"].values()}) == 1  # one peak: all methods' together
+
+
+def test_rounds_repeat_the_evaluation_and_give_each_round_its_speedup(tiny_checkpoint, prompts, tmp_path, capsys):
+    """--rounds 3: every row answered by every method in each round, the same answers each time; each round's
+    speedup from that round's records alone, and their median; the tables over all rounds."""
+    result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--limit", "5",
+                        "--methods", "ar", "skip", "--skip", "1:3", "--gamma", "2", "--interleave", "--rounds", "3")
+    records = result["records"]
+    assert [r["round"] for r in records] == [k for k in range(3) for _ in range(2 * 4)]  # 4 turns, 2 methods
+    key = lambda r: (r["method"], r["question_id"], r["turn"])  # noqa: E731
+    rounds = [{key(r): r["tokens"] for r in records if r["round"] == k} for k in range(3)]
+    assert rounds[0] == rounds[1] == rounds[2] and len(rounds[0]) == 8
+    skip = result["summary"]["skip"]
+
+    def rate(method, k):
+        mine = [r for r in records if r["method"] == method and r["round"] == k]
+        return sum(r["new_tokens"] - 1 for r in mine) / sum(r["decode_s"] for r in mine)
+
+    by_hand = [rate("skip", k) / rate("ar", k) for k in range(3)]
+    assert skip["round_speedups"] == pytest.approx(by_hand) and skip["median_speedup"] == pytest.approx(sorted(by_hand)[1])
+    assert skip["answers"] == 12 and skip["matches_ar"] == 12 and result["mismatches"] == []
+    out = capsys.readouterr().out
+    assert "(4 turns, at most 5 per category)" in out and "3 rounds (every figure below is of all of them)" in out
+    assert "Against AR in each round: skip 1:3 " + " ".join(f"{x:.2f}x" for x in by_hand) in out
 
 
 class OurARAsLlamaCpp:
@@ -298,6 +322,9 @@ def test_speed_model_by_hand():
     (("--methods", "ar", "s3d", "lookup", "--tree", "2,1"), "--methods lookup copies a chain of drafts"),
     (("--decode", "--gguf", "no-such.gguf"), "--gguf no-such.gguf: no such file"),
     (("--decode", "--repeats", "0"), "must be at least 1"),
+    (("--interleave", "--rounds", "0"), "must be at least 1"),
+    (("--rounds", "2"), "--rounds goes with the evaluation (--methods), --interleave"),
+    (("--profile", "--interleave", "--rounds", "2"), "--rounds goes with the evaluation (--methods), --interleave"),
     (("--roofline", "--context", "0"), "must be at least 1"),
     (("--roofline", "--context", "100000"), "--context 100000 does not fit the model's context of 8192 tokens"),
     (("--random_weights", "tiny", "--context", "5000"), "--context 5000 does not fit tiny's context of 1024 tokens"),
