@@ -207,10 +207,11 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
         figures = summarize(mine, ar, gamma)
         figures["peak_memory_gib"] = peaks[method] / 2**30
         figures["tokens_per_s_per_gib"] = figures["tokens_per_s"] / figures["peak_memory_gib"]
-        if args.rounds > 1:  # the ratio to AR in each round, each from AR's answers in that round
-            figures["round_speedups"] = [summarize([r for r in mine if r["round"] == k],
-                                                   [r for r in ar if r["round"] == k], gamma)["speedup"]
-                                         for k in range(args.rounds)]
+        if args.rounds > 1:  # tokens/s and the ratio to AR in each round, each from that round's answers alone
+            rounds = [summarize([r for r in mine if r["round"] == k], [r for r in ar if r["round"] == k], gamma)
+                      for k in range(args.rounds)]
+            figures["round_tokens_per_s"] = [f["tokens_per_s"] for f in rounds]
+            figures["round_speedups"] = [f["speedup"] for f in rounds]
             figures["median_speedup"] = statistics.median(figures["round_speedups"])
         figures["categories"] = {c: summarize([r for r in mine if r["category"] == c],
                                               [r for r in ar if r["category"] == c], gamma)
@@ -268,9 +269,15 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
             f"{method_label(m, args, drafts)} {f['tokens_per_s'] / peer:.2f}x"
             for m, f in result["summary"].items() if m not in ("llama.cpp", "hf")))
     if args.rounds > 1:  # the spell of a shared machine moves the ratios from one round to the next
-        print("\nAgainst AR in each round: " + "; ".join(
-            f"{method_label(m, args, drafts)} " + " ".join(f"{x:.2f}x" for x in f["round_speedups"])
-            + f" (median {f['median_speedup']:.2f}x)" for m, f in result["summary"].items() if m != "ar"))
+        summary = result["summary"]
+        print("\nEach round alone, tokens/s and against AR:\n")
+        print("| round | " + " | ".join(method_label(m, args, drafts) for m in summary) + " |")
+        print("|---" * (len(summary) + 1) + "|")
+        for k in range(args.rounds):
+            print(f"| {k + 1} | " + " | ".join(f"{f['round_tokens_per_s'][k]:.1f}" + (
+                f", {f['round_speedups'][k]:.2f}x" if m != "ar" else "") for m, f in summary.items()) + " |")
+        print("| median | " + " | ".join("" if m == "ar" else f"**{f['median_speedup']:.2f}x**"
+                                         for m, f in summary.items()) + " |")
     for method, f in result["summary"].items():
         if f["ar_steps"]:
             print(f"\n{method_label(method, args, drafts)}: {f['ar_steps']} of its {f['new_tokens']} tokens "

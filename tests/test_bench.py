@@ -138,10 +138,14 @@ def test_rounds_repeat_the_evaluation_and_give_each_round_its_speedup(tiny_check
 
     by_hand = [rate("skip", k) / rate("ar", k) for k in range(3)]
     assert skip["round_speedups"] == pytest.approx(by_hand) and skip["median_speedup"] == pytest.approx(sorted(by_hand)[1])
+    assert skip["round_tokens_per_s"] == pytest.approx([rate("skip", k) for k in range(3)])
+    assert result["summary"]["ar"]["round_speedups"] == pytest.approx([1.0] * 3)
     assert skip["answers"] == 12 and skip["matches_ar"] == 12 and result["mismatches"] == []
     out = capsys.readouterr().out
     assert "(4 turns, at most 5 per category)" in out and "3 rounds (every figure below is of all of them)" in out
-    assert "Against AR in each round: skip 1:3 " + " ".join(f"{x:.2f}x" for x in by_hand) in out
+    for k in range(3):
+        assert f"| {k + 1} | {rate('ar', k):.1f} | {rate('skip', k):.1f}, {by_hand[k]:.2f}x |" in out
+    assert f"| median |  | **{sorted(by_hand)[1]:.2f}x** |" in out
 
 
 class OurARAsLlamaCpp:
