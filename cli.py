@@ -162,7 +162,7 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
         # query is too (the AR step's attention at 512 positions: 7.3 ms in bf16, 2.0 ms in float32; section 9)
         model.attention_dtype = torch.float32
         # The cache itself stays in the model's dtype where the decode steps' attention kernel reads it
-        # (cpu_kernels.attend computes in float32 from a bfloat16 cache: half the bytes of a float32 one, the same
+        # (cpu_kernels.attend sums in float32 from a bfloat16 cache: half the bytes of a float32 one, the same
         # numbers, as the keys and values come out of bfloat16 maps); elsewhere a bfloat16 cache would be copied to
         # float32 for every step.
         if not cpu_kernels.may_attend():

@@ -16,8 +16,10 @@ Attention of 1 to 5 queries over a few hundred cached keys is a few million mult
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
 masked width. `attend` reads only the keys the mask lets some query see, reads each key once for up to 4 query rows
 of its KV head, and computes every row alone, so a verify row attends exactly as the AR step's row does (section 24).
-It reads a bfloat16 cache as well as a float32 one (section 26): the values widened to float32 as they are read, the
-scores on `vdpbf16ps` with the query rounded to bfloat16 (as the model's query is), 16 keys' sums at a time.
+It reads a bfloat16 cache as well as a float32 one (section 26). From a bfloat16 cache both products are on
+`vdpbf16ps`: the scores with the query rounded to bfloat16 (as the model's query is), 16 keys' sums at a time, and the
+weighted sum of the values two keys at a time, the probabilities rounded to bfloat16 (as the library's bfloat16
+attention rounds them; section 33).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
@@ -43,6 +45,7 @@ SOURCE = r"""
 #include <torch/library.h>
 #include <immintrin.h>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -205,8 +208,9 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
 // softmax and the weighted sum of the values, in float32. Every row is computed alone, in the same order whatever
 // rows come with it, so a verify row attends exactly as the AR step's one row does. The cache may be bfloat16 (half
 // the bytes to read; its keys and values come from bfloat16 maps, so that float32 would hold the same numbers):
-// the values are widened to float32 as they are read, and the scores (head_dim a multiple of 32) are dot products
-// of bfloat16 pairs, the query rounded to bfloat16 as the model's is, half the instructions of float32's.
+// then (head_dim a multiple of 32) the scores are dot products of bfloat16 pairs, the query rounded to bfloat16 as
+// the model's is, and so is the weighted sum of the values, the probabilities rounded to bfloat16: half the
+// instructions of float32's.
 
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::BFloat16* p) {  // 16 bfloat16 as float32: the same bits, 16 places higher
@@ -303,9 +307,13 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
       }
     }
   }
+  // bfloat16 values: the probabilities rounded to bfloat16 too (as the library's bfloat16 attention rounds them), so
+  // that the weighted sum takes two keys a vdpbf16ps, where float32 takes a multiply-add per key (section 33)
+  constexpr bool bf16_values = std::is_same_v<KV, at::BFloat16> && DV % 2 == 0;
   float inv_sum[R];
   for (int r = 0; r < R; r++) {  // softmax over the keys the mask lets row r see, 16 at a time
     float* sc = scores + r * a.padded;
+    uint16_t* probs = reinterpret_cast<uint16_t*>(sc);  // (in place: the row's first half, already read)
     __m512 top = _mm512_set1_ps(-inf);
     for (int64_t t = 0; t < keys; t += 16) {
       __mmask16 live = keys - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (keys - t)) - 1);
@@ -319,7 +327,13 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
     for (int64_t t = 0; t < keys; t += 16) {
       __m512 x = _mm512_loadu_ps(sc + t);
       __m512 e = exp_nonpositive(_mm512_sub_ps(x, m), _mm512_cmp_ps_mask(x, _mm512_set1_ps(-inf), _CMP_NEQ_OQ));
-      _mm512_storeu_ps(sc + t, e);
+      if constexpr (bf16_values) {  // the rounded probabilities, and their sum
+        const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(e);
+        _mm256_storeu_si256((__m256i*)(probs + t), rounded);
+        e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
+      } else {
+        _mm512_storeu_ps(sc + t, e);
+      }
       sum = _mm512_add_ps(sum, e);
     }
     inv_sum[r] = 1.0f / _mm512_reduce_add_ps(sum);
@@ -328,12 +342,40 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
   for (int r = 0; r < R; r++)
     for (int d = 0; d < DV; d++) o[r][d] = _mm512_setzero_ps();
   const KV* vp = a.v + b * a.vb + kvh * a.vh;
-  for (int64_t t = 0; t < keys; t++) {  // the values weighted by the probabilities (0 where masked)
-    __m512 vt[DV];
-    for (int d = 0; d < DV; d++) vt[d] = load16(vp + t * a.vt + 16 * d);
-    for (int r = 0; r < R; r++) {
-      __m512 p = _mm512_set1_ps(scores[r * a.padded + t]);
-      for (int d = 0; d < DV; d++) o[r][d] = _mm512_fmadd_ps(p, vt[d], o[r][d]);
+  if constexpr (bf16_values) {
+    // Keys t and t+1 at once: their values interleaved, 16 dims' pairs a register (the dims of each 128-bit lane in
+    // two halves: o[r][2d] gets dims 8L..8L+3 of lane L of the 32 dims 32d.., o[r][2d+1] dims 8L+4..8L+7), times the
+    // pair of probabilities (0 past the last key, whose copy fills in for key t+1)
+    for (int64_t t = 0; t < keys; t += 2) {
+      const KV *v0 = vp + t * a.vt, *v1 = vp + std::min(t + 1, keys - 1) * a.vt;
+      __m512bh pairs[DV];
+      for (int d = 0; d < DV / 2; d++) {
+        const __m512i x0 = _mm512_loadu_si512(v0 + 32 * d), x1 = _mm512_loadu_si512(v1 + 32 * d);
+        pairs[2 * d] = (__m512bh)_mm512_unpacklo_epi16(x0, x1);
+        pairs[2 * d + 1] = (__m512bh)_mm512_unpackhi_epi16(x0, x1);
+      }
+      for (int r = 0; r < R; r++) {
+        int32_t p;
+        std::memcpy(&p, reinterpret_cast<const uint16_t*>(scores + r * a.padded) + t, 4);
+        for (int d = 0; d < DV; d++) o[r][d] = _mm512_dpbf16_ps(o[r][d], pairs[d], (__m512bh)_mm512_set1_epi32(p));
+      }
+    }
+    const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+    const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+    for (int r = 0; r < R; r++)  // the dims back in order
+      for (int d = 0; d < DV; d += 2) {
+        const __m512 lo = o[r][d], hi = o[r][d + 1];
+        o[r][d] = _mm512_permutex2var_ps(lo, first, hi);
+        o[r][d + 1] = _mm512_permutex2var_ps(lo, second, hi);
+      }
+  } else {
+    for (int64_t t = 0; t < keys; t++) {  // the values weighted by the probabilities (0 where masked)
+      __m512 vt[DV];
+      for (int d = 0; d < DV; d++) vt[d] = load16(vp + t * a.vt + 16 * d);
+      for (int r = 0; r < R; r++) {
+        __m512 p = _mm512_set1_ps(scores[r * a.padded + t]);
+        for (int d = 0; d < DV; d++) o[r][d] = _mm512_fmadd_ps(p, vt[d], o[r][d]);
+      }
     }
   }
   for (int r = 0; r < R; r++) {
