@@ -313,7 +313,6 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
   float inv_sum[R];
   for (int r = 0; r < R; r++) {  // softmax over the keys the mask lets row r see, 16 at a time
     float* sc = scores + r * a.padded;
-    uint16_t* probs = reinterpret_cast<uint16_t*>(sc);  // (in place: the row's first half, already read)
     __m512 top = _mm512_set1_ps(-inf);
     for (int64_t t = 0; t < keys; t += 16) {
       __mmask16 live = keys - t >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (keys - t)) - 1);
@@ -327,9 +326,9 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
     for (int64_t t = 0; t < keys; t += 16) {
       __m512 x = _mm512_loadu_ps(sc + t);
       __m512 e = exp_nonpositive(_mm512_sub_ps(x, m), _mm512_cmp_ps_mask(x, _mm512_set1_ps(-inf), _CMP_NEQ_OQ));
-      if constexpr (bf16_values) {  // the rounded probabilities, and their sum
+      if constexpr (bf16_values) {  // the rounded probabilities (in place: the row's first half, already read)
         const __m256i rounded = (__m256i)_mm512_cvtneps_pbh(e);
-        _mm256_storeu_si256((__m256i*)(probs + t), rounded);
+        _mm256_storeu_si256((__m256i*)(reinterpret_cast<uint16_t*>(sc) + t), rounded);
         e = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(rounded), 16));
       } else {
         _mm512_storeu_ps(sc + t, e);
