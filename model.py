@@ -96,7 +96,8 @@ class Transformer(nn.Module):
         self.causal_mask = torch.tril(torch.ones(max_seq_length, max_seq_length, dtype=torch.bool, device=device))
 
     def forward(self, idx: Tensor, input_pos: Tensor, skip: Optional[tuple[int, int]] = None,
-                draft: bool = False, mask: Optional[Tensor] = None, positions: Optional[Tensor] = None) -> Tensor:
+                draft: bool = False, mask: Optional[Tensor] = None, positions: Optional[Tensor] = None,
+                last_only: bool = False) -> Tensor:
         """Logits (batch, len(input_pos), vocab) for tokens idx at absolute positions input_pos.
 
         skip=(s, e) runs layers [0, s) and [e, L) only: the layer-skip draft. draft=True is the S3D draft: each
@@ -107,7 +108,8 @@ class Transformer(nn.Module):
         keys) replaces the causal mask over the whole cache: attention reads only the first `keys` cache positions
         (s3d.causal_mask gives the rows of the live prefix), or training's block mask. positions, when given, are
         the tokens' positions for RoPE and input_pos only their cache slots: in a token tree siblings share a
-        position but not a slot (s3d.verify_tree_step).
+        position but not a slot (s3d.verify_tree_step). last_only=True gives the last position's logits only,
+        (batch, 1, vocab): all a prefill needs, where the others would be most of its output head's work and memory.
         """
         x = self.tok_embeddings(idx)
         adapters = None
@@ -130,6 +132,8 @@ class Transformer(nn.Module):
             # a --skip override may keep a layer the heads have no adapter for: it then runs as in the target
             layer_adapters = adapters[str(i)] if adapters is not None and str(i) in adapters else None
             x = layer(x, input_pos, freqs_cis, mask, layer_adapters)
+        if last_only:
+            x = x[:, -1:]
         if draft and self.heads.draft_vocab is not None:  # logit k is token heads.draft_vocab[k]
             if self.heads.draft_head_int8 is not None:  # the int8 draft's copy (heads.DraftHeads.fold_adapters)
                 return linear_map(self.norm(x), self.heads.draft_head_int8, self.heads.draft_head_scale)

@@ -93,7 +93,7 @@ def causal_mask(model: Transformer, pos: int, n: int) -> Optional[Tensor]:
 def prefill(model: Transformer, prompt: Tensor, input_pos: Tensor, sampling: Sampling = GREEDY,
             mask: Optional[Tensor] = None) -> Tensor:
     """Runs the prompts (B, T) through the model, filling the cache; returns the first new tokens, shape (B, 1)."""
-    logits = model(prompt, input_pos, mask=mask)
+    logits = model(prompt, input_pos, mask=mask, last_only=True)
     return sample(logits[:, -1], sampling)[0].view(-1, 1)
 
 

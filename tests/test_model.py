@@ -85,6 +85,21 @@ def test_stale_cache_entries_are_never_attended(convert_tiny):
     assert torch.equal(again, clean)
 
 
+def test_last_only_gives_the_last_positions_logits(convert_tiny):
+    """A prefill asks for its last position's logits only (last_only): the same numbers as the full forward's last
+    row, for every row of a batch."""
+    _, folder = convert_tiny("LlamaForCausalLM")
+    model = load_model(folder, "cpu", torch.float32)
+    tokens = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        model.setup_caches(2, 16)
+        full = model(tokens, torch.arange(9))
+        model.setup_caches(2, 16)
+        last = model(tokens, torch.arange(9), last_only=True)
+    assert last.shape == (2, 1, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=1e-5, atol=1e-5)
+
+
 def test_unknown_architecture_is_refused():
     with pytest.raises(CheckpointError, match="unknown architecture 'GPT2LMHeadModel'"):
         config_from_hf({"architectures": ["GPT2LMHeadModel"]})
