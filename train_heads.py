@@ -538,14 +538,16 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="layers S..E-1 to skip in the draft (default: the middle third), or auto:N, the N layers "
                         "that change the held-out answers' hidden states least (angular distance)")
     p.add_argument("--gamma", type=int, default=4, help="tokens drafted at once (g)")
-    p.add_argument("--rank", type=int, default=8, help="adapter rank (0: mask embeddings only)")
+    p.add_argument("--rank", type=int, default=None,
+                   help="adapter rank (default 8; 0: mask embeddings only); with --init, at least the file's: a "
+                        "higher one adds directions that start at zero")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps (0, with --init: measure and write only)")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--batch_tokens", type=int, default=2048, help="draft positions per optimizer step")
     p.add_argument("--draft_vocab", type=int, default=None, metavar="K", help="draft only the K most frequent tokens "
                    "of the training answers: the draft's output head reads K rows (verify keeps them all); --init "
                    "heads with a sequential head keep their draft vocabulary and widen it to K")
-    p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank)")
+    p.add_argument("--init", type=Path, metavar="HEADS", help="start from this heads file (its skip, g and rank; --rank may widen it)")
     p.add_argument("--offset_weights", default=None, help="loss weight per draft offset, e.g. 1,1,1,1 (default), or "
                    "'reached': the probability that the offset is reached (1, a1, a1 a2, ..., from the held-out "
                    "acceptance, renewed at every evaluation)")
@@ -606,7 +608,7 @@ def offset_weights(args: argparse.Namespace) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     torch.manual_seed(args.seed)
-    for name, value, least in (("--gamma", args.gamma, 1), ("--rank", args.rank, 0),
+    for name, value, least in (("--gamma", args.gamma, 1), ("--rank", 0 if args.rank is None else args.rank, 0),
                                ("--steps", args.steps, 0 if args.init else 1), ("--draft_vocab", 1 if args.draft_vocab is None else args.draft_vocab, 1),
                                ("--batch_tokens", args.batch_tokens, args.gamma), ("--samples", args.samples, 1),
                                ("--data_max_new_tokens", args.data_max_new_tokens, 2),
@@ -642,7 +644,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     device = cli.resolve_device(args.device)
     model, tokenizer = cli.load(args.checkpoint, device, cli.DTYPES[cli.resolve_dtype(args.dtype, device)])
-    if max(args.rank, args.sequential_rank) > model.config.dim or args.gamma > model.config.block_size:
+    if max(args.rank or 0, args.sequential_rank) > model.config.dim or args.gamma > model.config.block_size:
         raise UsageError(f"--rank and --sequential_rank may be at most {model.config.dim} (the model's width) and "
                          f"--gamma at most {model.config.block_size}, got {args.rank}, {args.sequential_rank} and "
                          f"{args.gamma}")
@@ -651,7 +653,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                          f"{args.draft_vocab}")
     heads = load_heads(args.init, model.config) if args.init else None
     if heads is not None:
-        args.gamma, args.rank = heads.gamma, heads.rank
+        if args.rank is not None and args.rank < heads.rank:
+            raise UsageError(f"--rank {args.rank}: {args.init} has adapters of rank {heads.rank}, which --init keeps; "
+                             f"give at least {heads.rank}")
+        args.gamma, args.rank = heads.gamma, heads.rank if args.rank is None else args.rank
         offset_weights(args)
         if heads.sequential_rank and args.draft_vocab:  # refused before the data are made
             if heads.draft_vocab is None:
@@ -702,17 +707,29 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"draft vocabulary: {len(vocab)} tokens, {what}; they hold "
               f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
     if heads is None:
-        heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
-    elif vocab is not None or args.sequential_rank:  # the same heads with a new draft vocabulary or sequential head
+        heads = new_heads(model, skip, args.gamma, args.rank if args.rank is not None else 8, vocab,
+                          args.sequential_rank, args.bidirectional)
+    elif vocab is not None or args.sequential_rank or args.rank > heads.rank:
+        # the same heads with a new draft vocabulary, a sequential head or more adapter directions
         vocab = heads.draft_vocab if vocab is None else vocab
         state = {**heads.state_dict(), "draft_vocab": vocab}
-        if heads.sequential_rank:  # the widened vocabulary's new rows start at zero: no bias until trained
+        if heads.sequential_rank and vocab is not None:  # the widened vocabulary's new rows start at zero
             trained = state["sequential_out"]
             state["sequential_out"] = torch.cat([trained, trained.new_zeros(len(vocab) - len(trained), trained.shape[1])])
-        heads = DraftHeads(model.config, heads.skip, heads.gamma, heads.rank, heads.meta, vocab,
+        old_rank = heads.rank
+        heads = DraftHeads(model.config, heads.skip, heads.gamma, args.rank, heads.meta, vocab,
                            args.sequential_rank or heads.sequential_rank, heads.bidirectional)
+        fresh = heads.state_dict()
+        for name, trained in state.items():
+            if name.startswith("adapters.") and trained.shape != fresh[name].shape:
+                # the added directions as a new adapter's: A random, B zero, so the draft is unchanged until trained
+                widened = fresh[name].clone()
+                widened[: trained.shape[0], : trained.shape[1]] = trained
+                state[name] = widened
         missing, _ = heads.load_state_dict(state, strict=False)
-        assert set(missing) <= {"sequential_in", "sequential_out"}, missing  # a new sequential head starts untrained
+        # a new sequential head, and adapters where the file had none, start untrained
+        assert all(n in ("sequential_in", "sequential_out") or (old_rank == 0 and n.startswith("adapters."))
+                   for n in missing), missing
     command = " ".join(["python", "train_heads.py", *(argv if argv is not None else sys.argv[1:])])
     # the recipe of heads that started from a file: the command that made it, then this one
     heads.meta["train_command"] = heads.meta.get("train_command", "?") + " && " + command if args.init else command

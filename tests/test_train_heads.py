@@ -422,6 +422,42 @@ def test_init_heads_take_a_new_sequential_head(tmp_path, capsys, tiny_checkpoint
         assert torch.equal(state[name], tensor), name
 
 
+def test_init_heads_widen_their_adapters_to_a_higher_rank(tmp_path, capsys, tiny_checkpoint):
+    """--init with a higher --rank keeps the file's adapter directions and adds new ones as a new adapter starts
+    (A random, B zero), so every adapter's B A, and with it the draft, is unchanged until trained; a lower rank is
+    refused before any data are made."""
+    import cli
+
+    model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.float32)
+    trained = new_heads(model, (1, 3), 3, 2, sequential_rank=2)
+    for p in trained.parameters():
+        torch.nn.init.normal_(p)
+    trained.save(tmp_path / "trained.safetensors")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"Say {i}."}) + "\n" for i in range(20)))
+    common = ["--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--steps", "0", "--samples", "1",
+              "--data_max_new_tokens", "2", "--device", "cpu", "--dtype", "float32", "--init",
+              str(tmp_path / "trained.safetensors")]
+    with pytest.raises(SystemExit) as e:
+        train_heads.main(["--rank", "1", "--out", str(tmp_path / "n.safetensors"), "--data_dir",
+                          str(tmp_path / "n-data"), *common])
+    assert e.value.code == 2 and "has adapters of rank 2" in capsys.readouterr().err
+    assert not (tmp_path / "n-data").exists()
+    train_heads.main(["--rank", "5", "--out", str(tmp_path / "w.safetensors"), "--data_dir", str(tmp_path / "w-data"),
+                      *common])
+    widened = load_heads(tmp_path / "w.safetensors", model.config)
+    assert (widened.skip, widened.gamma, widened.rank, widened.sequential_rank) == ((1, 3), 3, 5, 2)
+    for i, layer in trained.adapters.items():
+        for name, adapter in layer.items():
+            new = widened.adapters[i][name]
+            assert new.A.shape == (5, adapter.A.shape[1]) and new.B.shape == (adapter.B.shape[0], 5)
+            assert torch.equal(new.A[:2], adapter.A) and torch.equal(new.B[:, :2], adapter.B)
+            assert new.A[2:].abs().min() > 0 and not new.B[:, 2:].any()
+            torch.testing.assert_close(new.B @ new.A, adapter.B @ adapter.A)
+    for name in ("mask_embeddings", "sequential_in", "sequential_out"):
+        assert torch.equal(getattr(widened, name), getattr(trained, name)), name
+
+
 def test_training_prompts_are_not_evaluation_prompts():
     train = {train_heads.normalized(r["prompt"]) for r in train_heads.read_prompts(train_heads.TRAIN_PROMPTS)}
     evaluation = train_heads.evaluation_prompts()
