@@ -607,6 +607,8 @@ def offset_weights(args: argparse.Namespace) -> None:
 @cli.program
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
+    if args.rank is None and not args.init:  # (with --init: the file's rank)
+        args.rank = 8
     torch.manual_seed(args.seed)
     for name, value, least in (("--gamma", args.gamma, 1), ("--rank", 0 if args.rank is None else args.rank, 0),
                                ("--steps", args.steps, 0 if args.init else 1), ("--draft_vocab", 1 if args.draft_vocab is None else args.draft_vocab, 1),
@@ -707,25 +709,23 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"draft vocabulary: {len(vocab)} tokens, {what}; they hold "
               f"{torch.isin(answers, vocab).float().mean():.1%} of the held-out answers' tokens")
     if heads is None:
-        heads = new_heads(model, skip, args.gamma, args.rank if args.rank is not None else 8, vocab,
-                          args.sequential_rank, args.bidirectional)
+        heads = new_heads(model, skip, args.gamma, args.rank, vocab, args.sequential_rank, args.bidirectional)
     elif vocab is not None or args.sequential_rank or args.rank > heads.rank:
         # the same heads with a new draft vocabulary, a sequential head or more adapter directions
         vocab = heads.draft_vocab if vocab is None else vocab
         state = {**heads.state_dict(), "draft_vocab": vocab}
-        if heads.sequential_rank and vocab is not None:  # the widened vocabulary's new rows start at zero
-            trained = state["sequential_out"]
-            state["sequential_out"] = torch.cat([trained, trained.new_zeros(len(vocab) - len(trained), trained.shape[1])])
         old_rank = heads.rank
         heads = DraftHeads(model.config, heads.skip, heads.gamma, args.rank, heads.meta, vocab,
                            args.sequential_rank or heads.sequential_rank, heads.bidirectional)
         fresh = heads.state_dict()
         for name, trained in state.items():
-            if name.startswith("adapters.") and trained.shape != fresh[name].shape:
-                # the added directions as a new adapter's: A random, B zero, so the draft is unchanged until trained
-                widened = fresh[name].clone()
-                widened[: trained.shape[0], : trained.shape[1]] = trained
-                state[name] = widened
+            if trained is not None and trained.shape != fresh[name].shape:
+                # grown (an adapter's new directions, a sequential head's rows for a widened draft vocabulary): the
+                # trained part kept, the rest as new heads start it (A random, B and sequential_out zero), so the
+                # draft is unchanged until trained
+                grown = fresh[name].clone()
+                grown[tuple(slice(0, n) for n in trained.shape)] = trained
+                state[name] = grown
         missing, _ = heads.load_state_dict(state, strict=False)
         # a new sequential head, and adapters where the file had none, start untrained
         assert all(n in ("sequential_in", "sequential_out") or (old_rank == 0 and n.startswith("adapters."))
