@@ -4,7 +4,9 @@
 
 1. Data (generate_data): the target answers data/train_prompts.jsonl through its chat template, one greedy answer
    and --samples - 1 sampled ones per prompt, several prompts per batch. Each batch's sequences are appended to
-   --data_dir/sequences.jsonl as soon as they exist, so an interrupted run resumes where it stopped.
+   --data_dir/sequences.jsonl as soon as they exist, so an interrupted run resumes where it stopped. With
+   --synth_prompts N the model also writes N prompts of its own (synth_prompts), and with --synth_followups M a
+   user's second turn after M of those conversations (synth_followups), answered in that context.
 2. Training (train): for each sequence the frozen full model runs once, without gradient, and leaves the KV of every
    position in its cache and its distribution q at every position (target_pass). Then the draft blocks
    [x_p, M1 .. M(g-1)], one per anchor p, run through the kept layers with the adapters on, in ONE forward
@@ -92,7 +94,8 @@ def append_lines(path: Path, lines: list[str]) -> None:
 def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict], data_dir: Path, samples: int,
                   max_new_tokens: int, temperature: float, prompts_per_batch: int, compile: bool) -> list[dict]:
     """Makes (or completes) the self-distilled sequences in data_dir/sequences.jsonl and returns all of them: per
-    prompt one greedy answer (sample 0) and samples - 1 sampled ones, prompts_per_batch * samples rows per batch."""
+    prompt one greedy answer (sample 0) and samples - 1 sampled ones, prompts_per_batch * samples rows per batch. A
+    prompt with a "history" (earlier messages: a follow-up turn) is answered after them."""
     data_dir.mkdir(parents=True, exist_ok=True)
     meta = {"model": model.config.name, "fingerprint": model.config.fingerprint,
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "samples": samples,
@@ -104,7 +107,8 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     with written_then_renamed(meta_path) as tmp:
         tmp.write_text(json.dumps(meta) + "\n")
     done = {(s["id"], s["sample"]) for s in read_sequences(seq_path)}
-    todo = [(r["id"], k, cli.encode_prompt(tokenizer, [{"role": "user", "content": r["prompt"]}], chat=True))
+    todo = [(r["id"], k, cli.encode_prompt(tokenizer, [*r.get("history", []), {"role": "user", "content": r["prompt"]}],
+                                            chat=True))
             for r in prompts for k in range(samples) if (r["id"], k) not in done]
     todo.sort(key=lambda t: (t[1] > 0, len(t[2])))  # greedy rows and sampled rows apart, similar lengths together
     rows = prompts_per_batch * samples
@@ -130,17 +134,39 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     return read_sequences(seq_path)
 
 
+def user_turns(model: Transformer, tokenizer: Tokenizer, prefixes: list[list[int]], max_new_tokens: int,
+               compile: bool, seen: set[str]) -> list[Optional[str]]:
+    """What a user says next after each prefix (a conversation ending in the opening of a user turn), sampled from
+    the model, or None where the sample is not a whole new message: cut off before EOS, under 3 words, over 1500
+    characters, or already in `seen` (normalized), to which the kept ones are added."""
+    texts = []
+    for answer in s3d.generate_batch(model, prefixes, max_new_tokens, s3d.Sampling(1.0, None, 0.95),
+                                     tokenizer.eos_ids, compile):
+        text = tokenizer.decode(answer[:-1], skip_special=True).strip()
+        key = normalized(text)
+        whole = answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500 and key not in seen
+        if whole:
+            seen.add(key)
+        texts.append(text if whole else None)
+    return texts
+
+
+def user_turn_opening(tokenizer: Tokenizer, history: list[dict]) -> list[int]:
+    """The tokens of the conversation so far followed by the chat template's opening of a user turn."""
+    text = tokenizer.apply_chat_template([*history, {"role": "user", "content": "\x00"}], add_generation_prompt=False)
+    return tokenizer.encode(text.split("\x00")[0], bos=False)
+
+
 def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Path, rows_per_batch: int,
                   compile: bool, banned: set[str]) -> list[dict]:
     """n training prompts written by the instruct model itself (the Magpie method): given only its chat template's
-    opening of a user turn, it samples what a user would ask. Kept: whole messages (ended by EOS) of 3 words to
-    1500 characters, none twice, none among `banned` (the evaluation prompts). Added to
-    data_dir/synth_prompts.jsonl batch by batch, so a run asks only for what is missing."""
+    opening of a user turn, it samples what a user would ask (user_turns: whole messages, none twice, none among
+    `banned`, the evaluation prompts). Added to data_dir/synth_prompts.jsonl batch by batch, so a run asks only for
+    what is missing."""
     data_dir.mkdir(parents=True, exist_ok=True)
     path = data_dir / "synth_prompts.jsonl"
     rows = read_sequences(path)[:n]
-    opening = tokenizer.apply_chat_template([{"role": "user", "content": "\x00"}], add_generation_prompt=False)
-    prefix = tokenizer.encode(opening.split("\x00")[0], bos=False)
+    prefix = user_turn_opening(tokenizer, [])
     seen = banned | {normalized(r["prompt"]) for r in rows}
     length = min(model.config.block_size, -(-(len(prefix) + 256) // 64) * 64)
     model.setup_caches(rows_per_batch, length)
@@ -149,17 +175,51 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
         if len(rows) >= n:
             break
         kept = len(rows)
-        for answer in s3d.generate_batch(model, [prefix] * rows_per_batch, length - len(prefix),
-                                         s3d.Sampling(1.0, None, 0.95), tokenizer.eos_ids, compile):
-            text = tokenizer.decode(answer[:-1], skip_special=True).strip()
-            key = normalized(text)
-            if (len(rows) < n and answer[-1] in tokenizer.eos_ids and len(text.split()) >= 3 and len(text) <= 1500
-                    and key not in seen):
-                seen.add(key)
+        for text in user_turns(model, tokenizer, [prefix] * rows_per_batch, length - len(prefix), compile, seen):
+            if text is not None and len(rows) < n:
                 rows.append({"id": f"synth_{len(rows)}", "prompt": text})
         append_lines(path, [json.dumps(row) + "\n" for row in rows[kept:]])
         bar.update(len(rows) - kept)
     bar.close()
+    return rows
+
+
+def synth_followups(model: Transformer, tokenizer: Tokenizer, synth: list[dict], sequences: list[dict], n: int,
+                    data_dir: Path, rows_per_batch: int, compile: bool, banned: set[str]) -> list[dict]:
+    """Second user turns, so that some training conversations are multi-turn (Magpie's multi-turn method): shown a
+    synthetic prompt, its greedy answer and the opening of the next user turn, the model writes the user's
+    follow-up (kept by user_turns' rules). One try per conversation, in order, until n are kept. Rows {"id",
+    "history": [user, assistant], "prompt"} in data_dir/synth_followups.jsonl, added batch by batch."""
+    path = data_dir / "synth_followups.jsonl"
+    rows = read_sequences(path)[:n]
+    greedy = {s["id"]: s for s in sequences if s["sample"] == 0}
+    done = {r["history"][0]["content"] for r in rows}
+    todo = []
+    for r in synth:
+        if r["prompt"] not in done:
+            answer = greedy[r["id"]]["tokens"][greedy[r["id"]]["prompt_len"]:]
+            history = [{"role": "user", "content": r["prompt"]},  # the answer as bench.py's next turn sees it
+                       {"role": "assistant", "content": tokenizer.decode(answer, skip_special=True)}]
+            todo.append((r["id"], history, user_turn_opening(tokenizer, history)))
+    seen = banned | {normalized(r["prompt"]) for r in rows}
+    width = max((len(t[2]) for t in todo), default=0)
+    length = min(model.config.block_size, -(-(width + 256) // 64) * 64)
+    if len(rows) < n and todo:
+        model.setup_caches(rows_per_batch, length)
+    bar = tqdm(total=n, initial=len(rows), desc="follow-up turns", unit="prompt", disable=len(rows) >= n)
+    for i in range(0, len(todo), rows_per_batch):
+        if len(rows) >= n:
+            break
+        batch, kept = todo[i:i + rows_per_batch], len(rows)
+        prefixes = [p for _, _, p in batch] + [batch[-1][2]] * (rows_per_batch - len(batch))  # a static batch shape
+        for (pid, history, _), text in zip(batch, user_turns(model, tokenizer, prefixes, length - width, compile, seen)):
+            if text is not None and len(rows) < n:
+                rows.append({"id": f"{pid}_followup", "history": history, "prompt": text})
+        append_lines(path, [json.dumps(row) + "\n" for row in rows[kept:]])
+        bar.update(len(rows) - kept)
+    bar.close()
+    if len(rows) < n:
+        print(f"follow-up turns: {len(rows)} kept, fewer than the {n} asked (one try per synthetic conversation)")
     return rows
 
 
@@ -567,6 +627,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--limit", type=int, default=None, help="use only the first N prompts")
     p.add_argument("--synth_prompts", type=int, default=0, metavar="N",
                    help="also train on N prompts the model writes itself (Magpie), kept in --data_dir")
+    p.add_argument("--synth_followups", type=int, default=0, metavar="N",
+                   help="and on N two-turn conversations: the model writes a user's follow-up to N of its synthetic "
+                        "prompts and its own answer, then answers that too")
     p.add_argument("--train_sequences", type=int, default=None, metavar="N",
                    help="train on N of the training sequences, drawn at random (data-size experiments; the held-out "
                         "answers stay the same)")
@@ -620,6 +683,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             raise UsageError(f"{name} must be at least {least}, got {value}")
     if args.synth_prompts < 0:
         raise UsageError(f"--synth_prompts must be at least 0, got {args.synth_prompts}")
+    if not 0 <= args.synth_followups <= args.synth_prompts:
+        raise UsageError(f"--synth_followups must be between 0 and --synth_prompts ({args.synth_prompts}), got "
+                         f"{args.synth_followups}")
     if args.train_sequences is not None and args.train_sequences < 1:
         raise UsageError(f"--train_sequences must be at least 1, got {args.train_sequences}")
     if not 0 <= args.ce_weight < math.inf:
@@ -678,6 +744,11 @@ def main(argv: Optional[list[str]] = None) -> None:
                           args.compile, evaluation_prompts()) if args.synth_prompts else []
     sequences = generate_data(model, tokenizer, prompts + synth, data_dir, args.samples, args.data_max_new_tokens,
                               args.data_temperature, args.prompts_per_batch, args.compile)
+    if args.synth_followups:
+        followups = synth_followups(model, tokenizer, synth, sequences, args.synth_followups, data_dir,
+                                    args.prompts_per_batch * args.samples, args.compile, evaluation_prompts())
+        sequences = generate_data(model, tokenizer, prompts + synth + followups, data_dir, args.samples,
+                                  args.data_max_new_tokens, args.data_temperature, args.prompts_per_batch, args.compile)
     train_seqs, heldout = split_heldout(sequences, prompts)
     if not train_seqs or not heldout:
         raise UsageError(f"need at least {HELDOUT_EVERY} prompts (every {HELDOUT_EVERY}th is held out)")

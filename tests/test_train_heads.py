@@ -322,6 +322,7 @@ def test_a_cache_cut_off_mid_line_is_completed_and_a_corrupt_one_named(tmp_path)
     (["--init", "h.safetensors", "--bidirectional"], "--init takes the heads' own skip range"),
     (["--resume"], "nothing to resume"),
     (["--skip", "5"], "expected S:E"),
+    (["--synth_prompts", "3", "--synth_followups", "4"], "--synth_followups must be between 0 and --synth_prompts (3)"),
     (["--train_sequences", "0"], "--train_sequences must be at least 1"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--draft_vocab", "0"], "--draft_vocab must be at least 1"),
@@ -499,3 +500,55 @@ def test_synthetic_prompts_keep_whole_new_messages_only(tmp_path, monkeypatch):
     assert seen_prefixes == [Tok().encode("<user>")]  # the user turn's opening, nothing of the content
     rows = train_heads.synth_prompts(model, Tok(), 3, tmp_path, 6, False, set())
     assert [r["prompt"] for r in rows] == ["tell me a joke", "write a short poem", "explain how tides work"]
+
+
+def test_follow_up_turns_continue_the_models_own_conversations(tmp_path, monkeypatch):
+    """Multi-turn data: a follow-up is sampled after the synthetic prompt, the model's greedy answer and the next user
+    turn's opening; one that is dropped is not retried in that run; a second run asks only for what is missing; and
+    generate_data answers a follow-up after its history."""
+    class ChatTok:
+        eos_ids = {1}
+
+        def encode(self, text, bos=True):
+            return [ord(c) % 90 + 3 for c in text]
+
+        def decode(self, tokens, skip_special=False):
+            return "".join(chr(t) for t in tokens if not (skip_special and t in self.eos_ids))
+
+        def apply_chat_template(self, messages, add_generation_prompt=True):
+            text = "".join(f"<{m['role']}>{m['content']}</{m['role']}>" for m in messages)
+            return text + ("<assistant>" if add_generation_prompt else "")
+
+    def message(text, eos=True):
+        return [ord(c) for c in text] + ([1] if eos else [])
+
+    synth = [{"id": f"synth_{i}", "prompt": p} for i, p in enumerate(["tell me a joke", "write a poem", "explain tides"])]
+    sequences = [{"id": r["id"], "sample": k, "prompt_len": 3, "tokens": [9, 9, 9] + message(f"answer {i}.{k}")}
+                 for i, r in enumerate(synth) for k in range(2)]
+    batches = [[message("and why is that funny?"), message("hi")],
+               [message("what does the moon do?"), message("a padding row's sample")],
+               [message("make it rhyme please")] * 2]
+    seen_prefixes = []
+
+    def fake_generate_batch(model, prompts, *args, **kwargs):
+        seen_prefixes.append(prompts)
+        return batches.pop(0)
+
+    monkeypatch.setattr(s3d, "generate_batch", fake_generate_batch)
+    model, tok = tiny_model(), ChatTok()
+    rows = train_heads.synth_followups(model, tok, synth, sequences, 2, tmp_path, 2, False, set())
+    opening = "<user>{}</user><assistant>answer {}.0</assistant><user>"  # the greedy answer, not the sampled one
+    assert seen_prefixes[0] == [tok.encode(opening.format("tell me a joke", 0)), tok.encode(opening.format("write a poem", 1))]
+    assert seen_prefixes[1][0] == tok.encode(opening.format("explain tides", 2))
+    assert [(r["id"], r["prompt"]) for r in rows] == [("synth_0_followup", "and why is that funny?"),
+                                                      ("synth_2_followup", "what does the moon do?")]
+    assert rows[0]["history"] == [{"role": "user", "content": "tell me a joke"},
+                                  {"role": "assistant", "content": "answer 0.0"}]
+    seen_prefixes.clear()
+    rows = train_heads.synth_followups(model, tok, synth, sequences, 3, tmp_path, 2, False, set())
+    assert seen_prefixes == [[tok.encode(opening.format("write a poem", 1))] * 2]
+    assert [r["id"] for r in rows] == ["synth_0_followup", "synth_2_followup", "synth_1_followup"]
+    monkeypatch.undo()
+    answered = train_heads.generate_data(model, tok, rows[:1], tmp_path / "answers", 1, 4, 0.8, 1, False)
+    history = [*rows[0]["history"], {"role": "user", "content": "and why is that funny?"}]
+    assert answered[0]["tokens"][:answered[0]["prompt_len"]] == tok.encode(tok.apply_chat_template(history))
