@@ -134,6 +134,17 @@ def generate_data(model: Transformer, tokenizer: Tokenizer, prompts: list[dict],
     return read_sequences(seq_path)
 
 
+USER_TURN_TOKENS = 256  # the longest user message sampled
+
+
+def user_turn_cache(model: Transformer, rows: int, width: int) -> int:
+    """Sets up a cache of `rows` rows for prefixes of up to `width` tokens and a user turn after them; returns the
+    number of new tokens the turn may have."""
+    length = min(model.config.block_size, -(-(width + USER_TURN_TOKENS) // 64) * 64)
+    model.setup_caches(rows, length)
+    return length - width
+
+
 def user_turns(model: Transformer, tokenizer: Tokenizer, prefixes: list[list[int]], max_new_tokens: int,
                compile: bool, seen: set[str]) -> list[Optional[str]]:
     """What a user says next after each prefix (a conversation ending in the opening of a user turn), sampled from
@@ -168,14 +179,13 @@ def synth_prompts(model: Transformer, tokenizer: Tokenizer, n: int, data_dir: Pa
     rows = read_sequences(path)[:n]
     prefix = user_turn_opening(tokenizer, [])
     seen = banned | {normalized(r["prompt"]) for r in rows}
-    length = min(model.config.block_size, -(-(len(prefix) + 256) // 64) * 64)
-    model.setup_caches(rows_per_batch, length)
+    max_new_tokens = user_turn_cache(model, rows_per_batch, len(prefix))
     bar = tqdm(total=n, initial=len(rows), desc="synthetic prompts", unit="prompt", disable=len(rows) >= n)
     for _ in range(50 * n // rows_per_batch + 1):  # a generous bound, in case most samples are dropped
         if len(rows) >= n:
             break
         kept = len(rows)
-        for text in user_turns(model, tokenizer, [prefix] * rows_per_batch, length - len(prefix), compile, seen):
+        for text in user_turns(model, tokenizer, [prefix] * rows_per_batch, max_new_tokens, compile, seen):
             if text is not None and len(rows) < n:
                 rows.append({"id": f"synth_{len(rows)}", "prompt": text})
         append_lines(path, [json.dumps(row) + "\n" for row in rows[kept:]])
@@ -193,26 +203,24 @@ def synth_followups(model: Transformer, tokenizer: Tokenizer, synth: list[dict],
     path = data_dir / "synth_followups.jsonl"
     rows = read_sequences(path)[:n]
     greedy = {s["id"]: s for s in sequences if s["sample"] == 0}
-    done = {r["history"][0]["content"] for r in rows}
+    done = {r["id"] for r in rows}
     todo = []
     for r in synth:
-        if r["prompt"] not in done:
+        if f"{r['id']}_followup" not in done:
             answer = greedy[r["id"]]["tokens"][greedy[r["id"]]["prompt_len"]:]
             history = [{"role": "user", "content": r["prompt"]},  # the answer as bench.py's next turn sees it
                        {"role": "assistant", "content": tokenizer.decode(answer, skip_special=True)}]
             todo.append((r["id"], history, user_turn_opening(tokenizer, history)))
     seen = banned | {normalized(r["prompt"]) for r in rows}
-    width = max((len(t[2]) for t in todo), default=0)
-    length = min(model.config.block_size, -(-(width + 256) // 64) * 64)
     if len(rows) < n and todo:
-        model.setup_caches(rows_per_batch, length)
+        max_new_tokens = user_turn_cache(model, rows_per_batch, max(len(t[2]) for t in todo))
     bar = tqdm(total=n, initial=len(rows), desc="follow-up turns", unit="prompt", disable=len(rows) >= n)
     for i in range(0, len(todo), rows_per_batch):
         if len(rows) >= n:
             break
         batch, kept = todo[i:i + rows_per_batch], len(rows)
         prefixes = [p for _, _, p in batch] + [batch[-1][2]] * (rows_per_batch - len(batch))  # a static batch shape
-        for (pid, history, _), text in zip(batch, user_turns(model, tokenizer, prefixes, length - width, compile, seen)):
+        for (pid, history, _), text in zip(batch, user_turns(model, tokenizer, prefixes, max_new_tokens, compile, seen)):
             if text is not None and len(rows) < n:
                 rows.append({"id": f"{pid}_followup", "history": history, "prompt": text})
         append_lines(path, [json.dumps(row) + "\n" for row in rows[kept:]])
@@ -740,13 +748,14 @@ def main(argv: Optional[list[str]] = None) -> None:
         check_skip(args.skip, n_layer)
     prompts = read_prompts(args.prompts)[: args.limit]
     data_dir = args.data_dir or ROOT / "runs" / f"distill-{args.checkpoint.name}"
+    banned = evaluation_prompts()
     synth = synth_prompts(model, tokenizer, args.synth_prompts, data_dir, args.prompts_per_batch * args.samples,
-                          args.compile, evaluation_prompts()) if args.synth_prompts else []
+                          args.compile, banned) if args.synth_prompts else []
     sequences = generate_data(model, tokenizer, prompts + synth, data_dir, args.samples, args.data_max_new_tokens,
                               args.data_temperature, args.prompts_per_batch, args.compile)
     if args.synth_followups:
         followups = synth_followups(model, tokenizer, synth, sequences, args.synth_followups, data_dir,
-                                    args.prompts_per_batch * args.samples, args.compile, evaluation_prompts())
+                                    args.prompts_per_batch * args.samples, args.compile, banned)
         sequences = generate_data(model, tokenizer, prompts + synth + followups, data_dir, args.samples,
                                   args.data_max_new_tokens, args.data_temperature, args.prompts_per_batch, args.compile)
     train_seqs, heldout = split_heldout(sequences, prompts)
