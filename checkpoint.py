@@ -1,5 +1,5 @@
 """Checkpoints: a folder with model.safetensors and config.json (ours), plus tokenizer files; weight fingerprints;
-torchao weight-only quantization and the quantized checkpoints quantize.py writes; memory accounting. Also the
+quantization (torchao's weight-only int8 and int4, our w8a8) and the files quantize.py writes; memory accounting. Also the
 error that every check of what a user gives raises (UsageError), which the programs print as one line, and the two
 rules of every file the programs write: checked before any work starts, written under a temporary name and renamed.
 """
@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 import torch
 from torch import Tensor, nn
 
-from model import ARCHITECTURES, ModelArgs, Transformer
+from model import ARCHITECTURES, ModelArgs, Transformer, int8_per_channel
 
 
 class UsageError(ValueError):
@@ -215,7 +215,7 @@ def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
 # second copy of the embedding). Draft and verify run on the same quantized weights, so S3D's output is exactly
 # the quantized model's.
 
-QUANTIZATIONS = ("int8", "int4")
+QUANTIZATIONS = ("int8", "int4", "w8a8")
 
 
 def check_quantization(mode: str, device: torch.device, groupsize: int = 128) -> None:
@@ -242,9 +242,11 @@ def quantized_layers(model: Transformer) -> Callable[[nn.Module, str], bool]:
 
 def quantize(model: Transformer, mode: str, groupsize: int = 128) -> Transformer:
     """Quantizes model's weights in place (heads are left alone: attach them before or after)."""
+    check_quantization(mode, model.tok_embeddings.weight.device, groupsize)
+    if mode == "w8a8":
+        return quantize_w8a8(model)
     from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
 
-    check_quantization(mode, model.tok_embeddings.weight.device, groupsize)
     if mode == "int4" and model.tok_embeddings.weight.dtype != torch.bfloat16:
         raise UsageError("int4 runs in bfloat16: add --dtype bfloat16")
     heads, model.heads = model.heads, None  # never quantize the draft adapters
@@ -253,6 +255,25 @@ def quantize(model: Transformer, mode: str, groupsize: int = 128) -> Transformer
     quantize_(model, config, filter_fn=quantized_layers(model))
     model.heads = heads
     model.quantization = mode if mode == "int8" else f"int4 (groupsize {groupsize})"
+    return model
+
+
+@torch.no_grad()
+def quantize_w8a8(model: Transformer) -> Transformer:
+    """int8 weights and int8 activations, the format of the draft's int8 copies: each linear map's weight as int8
+    with one float32 scale per output channel (model.int8_per_channel), and each row it multiplies rounded to 8 bits
+    when it is multiplied (model.int8_rows), like llama.cpp's Q8_0 (which scales blocks of 32 instead). On a CPU with
+    AVX512_VNNI a decode step's rows (up to 8) go to cpu_kernels' gemv_int8, whose sums of whole numbers are exact:
+    a verify row is computed exactly as the AR step's one row, so greedy S3D is the AR output itself, without the
+    ties of bfloat16 (README, section 3). The output head gets an int8 copy too, even where it is tied to the
+    embeddings (which stay as they are for the lookup): it is a fifth of a step's bytes. Made on load, in well under a
+    second for the default model, so quantize.py writes no file for it."""
+    for layer in [module for name, module in model.named_modules()
+                  if isinstance(module, nn.Linear) and name.startswith("layers.")] + [model.output]:
+        weight, scale = int8_per_channel(layer.weight)
+        layer.weight = nn.Parameter(weight, requires_grad=False)
+        layer.register_buffer("scale", scale)
+    model.quantization = "w8a8"
     return model
 
 
@@ -320,6 +341,8 @@ def memory_breakdown(model: Transformer) -> dict[str, int]:
     """Bytes of the target's weights, of the KV cache and of the S3D adapters (tied weights counted once)."""
     heads = {id(p) for p in model.heads.parameters()} if model.heads is not None else set()
     weights = sum(tensor_bytes(p) for p in model.parameters() if id(p) not in heads)
+    weights += sum(tensor_bytes(b) for name, b in model.named_buffers() if name.endswith(".scale")  # w8a8's scales
+                   and not name.startswith("heads."))
     kv = sum(tensor_bytes(b) for layer in model.layers if layer.attention.kv_cache is not None
              for b in layer.attention.kv_cache.buffers())
     adapters = sum(tensor_bytes(p) for p in model.heads.parameters()) if model.heads is not None else 0

@@ -1,6 +1,6 @@
 """Three hand-written CPU kernels, for what Inductor and the libraries do slowly in a decode step of a few tokens:
-linear maps of a few bfloat16 rows on AVX512_BF16's dot products, the draft's int8 linear maps on AVX512_VNNI's, and
-attention of a few queries over the cache.
+linear maps of a few bfloat16 rows on AVX512_BF16's dot products, int8 linear maps (the draft's, --quantize w8a8) on
+AVX512_VNNI's, and attention of a few queries over the cache.
 
 A verify step multiplies every weight by g+1 rows. Inductor's few-row reduction (model.gemv) converts each bf16
 weight to float32 and spends a multiply-add per row on it, so at 5 rows the cores' multiply-add rate, not the read
@@ -10,7 +10,9 @@ float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md
 The S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters), which the reduction converts to
 float32 before 4 multiply-adds, one per row. `vpdpbusd` multiplies 64 unsigned 8-bit weights (int8 plus 128) by 4
 int8 inputs each into 16 int32 sums: with its rows rounded to 8 bits, which a draft may be (the full model checks every token it
-drafts), 4 rows cost an instruction per 64 weights each (section 24).
+drafts), 4 rows cost an instruction per 64 weights each (section 24). A target quantized with --quantize w8a8
+(checkpoint.quantize_w8a8) is int8 weights times rows rounded to 8 bits by definition: its decode steps, the 1-row AR
+step included, run on this kernel too, and its exact whole-number sums make each verify row the AR step's (section 36).
 
 Attention of 1 to 5 queries over a few hundred cached keys is a few million multiply-adds a layer, yet the
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole

@@ -123,8 +123,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
     p.add_argument("--quantize", choices=checkpoint.QUANTIZATIONS, default=None,
-                   help="weight-only quantization: the checkpoint's file written by quantize.py, else on load "
-                        "(int4: CUDA only)")
+                   help="int8, int4 (torchao, weight-only; CUDA only for int4): the checkpoint's file written by "
+                        "quantize.py, else on load; w8a8: int8 weights and activations, on load (fastest on a CPU "
+                        "with AVX512_VNNI)")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument("--s3d", type=Path, metavar="HEADS", help="S3D with this heads file (implies --draft s3d)")
@@ -271,7 +272,7 @@ def load_weights(args: argparse.Namespace, device: torch.device) -> tuple[Transf
     if args.quantize:
         t = time.perf_counter()
         saved = checkpoint.quantized_path(args.checkpoint, args.quantize, args.groupsize, DTYPES[args.dtype])
-        if saved.is_file():
+        if saved.is_file() and args.quantize != "w8a8":  # (w8a8 is made on load: checkpoint.quantize_w8a8)
             checkpoint.load_quantized(model, saved)
             source = f"from {saved}"
         else:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from checkpoint import CheckpointError, UsageError, written_then_renamed
-from model import ModelArgs, Transformer, linear_map, plain_weight
+from model import ModelArgs, Transformer, int8_per_channel, linear_map, plain_weight
 
 
 class LowRank(nn.Module):
@@ -140,7 +140,7 @@ class DraftHeads(nn.Module):
                 adapter.fold, adapter.weight_int8, adapter.scale = fold, None, None
                 if int8_of is not None:
                     weight = plain_weight(getattr(int8_of.layers[int(i)].attention if name in ("wqkv", "wo")
-                                                  else int8_of.layers[int(i)].feed_forward, name).weight)
+                                                  else int8_of.layers[int(i)].feed_forward, name))
                     with torch.no_grad():
                         folded = weight.float() + adapter.B.float() @ adapter.A.float()
                     adapter.weight_int8, scale = int8_per_channel(folded)
@@ -170,14 +170,6 @@ class DraftHeads(nn.Module):
         tensors = {k: (v.float() if v.is_floating_point() else v).detach().contiguous() for k, v in self.state_dict().items()}
         with written_then_renamed(path) as tmp:
             save_file(tensors, str(tmp), metadata=metadata)
-
-
-@torch.no_grad()
-def int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """weight (out, in) as int8 and one float32 scale per row, symmetric: weight ~ weight_int8 * scale[:, None]."""
-    w = weight.float()
-    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
 def check_draft_vocab(ids: Tensor, config: ModelArgs) -> Tensor:

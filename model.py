@@ -138,7 +138,7 @@ class Transformer(nn.Module):
             if self.heads.draft_head_int8 is not None:  # the int8 draft's copy (heads.DraftHeads.fold_adapters)
                 return linear_map(self.norm(x), self.heads.draft_head_int8, self.heads.draft_head_scale)
             return linear_map(self.norm(x), self.heads.draft_head)
-        return linear_map(self.norm(x), self.output.weight)
+        return linear(self.output, self.norm(x), None, "output")
 
     def set_heads(self, heads: Optional[nn.Module]) -> None:
         """Attaches S3D draft adapters; they change the draft forward only, never the full one."""
@@ -146,7 +146,7 @@ class Transformer(nn.Module):
             heads.check_fits(self.config)
             heads.to(device=self.tok_embeddings.weight.device, dtype=self.tok_embeddings.weight.dtype)
             if heads.draft_vocab is not None:  # the draft's own output head: a copy of the draft vocabulary's rows
-                weight = plain_weight(self.output.weight)
+                weight = plain_weight(self.output)
                 heads.draft_head = weight.detach()[heads.draft_vocab].to(self.tok_embeddings.weight.dtype)
         self.heads = heads
 
@@ -165,9 +165,29 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h), adapters)
 
 
-def plain_weight(weight: Tensor) -> Tensor:
-    """A weight as a plain tensor: quantized ones (torchao tensor subclasses, quantize.py) dequantized."""
-    return weight if type(weight) is nn.Parameter else weight.dequantize()
+def plain_weight(layer: nn.Module) -> Tensor:
+    """A linear map's weight as a plain tensor: torchao's quantized ones (tensor subclasses, quantize.py)
+    dequantized, and w8a8's int8 ones (checkpoint.quantize_w8a8) times their scales, in float32."""
+    weight, scale = layer.weight, getattr(layer, "scale", None)
+    if type(weight) is not nn.Parameter:
+        return weight.dequantize()
+    return weight if scale is None else weight.float() * scale[:, None]
+
+
+@torch.no_grad()
+def int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """weight (out, in) as int8 and one float32 scale per row, symmetric: weight ~ weight_int8 * scale[:, None]."""
+    w = weight.float()
+    scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+
+
+def int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Each row of x (its last dimension) rounded to 8 bits as cpu_kernels' gemv_int8 rounds it: x ~ q * s, q whole
+    numbers from -127 to 127 (in x's dtype, which holds them exactly) and s = max |x| / 127 per row, (..., 1) float32."""
+    s = x.float().abs().amax(-1, keepdim=True) / 127
+    s = torch.where(s > 0, s, 1.0)
+    return torch.round(x.float() * (1 / s)).clamp(-127, 127).to(x.dtype), s
 
 
 # Up to this many rows (tokens) a compiled bfloat16 step on a CPU computes its linear maps with gemv below rather
@@ -178,7 +198,10 @@ GEMV_MAX_ROWS = 5
 # weight: the verify step of 5 rows gets cheaper. A tree's 9 or 22 rows did not: oneDNN's GEMM stays there
 # (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
-DOT_INT8 = False  # the same for its AVX512_VNNI kernel of the draft's int8 weights
+DOT_INT8 = False  # the same for its AVX512_VNNI kernel of int8 weights (the draft's copies, --quantize w8a8)
+# which takes up to 8 rows: a verify step of g <= 7 on w8a8 weights computes each row exactly as the AR step does
+# (whole-number sums), so such steps go to it however many rows they have
+INT8_MAX_ROWS = 8
 # The feed-forward's gate and up maps as one gemv call for a few rows (FeedForward.forward; off only to compare)
 FUSE_GATE_UP = True
 
@@ -186,9 +209,10 @@ FUSE_GATE_UP = True
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
     bfloat16, at most GEMV_MAX_ROWS rows known when tracing, and a plain weight (not a torchao-quantized one)."""
+    most = INT8_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8 else GEMV_MAX_ROWS
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
-            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= GEMV_MAX_ROWS)
+            and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= most)
 
 
 def use_dot_bf16(weight: Tensor) -> bool:
@@ -212,27 +236,35 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     reduction: Inductor fuses them into one loop over the weights that keeps one accumulator per row, and a row's
     result does not depend on how many rows come with it. Where cpu_kernels.py's AVX512_BF16 kernel is loaded, 2 rows
     or more go to it instead (its sums, of pairs of products, round differently from the 1-row reduction's), and
-    int8 weights to its AVX512_VNNI kernel, which rounds the rows to 8 bits too (the draft's weights only)."""
+    int8 weights (the draft's copies, --quantize w8a8) to its AVX512_VNNI kernel. With int8 weights the rows are
+    rounded to 8 bits too, on either path."""
     from torch._inductor.inductor_prims import force_stride_order  # (imported only when compiling)
 
     n, k = weight.shape
     if scale is not None and DOT_INT8 and k % 4 == 0:
-        # the draft's int8 weights (the only int8 weights here) on AVX512_VNNI, its rows quantized to 8 bits too: a
-        # draft may be approximate (the verify step decides), and 4 rows cost about what 1 does (BENCHMARKS.md,
-        # section 24)
+        # int8 weights (the draft's copies, --quantize w8a8) on AVX512_VNNI, the rows rounded to 8 bits too: 4 rows
+        # cost about what 1 does (BENCHMARKS.md, section 24), and whole numbers are multiplied and summed exactly, so
+        # a row's result is the same whatever rows come with it. 1 row too: then the AR step and verify (which
+        # Inductor fuses differently around its own reductions, rounding to bfloat16 in other places) have the same
+        # kernels, so each verify row is computed exactly as the AR step's row (BENCHMARKS.md, section 36).
         return (torch.ops.s3d_kernels.gemv_int8(x, dot_blocks(weight, 4)) * scale.float()).to(x.dtype)
     if use_dot_bf16(weight) and x.numel() > k:
         # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
         # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)
         return torch.ops.s3d_kernels.gemv_bf16(x, dot_blocks(weight, 2)).to(x.dtype)
     blocks = weight.view(n // 16, 16, k).transpose(1, 2).contiguous()  # a constant of the compiled step
+    rows = x.reshape(-1, k)
+    if scale is not None:  # int8 weights: the rows rounded to 8 bits as well, as gemv_int8 rounds them (from the
+        # rows as they are in x's dtype: in memory, not the float32 values a fused kernel would compute them from)
+        rows, row_scale = int8_rows(force_stride_order(rows, (k, 1)).float())
+    rows = rows.float()
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
-    rows = force_stride_order(x.reshape(-1, k).float(), (k, 1))
+    rows = force_stride_order(rows, (k, 1))
     # (each row's sum stays (n/16, 16) until after the stack: viewed as (n,) first, Inductor would write each into
     # a buffer of its own and copy it into the stack, a loop and a thread barrier per row and map)
     y = torch.stack([(row[None, :, None] * blocks.float()).sum(1) for row in rows.unbind(0)]).view(-1, n)
     if scale is not None:
-        y = y * scale.float()
+        y = y * row_scale * scale.float()
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -241,8 +273,11 @@ def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Ten
     compiled bfloat16 CPU step of a few rows), else the library's linear map."""
     if use_gemv(x, weight):
         return gemv(x, weight, scale)
-    if scale is not None:  # Inductor turns this into its weight-only int8 GEMM
-        return F.linear(x, weight.to(x.dtype)) * scale.to(x.dtype)
+    if scale is not None:
+        # int8 weights: the rows rounded to 8 bits too, as gemv's are (Inductor turns the product by the int8 weight
+        # into its weight-only int8 GEMM)
+        rows, row_scale = int8_rows(x)
+        return F.linear(rows, weight.to(x.dtype)) * scale.to(x.dtype) * row_scale.to(x.dtype)
     return F.linear(x, weight)
 
 
@@ -265,12 +300,12 @@ def map_weight(layer: nn.Module, adapters: Optional[nn.ModuleDict], name: str) -
     low-rank term instead (that map is then two)."""
     adapter = adapters[name] if adapters is not None else None
     if adapter is None:
-        return layer.weight, None
+        return layer.weight, getattr(layer, "scale", None)  # (w8a8 weights have a scale: checkpoint.quantize_w8a8)
     if adapter.weight_int8 is not None:
         # the draft's int8 copy of W + BA (heads.DraftHeads.fold_adapters): half the bytes of bfloat16 weights
         return adapter.weight_int8, adapter.scale
-    if adapter.fold and type(layer.weight) is nn.Parameter:
-        # W + BA as one matrix (quantized weights, tensor subclasses, are not folded): where the compiled step
+    if adapter.fold and type(layer.weight) is nn.Parameter and layer.weight.is_floating_point():
+        # W + BA as one matrix (quantized weights are not: their int8 copies above are): where the compiled step
         # freezes the weights (CPU) it is computed once, at compile time, and the draft's linear maps then cost what
         # the target's do (heads.DraftHeads.fold_adapters)
         return layer.weight + adapter.B @ adapter.A, None
@@ -281,7 +316,7 @@ def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name:
     """layer(x), plus the draft adapter's low-rank term when the draft forward passes adapters."""
     weight_scale = map_weight(layer, adapters, name)
     if weight_scale is None:
-        return layer(x) + adapters[name](x)
+        return linear(layer, x, None, name) + adapters[name](x)
     weight, scale = weight_scale
     if scale is None and not use_gemv(x, weight):
         return F.linear(x, weight, layer.bias)
@@ -330,10 +365,11 @@ class FeedForward(nn.Module):
     def forward(self, x: Tensor, adapters: Optional[nn.ModuleDict] = None) -> Tensor:
         gate, up = map_weight(self.w1, adapters, "w1"), map_weight(self.w3, adapters, "w3")
         if (FUSE_GATE_UP and gate is not None and up is not None and (gate[1] is None) == (up[1] is None)
-                and use_gemv(x, gate[0]) and x.numel() > x.shape[-1]):
+                and use_gemv(x, gate[0]) and (x.numel() > x.shape[-1] or (gate[1] is not None and DOT_INT8))):
             # Gate and up read the same input: for a few rows, one gemv over both weights (stacked once, at compile
-            # time) is one kernel call of two, which rounds the rows to 8 bits once for the int8 draft (BENCHMARKS.md,
-            # section 25). One row, Inductor's reductions already read the row once for both.
+            # time) is one kernel call of two, which rounds the rows to 8 bits once for int8 weights (BENCHMARKS.md,
+            # section 25). One row, Inductor's reductions already read the row once for both; one row of int8
+            # weights goes to the same kernel as several (gemv).
             weight = torch.cat([gate[0], up[0]])
             scale = None if gate[1] is None else torch.cat([gate[1], up[1]])
             h = gemv(x, weight, scale)

@@ -3,7 +3,9 @@ the perplexity of each format.
 
     python quantize.py --mode int8                       # writes checkpoints/SmolLM2-135M-Instruct/model-int8.pt
     python generate.py --quantize int8 --compile         # loads that file, or quantizes on load if there is none
-    python quantize.py --perplexity --modes none int8    # perplexity of data/perplexity.txt per format
+    python quantize.py --perplexity --modes none int8 w8a8   # perplexity of data/perplexity.txt per format
+
+w8a8 (int8 weights and activations, checkpoint.quantize_w8a8) is made on load in under a second: no file.
 
 int8 keeps one scale per output channel, int4 one per group of --groupsize input weights. Activations are bfloat16
 by default: Inductor turns `x @ w_int8.to(bfloat16) * scale` into its weight-only int8 GEMM, which reads one byte
@@ -41,6 +43,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     dtype = DTYPES[args.dtype]
     if args.perplexity:
         text = checkpoint.read_text_file(args.text, "--text")
+    if args.mode == "w8a8":
+        p.error("--mode w8a8 is made on load in under a second (generate.py --quantize w8a8): there is no file to write")
     if args.mode is not None:
         checkpoint.check_quantization(args.mode, device, args.groupsize)
         out = checkpoint.check_output(checkpoint.quantized_path(args.checkpoint, args.mode, args.groupsize, dtype),

@@ -7,6 +7,7 @@ from checkpoint import CheckpointError, UsageError
 import s3d
 from heads import (DraftHeads, check_gamma, int8_per_channel, load_heads, most_frequent_tokens, new_heads,
                    widened_draft_vocab)
+from model import int8_rows
 from test_s3d import PROMPTS, tiny_model, with_trained_looking_heads
 
 
@@ -195,7 +196,8 @@ def test_int8_copies_draft_what_the_folded_adapters_do_and_the_target_never_read
 
 def test_the_int8_draft_reads_an_int8_copy_of_its_draft_head():
     """With a draft vocabulary, fold_adapters(True, model) makes an int8 copy of the draft head's rows too, and the
-    draft's logits are those of the copy: the folded draft's hidden states times the rounded rows."""
+    draft's logits are those of the copy: the folded draft's hidden states (rounded to 8 bits) times the rounded
+    rows."""
     model = with_trained_looking_heads(tiny_model())
     heads = model.heads
     heads.draft_vocab = torch.tensor([3, 17, 40, 41, 60, 2, 95, 8])
@@ -213,7 +215,8 @@ def test_the_int8_draft_reads_an_int8_copy_of_its_draft_head():
         int8 = draft()
         assert heads.draft_head_int8.dtype == torch.int8 and heads.draft_head_int8.shape == (8, model.config.dim)
         rounded = heads.draft_head_int8.float() * heads.draft_head_scale.float()[:, None]
-        torch.testing.assert_close(int8, hidden["x"] @ rounded.T)
+        rows, row_scale = int8_rows(hidden["x"])  # (the rows an int8 map multiplies are rounded to 8 bits too)
+        torch.testing.assert_close(int8, (rows @ rounded.T) * row_scale, rtol=1e-5, atol=1e-5)
         assert ((rounded - heads.draft_head).abs() <= heads.draft_head_scale[:, None] / 2 * (1 + 1e-6)).all()
         heads.fold_adapters(True)
         assert heads.draft_head_int8 is None and torch.equal(draft(), folded)

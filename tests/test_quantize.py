@@ -1,6 +1,6 @@
-"""Quantization (checkpoint.py's torchao calls and the quantize.py program): int8 weight-only layers stay close to
-the float ones, a quantized checkpoint round-trips, S3D on a
-quantized model is exactly that model's AR output, and unsupported formats or devices give one-line errors."""
+"""Quantization (checkpoint.py's torchao calls, its w8a8, and the quantize.py program): int8 weight-only layers stay
+close to the float ones, a quantized checkpoint round-trips, w8a8 is int8 weights times rows rounded to 8 bits, S3D
+on a quantized model is exactly that model's AR output, and unsupported formats or devices give one-line errors."""
 import subprocess
 import sys
 
@@ -13,6 +13,7 @@ import spec_bench
 from checkpoint import load_model
 from heads import load_heads, new_heads
 from tests.conftest import ROOT
+from test_s3d import with_trained_looking_heads
 
 HEADS = ROOT / "heads" / "smollm2-135m-instruct.safetensors"
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -158,6 +159,7 @@ def test_int4_on_cpu_names_the_alternative():
     ("generate.py", ("--quantize", "int4", "--device", "cpu"), "int4 weight-only needs a CUDA GPU"),
     ("quantize.py", ("--mode", "int4", "--device", "cpu"), "int4 weight-only needs a CUDA GPU"),
     ("quantize.py", (), "choose --mode int8|int4"),
+    ("quantize.py", ("--mode", "w8a8"), "--mode w8a8 is made on load"),
     ("quantize.py", ("--perplexity", "--device", "tpu"), "unknown device 'tpu'"),
     ("quantize.py", ("--perplexity", "--text", "no-such.txt"), "cannot read --text no-such.txt: No such file"),
 ])
@@ -205,3 +207,56 @@ def test_a_planted_pickle_in_a_quantized_file_never_runs(convert_tiny, tmp_path)
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(checkpoint.CheckpointError, match="cannot read"):
         checkpoint.load_quantized(load_model(folder), path)
+
+
+def test_w8a8_is_int8_weights_times_rows_rounded_to_8_bits(convert_tiny):
+    """--quantize w8a8: every linear map of the blocks, and the output head (tied here: the embeddings stay float),
+    holds int8 weights and a scale per output channel, and multiplies each row rounded to 8 bits; the model stays
+    close to the float one."""
+    from model import int8_per_channel, int8_rows, linear_map
+
+    _, folder = convert_tiny("LlamaForCausalLM", tie_word_embeddings=True)
+    reference = load_model(folder, dtype=torch.bfloat16)
+    model = checkpoint.quantize(load_model(folder, dtype=torch.bfloat16), "w8a8")
+    assert model.quantization == "w8a8" and model.tok_embeddings.weight.dtype == torch.bfloat16
+    maps = [m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    assert len(maps) == 5 * model.config.n_layer + 1 and model.output in maps
+    for layer, original in zip(maps, [m for m in reference.modules() if isinstance(m, torch.nn.Linear)]):
+        weight, scale = int8_per_channel(original.weight)
+        assert torch.equal(layer.weight, weight) and torch.equal(layer.scale, scale)
+    assert checkpoint.memory_breakdown(model)["weights"] < 0.8 * checkpoint.memory_breakdown(reference)["weights"]
+    x = torch.randn(3, model.config.dim, dtype=torch.bfloat16)
+    rows, row_scale = int8_rows(x)
+    assert torch.equal(rows, rows.round()) and torch.equal(rows.abs().amax(-1), torch.full((3,), 127.0))
+    wqkv = model.layers[0].attention.wqkv
+    exact = (rows.double() @ wqkv.weight.double().T) * row_scale.double() * wqkv.scale.double()
+    assert torch.allclose(linear_map(x, wqkv.weight, wqkv.scale).double(), exact, rtol=0.02, atol=1e-3)
+    prompt, pos = torch.tensor([list(range(3, 20))]), torch.arange(17)
+    for m in (model, reference):
+        m.setup_caches(1, 32)
+    with torch.no_grad():
+        ours, theirs = model(prompt, pos).float(), reference(prompt, pos).float()
+    assert ((ours - theirs).norm() / theirs.norm()).item() < 0.05
+
+
+def test_w8a8_s3d_is_its_ar_output_compiled(convert_tiny):
+    """Compiled greedy S3D on w8a8 weights is that model's AR output. On a CPU with AVX512_VNNI every decode step's
+    rows go to cpu_kernels' gemv_int8, exact sums of whole numbers: token for token, with no ties allowed (the
+    heads draft with their own int8 copies and some of their tokens are accepted). Elsewhere, up to ties."""
+    import model as model_py
+
+    _, folder = convert_tiny("LlamaForCausalLM")
+    model = with_trained_looking_heads(checkpoint.quantize(load_model(folder, dtype=torch.bfloat16), "w8a8"), (1, 3), 3)
+    accepted = []
+    with torch.no_grad():
+        for prompt in ([3, 14, 15, 92, 65], list(range(10, 40)), [7] * 12):
+            ar = s3d.ar_generate(model, prompt, 24, compile=True).tokens
+            spec = s3d.speculative_generate(model, prompt, 24, s3d.Draft("s3d", 3), compile=True)
+            if model_py.DOT_INT8 or spec.tokens == ar:
+                assert spec.tokens == ar
+            else:
+                i = spec_bench.first_difference(spec.tokens, ar)
+                assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec.tokens[i]) <= spec_bench.TIE_ULPS
+            accepted += spec.accepted
+    assert model.heads.int8 and sum(accepted) > 0
+    s3d.release_compiled()
