@@ -168,7 +168,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     warm_up = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
 
     def llama_cpp() -> object:  # (its GGUF, written into gguf_folder, must outlive it)
-        return peers.llama_cpp_model(gguf_source(args), args.dtype, min(model.config.block_size, longest + slots),
+        return peers.llama_cpp_model(gguf_source(args), args.quantize or args.dtype, min(model.config.block_size, longest + slots),
                                      Path(gguf_folder))
 
     with torch.no_grad(), tempfile.TemporaryDirectory() as gguf_folder:
@@ -234,7 +234,7 @@ def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
     if method == "model":
         return f"model {args.draft_checkpoint.name}"
     if method == "llama.cpp":
-        return f"llama.cpp {peers.GGUF_TYPES[args.dtype]}"
+        return f"llama.cpp {peers.GGUF_TYPES[args.quantize or args.dtype]}"
     return {"ar": "ar (ours, compiled)" if args.compile else "ar (ours, eager)", "hf": "transformers generate()"}[method]
 
 
@@ -256,7 +256,8 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
     mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
     rounds = f", {args.rounds} rounds (every figure below is of all of them)" if args.rounds > 1 else ""
     print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, {per_category(args)}) from {args.prompts}, "
-          f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, {args.dtype}, "
+          f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, "
+          f"{f'{args.quantize} weights, {args.dtype} activations' if args.quantize else args.dtype}, "
           f"{'compiled' if args.compile else 'eager'}{INTERLEAVED * args.interleave}{rounds}. {machine_line()}.\n")
     print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
     print("|---|---|---|---|---|---|---|---|")
@@ -412,6 +413,8 @@ def bench_roofline(args) -> list:
     inductor.cpp.enable_kernel_profile = True  # each generated kernel then shows in the profiler under its name
     device = torch.device(args.device)
     model, _ = cli.load(args.checkpoint, device, DTYPES[args.dtype])
+    if args.quantize:
+        checkpoint.quantize(model, args.quantize, args.groupsize)
     n_layer, g = model.config.n_layer, args.gamma
     if args.context + g + 1 > model.config.block_size:
         raise UsageError(f"--context {args.context} does not fit the model's context of {model.config.block_size} tokens")
@@ -436,7 +439,8 @@ def bench_roofline(args) -> list:
     heads.append((new_heads(model, given.skip, given.gamma, 0), fold, False))
     rows = roofline.measure_steps(model, heads, args.context, bandwidth)
     ar_ms = rows[0]["ms"]
-    print(f"\nRoofline, {model.config.name} in {args.dtype}, compiled, context {args.context}. {machine_line()}. "
+    weights = f"{model.quantization} weights, {args.dtype} activations" if model.quantization else args.dtype
+    print(f"\nRoofline, {model.config.name} in {weights}, compiled, context {args.context}. {machine_line()}. "
           f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "
           f"{flops['float32']:.3g} GFLOP/s in float32, {flops['bfloat16']:.3g} in bfloat16. Floor: the bytes a step "
           f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler. A compiled "
@@ -708,8 +712,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "llama.cpp" in args.methods and evaluation:  # now, not after the other methods have run
         if not peers.llama_cpp_available():
             p.error("--methods llama.cpp needs llama-cpp-python: make peers")
-        if torch.device(args.device).type != "cpu" or args.quantize or args.dtype not in peers.GGUF_TYPES:
-            p.error("--methods llama.cpp runs our weights unquantized in float32 or bfloat16, on the CPU")
+        if (torch.device(args.device).type != "cpu" or (args.quantize or args.dtype) not in peers.GGUF_TYPES
+                or (args.quantize and args.dtype != "bfloat16")):
+            p.error("--methods llama.cpp runs our weights in float32 or bfloat16, or --quantize w8a8 (as Q8_0), on "
+                    "the CPU")
         if gguf_source(args) is None:
             p.error("--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     return args

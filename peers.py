@@ -72,8 +72,10 @@ def ours_decode_rate(model: Transformer, prompt: list[int], n: int, compile: boo
     return (len(r.tokens) - 1) / r.decode_time
 
 
-# llama.cpp: the GGUF types of our dtypes; norms and other 1-D tensors stay F32, as llama.cpp's converter keeps them
-GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16"}
+# llama.cpp: the GGUF types of our dtypes, and of our w8a8 weights (int8 weights and rows, as Q8_0's, which scales
+# blocks of 32 weights where ours scales a whole output channel); norms and other 1-D tensors stay F32, as llama.cpp's
+# converter keeps them
+GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "w8a8": "Q8_0"}
 
 
 def llama_cpp_available() -> bool:
@@ -84,7 +86,8 @@ def llama_cpp_available() -> bool:
 
 def export_gguf(source: Path, out: Path, gguf_type: str) -> Path:
     """A copy of the GGUF `source` (the file our checkpoint came from) with every matrix in gguf_type: the same
-    weights as ours in the same precision (we too dequantize the source to float32, then cast to our dtype)."""
+    weights as ours in the same precision (we too dequantize the source to float32, then cast to our dtype or round
+    to int8)."""
     import gguf
     from gguf.quants import dequantize, quantize
 
@@ -95,7 +98,8 @@ def export_gguf(source: Path, out: Path, gguf_type: str) -> Path:
             continue
         writer.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1] if len(f.types) > 1 else None)
     qtype = gguf.GGMLQuantizationType[gguf_type]
-    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16}[gguf_type])
+    writer.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "BF16": gguf.LlamaFileType.MOSTLY_BF16,
+                          "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[gguf_type])
     for t in reader.tensors:
         weights = dequantize(t.data, t.tensor_type).astype("float32")
         if weights.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -132,11 +136,12 @@ def llama_cpp_rate(llm, prompt: list[int], n: int) -> tuple[float, float]:
     return rate, forward_s(5) / forward_s(1)
 
 
-def llama_cpp_model(gguf_source: Path, dtype_name: str, n_ctx: int, folder: Path):
-    """llama.cpp on a GGUF of our weights in dtype_name (written into folder), with as many threads as torch."""
+def llama_cpp_model(gguf_source: Path, weights: str, n_ctx: int, folder: Path):
+    """llama.cpp on a GGUF of our weights in the GGUF type of `weights` (a dtype, or w8a8), written into folder,
+    with as many threads as torch."""
     import llama_cpp
 
-    gguf_type = GGUF_TYPES[dtype_name]
+    gguf_type = GGUF_TYPES[weights]
     path = export_gguf(gguf_source, folder / f"model-{gguf_type}.gguf", gguf_type)
     threads = torch.get_num_threads()
     return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)

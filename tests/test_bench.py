@@ -194,20 +194,23 @@ def test_llama_cpp_answers_the_same_prompts_beside_us(tiny_checkpoint, prompts, 
             f"s3d untrained 1:3 {rate['s3d'] / rate['llama.cpp']:.2f}x") in out
 
 
-def test_llama_cpp_needs_the_engine_the_gguf_and_our_unquantized_weights_on_the_cpu(tiny_checkpoint, tmp_path,
+def test_llama_cpp_needs_the_engine_the_gguf_and_weights_it_has_on_the_cpu(tiny_checkpoint, tmp_path,
                                                                                      monkeypatch, capsys):
     gguf = tmp_path / "tiny.gguf"
     gguf.touch()
     cases = [(False, (), "--methods llama.cpp needs llama-cpp-python: make peers"),
              (True, (), "--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf"),
-             (True, ("--gguf", str(gguf), "--dtype", "float16"), "runs our weights unquantized in float32 or bfloat16"),
-             (True, ("--gguf", str(gguf), "--quantize", "int8"), "runs our weights unquantized in float32 or bfloat16")]
+             (True, ("--gguf", str(gguf), "--dtype", "float16"), "runs our weights in float32 or bfloat16, or"),
+             (True, ("--gguf", str(gguf), "--quantize", "int8"), "runs our weights in float32 or bfloat16, or"),
+             (True, ("--gguf", str(gguf), "--quantize", "w8a8", "--dtype", "float32"), "or --quantize w8a8 (as Q8_0)")]
     for available, args, pattern in cases:
         monkeypatch.setattr(bench.peers, "llama_cpp_available", lambda: available)
         with pytest.raises(SystemExit) as exit:
             bench.parse_args(["--checkpoint", str(tiny_checkpoint), "--methods", "ar", "llama.cpp", *args])
         assert exit.value.code == 2 and pattern in capsys.readouterr().err.strip().splitlines()[-1]
     bench.parse_args(["--checkpoint", str(tiny_checkpoint), "--methods", "ar", "llama.cpp", "--gguf", str(gguf)])
+    bench.parse_args(["--checkpoint", str(tiny_checkpoint), "--methods", "ar", "llama.cpp", "--gguf", str(gguf),
+                      "--quantize", "w8a8"])
 
 
 def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts, tmp_path, monkeypatch):

@@ -1,5 +1,5 @@
-"""peers.py: the GGUF written for llama.cpp holds exactly our weights in the precision asked for, with the source's
-tokenizer and chat template; llama.cpp (optional, `make peers`) answers our prompts as our float32 AR does."""
+"""peers.py: the GGUF written for llama.cpp holds exactly our weights in the precision asked for (Q8_0: rounded
+to 8 bits), with the source's tokenizer and chat template; llama.cpp (optional, `make peers`) answers our prompts as our float32 AR does."""
 import gguf
 import pytest
 import torch
@@ -37,3 +37,20 @@ def test_llama_cpp_answers_as_our_float32_ar(default_checkpoint, default_gguf, t
     first, again = (peers.llama_cpp_generate(llm, prompt, 24, tok.eos_ids, s3d.GREEDY) for _ in range(2))
     assert first.tokens == s3d.ar_generate(model, prompt, 24, eos_ids=tok.eos_ids).tokens == again.tokens
     assert len(first.tokens) == 24 and first.decode_time > 0 and first.time_to_first_token > 0
+
+
+def test_q8_0_export_is_our_weights_rounded_to_8_bits(default_checkpoint, default_gguf, tmp_path):
+    """--quantize w8a8's peer: llama.cpp's Q8_0, every matrix in blocks of 32 int8 weights with a scale each, from
+    the same weights (each within a rounding step of its block, whose scale is a float16)."""
+    out = peers.export_gguf(default_gguf, tmp_path / "model-Q8_0.gguf", "Q8_0")
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["general.file_type"].contents() == gguf.LlamaFileType.MOSTLY_Q8_0
+    matrices = [t for t in reader.tensors if len(t.shape) > 1]
+    assert matrices and all(t.tensor_type == gguf.GGMLQuantizationType.Q8_0 for t in matrices)
+    exported = gguf_weights(reader, gguf_config(reader, "exported"))
+    ours = load_file(str(default_checkpoint / "model.safetensors"))
+    for name in ("layers.0.attention.wqkv.weight", "layers.29.feed_forward.w2.weight"):
+        weight = ours[name].float()
+        step = weight.view(-1, 32).abs().amax(1, keepdim=True) / 127  # each block's rounding step
+        error = (exported[name].float() - weight).view(-1, 32).abs()
+        assert (error <= 0.6 * step + 1e-6).all() and (error > 0).any(), name  # (Q8_0 keeps its scales in float16)
