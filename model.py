@@ -208,7 +208,8 @@ FUSE_GATE_UP = True
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
-    bfloat16, at most GEMV_MAX_ROWS rows known when tracing, and a plain weight (not a torchao-quantized one)."""
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (INT8_MAX_ROWS for int8 weights where the AVX512_VNNI
+    kernel takes them), and a plain weight (not a torchao-quantized one)."""
     most = INT8_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8 else GEMV_MAX_ROWS
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
@@ -256,10 +257,9 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     rows = x.reshape(-1, k)
     if scale is not None:  # int8 weights: the rows rounded to 8 bits as well, as gemv_int8 rounds them (from the
         # rows as they are in x's dtype: in memory, not the float32 values a fused kernel would compute them from)
-        rows, row_scale = int8_rows(force_stride_order(rows, (k, 1)).float())
-    rows = rows.float()
+        rows, row_scale = int8_rows(force_stride_order(rows, (k, 1)))
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
-    rows = force_stride_order(rows, (k, 1))
+    rows = force_stride_order(rows.float(), (k, 1))
     # (each row's sum stays (n/16, 16) until after the stack: viewed as (n,) first, Inductor would write each into
     # a buffer of its own and copy it into the stack, a loop and a thread barrier per row and map)
     y = torch.stack([(row[None, :, None] * blocks.float()).sum(1) for row in rows.unbind(0)]).view(-1, n)
