@@ -212,8 +212,8 @@ def load_model(folder: Path, device: str = "cpu", dtype: torch.dtype = torch.flo
 # ---------------------------------------------------------------------------------------------------------------
 # Weight-only quantization (torchao). What stays in high precision, and why: the S3D draft adapters (small, and
 # trained in float); the token embeddings (a lookup, not a matmul); a tied output head (quantizing it would keep a
-# second copy of the embedding). Draft and verify run on the same quantized weights, so S3D's output is exactly
-# the quantized model's.
+# second copy of the embedding; w8a8 keeps one all the same, quantize_w8a8 says why). Draft and verify run on the
+# same quantized weights, so S3D's output is exactly the quantized model's.
 
 QUANTIZATIONS = ("int8", "int4", "w8a8")
 
