@@ -262,7 +262,8 @@ def quantize(model: Transformer, mode: str, groupsize: int = 128) -> Transformer
 def quantize_w8a8(model: Transformer) -> Transformer:
     """int8 weights and int8 activations, the format of the draft's int8 copies: each linear map's weight as int8
     with one float32 scale per output channel (model.int8_per_channel), and each row it multiplies rounded to 8 bits
-    when it is multiplied (model.int8_rows), like llama.cpp's Q8_0 (which scales blocks of 32 instead). On a CPU with
+    when it is multiplied, one step per block of 32 inputs (model.int8_rows), as llama.cpp's Q8_0 rounds them (whose
+    weights have a scale per block of 32 as well). On a CPU with
     AVX512_VNNI a decode step's rows (up to 8) go to cpu_kernels' gemv_int8, whose sums of whole numbers are exact:
     a verify row is computed exactly as the AR step's one row, so greedy S3D is the AR output itself, without the
     ties of bfloat16 (README, section 3). The output head gets an int8 copy too, even where it is tied to the

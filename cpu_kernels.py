@@ -9,10 +9,12 @@ float32 sums in one instruction, half the instructions per weight (BENCHMARKS.md
 
 The S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters), which the reduction converts to
 float32 before 4 multiply-adds, one per row. `vpdpbusd` multiplies 64 unsigned 8-bit weights (int8 plus 128) by 4
-int8 inputs each into 16 int32 sums: with its rows rounded to 8 bits, which a draft may be (the full model checks every token it
-drafts), 4 rows cost an instruction per 64 weights each (section 24). A target quantized with --quantize w8a8
-(checkpoint.quantize_w8a8) is int8 weights times rows rounded to 8 bits by definition: its decode steps, the 1-row AR
-step included, run on this kernel too, and its exact whole-number sums make each verify row the AR step's (section 36).
+int8 inputs each into 16 int32 sums: with its rows rounded to 8 bits (a step per block of 32 inputs, as llama.cpp's
+Q8_0 rounds them), which a draft may be (the full model checks every token it drafts), 4 rows cost an instruction
+per 64 weights each (section 24), and a conversion and a multiply-add per 32 (section 37). A target quantized with
+--quantize w8a8 (checkpoint.quantize_w8a8) is int8 weights times rows rounded to 8 bits by definition: its decode
+steps, the 1-row AR step included, run on this kernel too, and its exact whole-number sums make each verify row the
+AR step's (section 36).
 
 Attention of 1 to 5 queries over a few hundred cached keys is a few million multiply-adds a layer, yet the
 library's CPU attention took 70 to 170 us a layer for it: it is built for long queries, and it reads the whole
@@ -120,37 +122,46 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-// The S3D draft's int8 weights (heads.DraftHeads.fold_adapters) on AVX512_VNNI's vpdpbusd, which multiplies 64 u8
-// weights by 4 int8 inputs each and adds into 16 int32 sums: each row is quantized to int8 first (round(x / s),
-// s = max |x| / 127 per row), which only a draft may do, its tokens being checked by the full model anyway. The
-// weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs, made
-// unsigned by adding 128 (flipping the top bit); 128 times each row's sum then comes off (the sums stay exact).
+// int8 weights (the S3D draft's copies, --quantize w8a8) on AVX512_VNNI's vpdpbusd, which multiplies 64 u8 weights
+// by 4 int8 inputs each and adds into 16 int32 sums. Each row is rounded to 8 bits first, one step per block of 32
+// inputs (x ~ q s, s = the block's max |x| / 127, q whole numbers from -127 to 127), as llama.cpp's Q8_0 rounds
+// them: one step per row lost 4 % perplexity to the few inputs far larger than the rest (BENCHMARKS.md, section 37).
+// The weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs,
+// made unsigned by adding 128 (flipping the top bit). A block's whole-number sum starts at -128 times its sum of q,
+// which takes the offset off again, so it is exact; then it is scaled by s and added, block after block, in float32.
+static constexpr int64_t BLOCK_QUADS = 8;  // quads (4 inputs) in a block of 32 inputs
+
 template <int R>
-static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale,
-                        const int32_t* row_total, float* y, int64_t n) {
-  __m512i acc[R];
+static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* step,
+                        const int32_t* offset, float* y, int64_t n) {
+  __m512 acc[R];
   const __m512i flip = _mm512_set1_epi8((char)0x80);
-  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();
-  for (int64_t p = 0; p < quads; p++) {
-    const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), flip);  // w + 128, as unsigned
-    for (int r = 0; r < R; r++) acc[r] = _mm512_dpbusd_epi32(acc[r], wu, _mm512_set1_epi32(x[p * R + r]));
+  for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();
+  for (int64_t p0 = 0, b = 0; p0 < quads; p0 += BLOCK_QUADS, b++) {
+    __m512i sum[R];
+    for (int r = 0; r < R; r++) sum[r] = _mm512_set1_epi32(offset[b * R + r]);
+    const int64_t p1 = std::min(quads, p0 + BLOCK_QUADS);
+    for (int64_t p = p0; p < p1; p++) {
+      const __m512i wu = _mm512_xor_si512(_mm512_loadu_si512(w + p * 64), flip);  // w + 128, as unsigned
+      for (int r = 0; r < R; r++) sum[r] = _mm512_dpbusd_epi32(sum[r], wu, _mm512_set1_epi32(x[p * R + r]));
+    }
+    for (int r = 0; r < R; r++)
+      acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum[r]), _mm512_set1_ps(step[b * R + r]), acc[r]);
   }
-  for (int r = 0; r < R; r++)  // take off the 128 times the row's sum that the weights' offset added
-    _mm512_storeu_ps(y + r * n, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r], _mm512_set1_epi32(128 * row_total[r]))),
-                                              _mm512_set1_ps(row_scale[r])));
+  for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
 }
 
-static void quads_block_any(int rows, int64_t quads, const int32_t* x, const int8_t* w, const float* row_scale,
-                            const int32_t* row_total, float* y, int64_t n) {
+static void quads_block_any(int rows, int64_t quads, const int32_t* x, const int8_t* w, const float* step,
+                            const int32_t* offset, float* y, int64_t n) {
   switch (rows) {  // the row count a template argument, so that the sums stay in registers
-    case 1: return quads_block<1>(quads, x, w, row_scale, row_total, y, n);
-    case 2: return quads_block<2>(quads, x, w, row_scale, row_total, y, n);
-    case 3: return quads_block<3>(quads, x, w, row_scale, row_total, y, n);
-    case 4: return quads_block<4>(quads, x, w, row_scale, row_total, y, n);
-    case 5: return quads_block<5>(quads, x, w, row_scale, row_total, y, n);
-    case 6: return quads_block<6>(quads, x, w, row_scale, row_total, y, n);
-    case 7: return quads_block<7>(quads, x, w, row_scale, row_total, y, n);
-    default: return quads_block<8>(quads, x, w, row_scale, row_total, y, n);
+    case 1: return quads_block<1>(quads, x, w, step, offset, y, n);
+    case 2: return quads_block<2>(quads, x, w, step, offset, y, n);
+    case 3: return quads_block<3>(quads, x, w, step, offset, y, n);
+    case 4: return quads_block<4>(quads, x, w, step, offset, y, n);
+    case 5: return quads_block<5>(quads, x, w, step, offset, y, n);
+    case 6: return quads_block<6>(quads, x, w, step, offset, y, n);
+    case 7: return quads_block<7>(quads, x, w, step, offset, y, n);
+    default: return quads_block<8>(quads, x, w, step, offset, y, n);
   }
 }
 
@@ -172,27 +183,32 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   const at::Tensor rows = x.is_contiguous() ? x : x.contiguous();
   const bool bf16 = x.scalar_type() == at::kBFloat16;
   const char* xp = static_cast<const char*>(rows.data_ptr());
+  const int64_t blocks = (quads + BLOCK_QUADS - 1) / BLOCK_QUADS;
   std::vector<int8_t> xq(m * k);  // the rows rounded to 8 bits
-  float row_scale[8];
-  int32_t row_total[8];
-  for (int64_t r = 0; r < m; r++) {  // (k is a multiple of 4; the last 16 or fewer inputs through a masked load)
+  std::vector<float> step(blocks * m);  // per block, the rows side by side (as interleave_rows lays out the inputs)
+  std::vector<int32_t> offset(blocks * m);
+  for (int64_t r = 0; r < m; r++) {
     const void* row = xp + r * k * rows.element_size();
-    __m512 top = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16) {
-      const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      top = _mm512_max_ps(top, _mm512_abs_ps(load_inputs(row, bf16, i, in)));
+    for (int64_t b = 0; b < blocks; b++) {  // (k is a multiple of 4; the inputs past k through masked loads)
+      const int64_t i0 = b * BLOCK_QUADS * 4, i1 = std::min(k, i0 + BLOCK_QUADS * 4);
+      __mmask16 in[2];
+      __m512 top = _mm512_setzero_ps();
+      for (int h = 0; h < 2; h++) {
+        const int64_t left = i1 - i0 - 16 * h;
+        in[h] = left >= 16 ? (__mmask16)0xffff : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+        top = _mm512_max_ps(top, _mm512_abs_ps(load_inputs(row, bf16, i0 + 16 * h, in[h])));
+      }
+      const float largest = _mm512_reduce_max_ps(top), s = largest > 0 ? largest / 127 : 1.0f;
+      const __m512 inv = _mm512_set1_ps(1 / s);
+      __m512i total = _mm512_setzero_si512();
+      for (int h = 0; h < 2; h++) {  // round to nearest: -127 to 127
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_inputs(row, bf16, i0 + 16 * h, in[h]), inv));
+        total = _mm512_add_epi32(total, q);
+        _mm_mask_storeu_epi8(xq.data() + r * k + i0 + 16 * h, in[h], _mm512_cvtepi32_epi8(q));
+      }
+      step[b * m + r] = s;
+      offset[b * m + r] = -128 * _mm512_reduce_add_epi32(total);
     }
-    const float largest = _mm512_reduce_max_ps(top), s = largest > 0 ? largest / 127 : 1.0f;
-    row_scale[r] = s;
-    const __m512 inv = _mm512_set1_ps(1 / s);
-    __m512i total = _mm512_setzero_si512();
-    for (int64_t i = 0; i < k; i += 16) {  // round to nearest: -127 to 127
-      const __mmask16 in = k - i >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (k - i)) - 1);
-      const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(load_inputs(row, bf16, i, in), inv));
-      total = _mm512_add_epi32(total, q);
-      _mm_mask_storeu_epi8(xq.data() + r * k + i, in, _mm512_cvtepi32_epi8(q));
-    }
-    row_total[r] = _mm512_reduce_add_epi32(total);
   }
   at::Tensor y = empty_sums(x, n);
   const int32_t* xq4 =
@@ -201,7 +217,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, n / 16, 4, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; b++)
-      quads_block_any((int)m, quads, xq4, wp + b * quads * 64, row_scale, row_total, yp + b * 16, n);
+      quads_block_any((int)m, quads, xq4, wp + b * quads * 64, step.data(), offset.data(), yp + b * 16, n);
   });
   return y;
 }
@@ -532,6 +548,6 @@ def attend(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
 
 
 def gemv_int8(x: Tensor, weight: Tensor) -> Tensor:
-    """About x (..., k) @ weight.T for an int8 weight (n, k), each row of x quantized to 8 bits first: (..., n) float32
-    sums (eager; compiled drafts call the operator on a frozen model.dot_blocks(weight, 4))."""
+    """About x (..., k) @ weight.T for an int8 weight (n, k), each row of x rounded to 8 bits first (model.int8_rows):
+    (..., n) float32 sums (eager; compiled steps call the operator on a frozen model.dot_blocks(weight, 4))."""
     return torch.ops.s3d_kernels.gemv_int8(x, model.dot_blocks(weight, 4))

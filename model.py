@@ -182,12 +182,22 @@ def int8_per_channel(weight: Tensor) -> tuple[Tensor, Tensor]:
     return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
 
 
+# A row multiplied by int8 weights is rounded to 8 bits with one step per block of this many inputs, as llama.cpp's
+# Q8_0 rounds it: one step per row cost 4 % perplexity, a few inputs being far larger than the rest (BENCHMARKS.md,
+# section 37)
+INT8_BLOCK = 32
+
+
 def int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """Each row of x (its last dimension) rounded to 8 bits as cpu_kernels' gemv_int8 rounds it: x ~ q * s, q whole
-    numbers from -127 to 127 (in x's dtype, which holds them exactly) and s = max |x| / 127 per row, (..., 1) float32."""
-    s = x.float().abs().amax(-1, keepdim=True) / 127
+    numbers from -127 to 127 (in x's dtype, which holds them exactly) and s the step of each input's block of
+    INT8_BLOCK, the block's max |x| / 127 (float32, x's shape)."""
+    k = x.shape[-1]
+    blocks = F.pad(x.float(), (0, -k % INT8_BLOCK)).unflatten(-1, (-1, INT8_BLOCK))
+    s = blocks.abs().amax(-1, keepdim=True) / 127
     s = torch.where(s > 0, s, 1.0)
-    return torch.round(x.float() * (1 / s)).clamp(-127, 127).to(x.dtype), s
+    q = torch.round(blocks * (1 / s)).clamp(-127, 127)
+    return q.flatten(-2)[..., :k].to(x.dtype), s.expand_as(blocks).flatten(-2)[..., :k]
 
 
 # Up to this many rows (tokens) a compiled bfloat16 step on a CPU computes its linear maps with gemv below rather
@@ -257,14 +267,15 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     rows = x.reshape(-1, k)
     if scale is not None:  # int8 weights: the rows rounded to 8 bits as well, as gemv_int8 rounds them (from the
         # rows as they are in x's dtype: in memory, not the float32 values a fused kernel would compute them from)
-        rows, row_scale = int8_rows(force_stride_order(rows, (k, 1)))
+        rows, step = int8_rows(force_stride_order(rows, (k, 1)))
+        rows = rows.float() * step
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
     rows = force_stride_order(rows.float(), (k, 1))
     # (each row's sum stays (n/16, 16) until after the stack: viewed as (n,) first, Inductor would write each into
     # a buffer of its own and copy it into the stack, a loop and a thread barrier per row and map)
     y = torch.stack([(row[None, :, None] * blocks.float()).sum(1) for row in rows.unbind(0)]).view(-1, n)
     if scale is not None:
-        y = y * row_scale * scale.float()
+        y = y * scale.float()
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
@@ -274,10 +285,10 @@ def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Ten
     if use_gemv(x, weight):
         return gemv(x, weight, scale)
     if scale is not None:
-        # int8 weights: the rows rounded to 8 bits too, as gemv's are (Inductor turns the product by the int8 weight
-        # into its weight-only int8 GEMM)
-        rows, row_scale = int8_rows(x)
-        return F.linear(rows, weight.to(x.dtype)) * scale.to(x.dtype) * row_scale.to(x.dtype)
+        # int8 weights: the rows rounded to 8 bits too, as gemv's are, and multiplied in x's dtype (a bfloat16
+        # prefill rounds them once more; Inductor turns the product by the int8 weight into its weight-only int8 GEMM)
+        rows, step = int8_rows(x)
+        return F.linear((rows.float() * step).to(x.dtype), weight.to(x.dtype)) * scale.to(x.dtype)
     return F.linear(x, weight)
 
 

@@ -215,8 +215,8 @@ def test_the_int8_draft_reads_an_int8_copy_of_its_draft_head():
         int8 = draft()
         assert heads.draft_head_int8.dtype == torch.int8 and heads.draft_head_int8.shape == (8, model.config.dim)
         rounded = heads.draft_head_int8.float() * heads.draft_head_scale.float()[:, None]
-        rows, row_scale = int8_rows(hidden["x"])  # (the rows an int8 map multiplies are rounded to 8 bits too)
-        torch.testing.assert_close(int8, (rows @ rounded.T) * row_scale, rtol=1e-5, atol=1e-5)
+        rows, step = int8_rows(hidden["x"])  # (the rows an int8 map multiplies are rounded to 8 bits too)
+        torch.testing.assert_close(int8, (rows * step) @ rounded.T, rtol=1e-5, atol=1e-5)
         assert ((rounded - heads.draft_head).abs() <= heads.draft_head_scale[:, None] / 2 * (1 + 1e-6)).all()
         heads.fold_adapters(True)
         assert heads.draft_head_int8 is None and torch.equal(draft(), folded)

@@ -211,8 +211,8 @@ def test_a_planted_pickle_in_a_quantized_file_never_runs(convert_tiny, tmp_path)
 
 def test_w8a8_is_int8_weights_times_rows_rounded_to_8_bits(convert_tiny):
     """--quantize w8a8: every linear map of the blocks, and the output head (tied here: the embeddings stay float),
-    holds int8 weights and a scale per output channel, and multiplies each row rounded to 8 bits; the model stays
-    close to the float one."""
+    holds int8 weights and a scale per output channel, and multiplies each row rounded to 8 bits, a step per block of
+    32 inputs; the model stays close to the float one."""
     from model import int8_per_channel, int8_rows, linear_map
 
     _, folder = convert_tiny("LlamaForCausalLM", tie_word_embeddings=True)
@@ -226,10 +226,13 @@ def test_w8a8_is_int8_weights_times_rows_rounded_to_8_bits(convert_tiny):
         assert torch.equal(layer.weight, weight) and torch.equal(layer.scale, scale)
     assert checkpoint.memory_breakdown(model)["weights"] < 0.8 * checkpoint.memory_breakdown(reference)["weights"]
     x = torch.randn(3, model.config.dim, dtype=torch.bfloat16)
-    rows, row_scale = int8_rows(x)
-    assert torch.equal(rows, rows.round()) and torch.equal(rows.abs().amax(-1), torch.full((3,), 127.0))
+    x[:, 0] = 100  # (an input far larger than the rest takes the steps of its block only: 2 blocks of 32 here)
+    rows, step = int8_rows(x)
+    assert torch.equal(rows, rows.round()) and torch.equal(rows.abs().unflatten(-1, (2, 32)).amax(-1),
+                                                             torch.full((3, 2), 127.0))
+    assert torch.equal(step, (x.float().abs().unflatten(-1, (2, 32)).amax(-1) / 127).repeat_interleave(32, -1))
     wqkv = model.layers[0].attention.wqkv
-    exact = (rows.double() @ wqkv.weight.double().T) * row_scale.double() * wqkv.scale.double()
+    exact = ((rows.double() * step.double()) @ wqkv.weight.double().T) * wqkv.scale.double()
     assert torch.allclose(linear_map(x, wqkv.weight, wqkv.scale).double(), exact, rtol=0.02, atol=1e-3)
     prompt, pos = torch.tensor([list(range(3, 20))]), torch.arange(17)
     for m in (model, reference):
@@ -247,6 +250,10 @@ def test_w8a8_s3d_is_its_ar_output_compiled(convert_tiny):
 
     _, folder = convert_tiny("LlamaForCausalLM")
     model = with_trained_looking_heads(checkpoint.quantize(load_model(folder, dtype=torch.bfloat16), "w8a8"), (1, 3), 3)
+    # attention in float32, as cli.load has it on a CPU without AMX: there decode steps attend with cpu_kernels'
+    # attend, which computes each query row alone (the library's attention, with its GEMMs, need not give a row of 4
+    # queries what it gives that row alone)
+    model.attention_dtype = torch.float32
     accepted = []
     with torch.no_grad():
         for prompt in ([3, 14, 15, 92, 65], list(range(10, 40)), [7] * 12):
@@ -258,5 +265,15 @@ def test_w8a8_s3d_is_its_ar_output_compiled(convert_tiny):
                 i = spec_bench.first_difference(spec.tokens, ar)
                 assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec.tokens[i]) <= spec_bench.TIE_ULPS
             accepted += spec.accepted
+        if model_py.DOT_INT8:  # and the logits themselves: each row of a 4-row forward is the 1-row step's, bit for bit
+            forward = s3d.compiled(lambda m, x, pos, mask: m(x, pos, mask=mask), "cpu")
+            # (40 sets of tokens: a step that rounds differently changes this tiny model's logits only now and then)
+            pos, seed = len(prompt) + 24, torch.Generator().manual_seed(0)
+            for tokens in torch.randint(0, model.config.vocab_size, (40, 1, 4), generator=seed):
+                rows = forward(model, tokens, torch.arange(pos, pos + 4), s3d.causal_mask(model, pos, 4))[0]
+                for i in range(4):
+                    one = forward(model, tokens[:, i:i + 1], torch.arange(pos + i, pos + i + 1),
+                                  s3d.causal_mask(model, pos + i, 1))
+                    assert torch.equal(one[0, 0], rows[i])
     assert model.heads.int8 and sum(accepted) > 0
     s3d.release_compiled()
