@@ -42,7 +42,7 @@ from spec_bench import first_difference, gap_in_ulps, is_tie, read_spec_bench, r
 def bench_decode(args) -> list:
     """--decode: tokens/s of ours (eager, compiled), transformers and, when installed (`make peers`), llama.cpp on
     a GGUF of the same weights in the same precision, written from the GGUF the checkpoint came from (--gguf)."""
-    gguf = gguf_source(args)
+    gguf = peers.gguf_source(args)
     if not peers.llama_cpp_available():
         print("llama.cpp is not installed: `make peers` adds it to the table", file=sys.stderr)
     elif gguf is None:
@@ -59,13 +59,6 @@ def bench_decode(args) -> list:
         hf_median = next(r[2] for r in rows if r[0] == dtype_name and r[1].startswith("transformers"))
         print(f"| {dtype_name} | {name} | {median:.1f} | {median / hf_median:.2f}x | {''.join(note)} |")
     return []
-
-
-def gguf_source(args) -> Optional[Path]:
-    """The GGUF the checkpoint was converted from (llama.cpp runs a copy of it): --gguf, or the embedded model's."""
-    if args.gguf is None and args.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve():
-        return checkpoint.find_default_gguf()
-    return args.gguf
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,7 +161,7 @@ def evaluate(args, model, tok, rows: list[dict], drafts: dict[str, s3d.Draft],
     warm_up = tok.encode(tok.apply_chat_template([{"role": "user", "content": rows[0]["turns"][0]}]))
 
     def llama_cpp() -> object:  # (its GGUF, written into gguf_folder, must outlive it)
-        return peers.llama_cpp_model(gguf_source(args), args.quantize or args.dtype, min(model.config.block_size, longest + slots),
+        return peers.llama_cpp_model(peers.gguf_source(args), args.quantize or args.dtype, min(model.config.block_size, longest + slots),
                                      Path(gguf_folder))
 
     with torch.no_grad(), tempfile.TemporaryDirectory() as gguf_folder:
@@ -716,7 +709,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                 or (args.quantize and args.dtype != "bfloat16")):
             p.error("--methods llama.cpp runs our weights in float32 or bfloat16, or --quantize w8a8 (as Q8_0), on "
                     "the CPU")
-        if gguf_source(args) is None:
+        if peers.gguf_source(args) is None:
             p.error("--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     return args
 

@@ -2,6 +2,7 @@
 Llama model, built from our weights by scripts/hf_format.py) and llama.cpp (llama-cpp-python, `make peers`), on a
 GGUF written from the GGUF our checkpoint was converted from, beside our own decoding, eager and compiled.
 """
+import math
 import statistics
 import sys
 import tempfile
@@ -13,7 +14,7 @@ import torch
 
 import cli
 import s3d
-from checkpoint import UsageError
+from checkpoint import UsageError, find_default_gguf
 from model import Transformer
 
 PROMPT = "Write a short story about a robot who learns to paint."
@@ -78,6 +79,13 @@ def ours_decode_rate(model: Transformer, prompt: list[int], n: int, compile: boo
 GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "w8a8": "Q8_0"}
 
 
+def gguf_source(args) -> Optional[Path]:
+    """The GGUF the checkpoint was converted from (llama.cpp runs a copy of it): --gguf, or the embedded model's."""
+    if args.gguf is None and args.checkpoint.resolve() == cli.DEFAULT_CHECKPOINT.resolve():
+        return find_default_gguf()
+    return args.gguf
+
+
 def llama_cpp_available() -> bool:
     import importlib.util
 
@@ -136,15 +144,30 @@ def llama_cpp_rate(llm, prompt: list[int], n: int) -> tuple[float, float]:
     return rate, forward_s(5) / forward_s(1)
 
 
-def llama_cpp_model(gguf_source: Path, weights: str, n_ctx: int, folder: Path):
+def llama_cpp_model(gguf_source: Path, weights: str, n_ctx: int, folder: Path, logits_all: bool = False):
     """llama.cpp on a GGUF of our weights in the GGUF type of `weights` (a dtype, or w8a8), written into folder,
-    with as many threads as torch."""
+    with as many threads as torch; logits_all keeps every position's logits (for llama_cpp_perplexity)."""
     import llama_cpp
 
     gguf_type = GGUF_TYPES[weights]
     path = export_gguf(gguf_source, folder / f"model-{gguf_type}.gguf", gguf_type)
     threads = torch.get_num_threads()
-    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, logits_all=logits_all,
+                           verbose=False)
+
+
+def llama_cpp_perplexity(llm, tokens: list[int], window: int = 512) -> float:
+    """cli.perplexity of llama.cpp (a llama_cpp_model with logits_all, n_ctx >= window): the same tokens, in the same
+    windows, scored by its logits."""
+    nll, count = 0.0, 0
+    for start in range(0, len(tokens) - 1, window - 1):
+        chunk = tokens[start:start + window]
+        llm.reset()
+        llm.eval(chunk)
+        logits = torch.from_numpy(llm.scores[:len(chunk) - 1]).double()
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
+        count += len(chunk) - 1
+    return math.exp(nll / count)
 
 
 def llama_cpp_generate(llm, prompt: list[int], max_new_tokens: int, eos_ids: set[int],

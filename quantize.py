@@ -4,6 +4,7 @@ the perplexity of each format.
     python quantize.py --mode int8                       # writes checkpoints/SmolLM2-135M-Instruct/model-int8.pt
     python generate.py --quantize int8 --compile         # loads that file, or quantizes on load if there is none
     python quantize.py --perplexity --modes none int8 w8a8   # perplexity of data/perplexity.txt per format
+    python quantize.py --perplexity --modes none w8a8 --llama_cpp   # and llama.cpp's, on BF16 and Q8_0 GGUFs
 
 w8a8 (int8 weights and activations, checkpoint.quantize_w8a8) is made on load in under a second: no file.
 
@@ -13,12 +14,14 @@ per weight; with float32 activations, freezing folds the dequantized weights bac
 eager PyTorch's float32 int8 kernel is slow, so float32 gains nothing (BENCHMARKS.md, section 5). What is
 quantized and what is not is said in checkpoint.py.
 """
+import tempfile
 import time
 from pathlib import Path
 from typing import Optional
 
 import checkpoint
 import cli
+import peers
 from checkpoint import QUANTIZATIONS, UsageError
 from cli import DEFAULT_CHECKPOINT, DTYPES, PERPLEXITY_TEXT
 
@@ -36,11 +39,27 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--modes", nargs="+", default=["none", "int8"], choices=["none", *QUANTIZATIONS])
     p.add_argument("--text", type=Path, default=PERPLEXITY_TEXT)
     p.add_argument("--force", action="store_true", help="replace a quantized file that exists")
+    p.add_argument("--llama_cpp", action="store_true",
+                   help="with --perplexity: llama.cpp's too (make peers), on a GGUF of the same weights in the "
+                        "same format: float32 or bfloat16 beside none, Q8_0 beside w8a8")
+    p.add_argument("--gguf", type=Path, help="for --llama_cpp: the GGUF the checkpoint was converted from "
+                   "(default: the embedded model's)")
     args = p.parse_args(argv)
     if args.mode is None and not args.perplexity:
         p.error("choose --mode int8|int4 (write a quantized checkpoint) or --perplexity")
     device = cli.resolve_device(args.device)
     dtype = DTYPES[args.dtype]
+    if args.llama_cpp:
+        if not args.perplexity:
+            p.error("--llama_cpp measures perplexity: add --perplexity")
+        if not peers.llama_cpp_available():
+            p.error("--llama_cpp needs llama-cpp-python: make peers")
+        if device.type != "cpu" or args.dtype not in peers.GGUF_TYPES:
+            p.error("--llama_cpp runs on the CPU, with --dtype float32 or bfloat16")
+        if args.gguf is not None and not args.gguf.is_file():
+            p.error(f"--gguf {args.gguf}: no such file")
+        if peers.gguf_source(args) is None:
+            p.error("--llama_cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     if args.perplexity:
         text = checkpoint.read_text_file(args.text, "--text")
     if args.mode == "w8a8":
@@ -70,6 +89,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             print(f"| {str(dtype).removeprefix('torch.') if mode == 'none' else model.quantization} "
                   f"| {cli.perplexity(model, tokens):.3f} | "
                   f"{checkpoint.memory_breakdown(model)['weights'] / 2**20:.0f} MiB |", flush=True)
+            weights = args.dtype if mode == "none" else mode  # (int8 and int4 have no GGUF of the same format)
+            if args.llama_cpp and weights in peers.GGUF_TYPES:
+                with tempfile.TemporaryDirectory() as folder:
+                    llm = peers.llama_cpp_model(peers.gguf_source(args), weights, 512, Path(folder), logits_all=True)
+                    size = next(Path(folder).glob("*.gguf")).stat().st_size
+                    print(f"| llama.cpp {peers.GGUF_TYPES[weights]} | {peers.llama_cpp_perplexity(llm, tokens):.3f} "
+                          f"| {size / 2**20:.0f} MiB (the file) |", flush=True)
 
 
 if __name__ == "__main__":

@@ -39,6 +39,17 @@ def test_llama_cpp_answers_as_our_float32_ar(default_checkpoint, default_gguf, t
     assert len(first.tokens) == 24 and first.decode_time > 0 and first.time_to_first_token > 0
 
 
+@pytest.mark.skipif(not peers.llama_cpp_available(), reason="llama.cpp is optional: make peers")
+def test_llama_cpp_perplexity_is_ours_in_float32(default_checkpoint, default_gguf, tmp_path):
+    """quantize.py --perplexity --llama_cpp scores the same tokens in the same windows by llama.cpp's logits: on a
+    float32 GGUF of our weights that is our float32 perplexity (to rounding), window after window."""
+    model, tok = cli.load(default_checkpoint, torch.device("cpu"), torch.float32)
+    tokens = tok.encode(cli.PERPLEXITY_TEXT.read_text())[:150]
+    llm = peers.llama_cpp_model(default_gguf, "float32", 64, tmp_path, logits_all=True)
+    theirs, ours = peers.llama_cpp_perplexity(llm, tokens, window=64), cli.perplexity(model, tokens, window=64)
+    assert abs(theirs - ours) < 1e-3 * ours
+
+
 def test_q8_0_export_is_our_weights_rounded_to_8_bits(default_checkpoint, default_gguf, tmp_path):
     """--quantize w8a8's peer: llama.cpp's Q8_0, every matrix in blocks of 32 int8 weights with a scale each, from
     the same weights (each within a rounding step of its block, whose scale is a float16)."""

@@ -162,12 +162,23 @@ def test_int4_on_cpu_names_the_alternative():
     ("quantize.py", ("--mode", "w8a8"), "--mode w8a8 is made on load"),
     ("quantize.py", ("--perplexity", "--device", "tpu"), "unknown device 'tpu'"),
     ("quantize.py", ("--perplexity", "--text", "no-such.txt"), "cannot read --text no-such.txt: No such file"),
+    ("quantize.py", ("--mode", "int8", "--llama_cpp"), "--llama_cpp measures perplexity: add --perplexity"),
 ])
 def test_cli_errors(script, args, pattern, default_checkpoint):
     proc = subprocess.run([sys.executable, str(ROOT / script), *args], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert pattern in proc.stderr.strip().splitlines()[-1]
+
+
+def test_llama_cpp_perplexity_needs_llama_cpp(monkeypatch, capsys):
+    import peers
+    import quantize
+
+    monkeypatch.setattr(peers, "llama_cpp_available", lambda: False)
+    with pytest.raises(SystemExit) as exit:
+        quantize.main(["--perplexity", "--llama_cpp"])
+    assert exit.value.code == 2 and "--llama_cpp needs llama-cpp-python: make peers" in capsys.readouterr().err
 
 
 @CUDA
