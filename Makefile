@@ -1,6 +1,7 @@
 # make demo: set up and run the embedded default model with S3D and its shipped heads, against plain decoding.
 # make test: set up and run the test suite.
-# make peers: add llama.cpp (llama-cpp-python, built from source: minutes) for bench.py --decode; never needed by tests.
+# make peers: add llama.cpp (llama-cpp-python, built from source: minutes) for bench.py --methods llama.cpp and --decode
+# and quantize.py --llama_cpp; never needed by tests.
 # make gpu-check: on a CUDA machine, the CUDA tests and GPU benchmarks, logged to runs/gpu-check.txt.
 PYTHON ?= python3
 VENV := .venv
