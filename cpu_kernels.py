@@ -129,7 +129,9 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
 // The weights in blocks (n/16, k/4, 16, 4): one 64-byte load holds 16 output channels times 4 consecutive inputs,
 // made unsigned by adding 128 (flipping the top bit). A block's whole-number sum starts at -128 times its sum of q,
 // which takes the offset off again, so it is exact; then it is scaled by s and added, block after block, in float32.
-static constexpr int64_t BLOCK_QUADS = 8;  // quads (4 inputs) in a block of 32 inputs
+// quads (4 inputs) in a block: INT8_BLOCK is model.INT8_BLOCK (32), given by load() so that both round alike
+static constexpr int64_t BLOCK_QUADS = INT8_BLOCK / 4;
+static_assert(INT8_BLOCK % 4 == 0 && INT8_BLOCK <= 32, "a block is whole quads, read in at most two 16-input loads");
 
 template <int R>
 static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* step,
@@ -510,7 +512,9 @@ def load() -> bool:
             pass
 
         # (-fopenmp: without it at::parallel_for runs on one thread)
-        load_inline("s3d_kernels", cpp_sources=[SOURCE], extra_cflags=["-O3", "-fopenmp", *ISA],
+        # (-DINT8_BLOCK: gemv_int8 rounds its rows in model.INT8_BLOCK's blocks, as model.int8_rows does)
+        load_inline("s3d_kernels", cpp_sources=[SOURCE],
+                    extra_cflags=["-O3", "-fopenmp", *ISA, f"-DINT8_BLOCK={model.INT8_BLOCK}"],
                     extra_ldflags=["-fopenmp"], is_python_module=False)
     except Exception as error:  # a missing compiler, or one without AVX512_BF16: the Inductor path still works
         log.warning("s3d: AVX-512 kernels not built (%s); few-row linear maps and attention stay Inductor's and "

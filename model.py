@@ -268,7 +268,7 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     if scale is not None:  # int8 weights: the rows rounded to 8 bits as well, as gemv_int8 rounds them (from the
         # rows as they are in x's dtype: in memory, not the float32 values a fused kernel would compute them from)
         rows, step = int8_rows(force_stride_order(rows, (k, 1)))
-        rows = rows.float() * step
+        rows = rows * step
     # the rows in float32 in memory, rather than the ops that made them recomputed inside the loop over the weights
     rows = force_stride_order(rows.float(), (k, 1))
     # (each row's sum stays (n/16, 16) until after the stack: viewed as (n,) first, Inductor would write each into
