@@ -17,6 +17,7 @@ import torch
 import checkpoint
 import cli
 import s3d
+import spec_bench
 from checkpoint import UsageError
 from cli import DEFAULT_CHECKPOINT, DEFAULT_PROMPT, DTYPES
 from model import Transformer
@@ -150,7 +151,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help="copy the drafts from the prompt and answer so far, with no draft forward, wherever their "
                            f"last N tokens (down to {s3d.LOOKUP_SHORTEST}) occurred before; the output is the same "
                            f"(default: {s3d.LOOKUP_LONGEST} with a chain of S3D or layer-skip drafts; 0: off)")
-    spec.add_argument("--compare_ar", action="store_true", help="also run plain AR decoding and report the speedup")
+    spec.add_argument("--compare_ar", action="store_true",
+                      help="also run plain AR decoding: the speedup, and whether the outputs agree as they must "
+                           "(greedy: token for token, but at a tie of the target's logits; else exit code 1)")
     spec.add_argument("--show_drafts", action="store_true",
                       help="show every iteration: accepted drafts (green), the first rejected one (red) and the "
                            "target's replacement or bonus token (yellow), then a histogram of accepted lengths")
@@ -234,7 +237,10 @@ def tokens_per_second(result: s3d.Result) -> float:
 
 
 def report(result: s3d.Result, model: Transformer, device: torch.device, compile_time: Optional[float],
-           gamma: Optional[int] = None, ar: Optional[s3d.Result] = None) -> None:
+           gamma: Optional[int] = None, ar: Optional[s3d.Result] = None, prompt: Optional[list[int]] = None,
+           greedy: bool = True) -> bool:
+    """Prints the run's metrics (and with ar, the comparison with AR's run); False where the two outputs disagree
+    in a way the algorithm does not allow."""
     n = len(result.tokens)
     tokens_per_s = tokens_per_second(result)
     memory, peak = checkpoint.memory_breakdown(model), cli.peak_memory_bytes(device) / 2**30
@@ -257,10 +263,34 @@ def report(result: s3d.Result, model: Transformer, device: torch.device, compile
     if result.ar_steps:
         lines.append(f"{result.ar_steps} AR steps taken instead of iterations (--adaptive: speculating was the slower "
                      f"there)")
+    agree = True
     if ar is not None:
-        same = "identical output" if ar.tokens == result.tokens else "outputs differ (sampling, or a near-tie)"
+        same, agree = compare_with_ar(model, prompt, ar.tokens, result.tokens, greedy)
         lines.append(f"AR {tokens_per_second(ar):.1f} tokens/s: speedup {tokens_per_s / tokens_per_second(ar):.2f}x, {same}")
     print("\n" + "\n".join(lines), file=sys.stderr)
+    return agree
+
+
+def compare_with_ar(model: Transformer, prompt: list[int], ar_tokens: list[int], tokens: list[int],
+                    greedy: bool) -> tuple[str, bool]:
+    """What --compare_ar says of the speculative output against AR's, and whether the two agree as the algorithm
+    promises. Greedy: token for token, except where the target's two best logits are so close (spec_bench.TIE_ULPS
+    rounding steps) that a 1-token AR step and a (g+1)-token verify forward, which round their sums differently,
+    can pick either (bfloat16; docs/design.md). Sampling: each output is a sample of the target's distribution, so
+    they differ in general."""
+    if ar_tokens == tokens:
+        return "identical output", True
+    if not greedy:
+        return "outputs differ (sampling: each is a sample of the target model's distribution)", True
+    i = spec_bench.first_difference(ar_tokens, tokens)
+    gap = spec_bench.gap_in_ulps(model, prompt, ar_tokens, i, tokens[i]) if i < len(tokens) else None
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    if gap is not None and gap <= spec_bench.TIE_ULPS:
+        return (f"outputs part at new token {i}, at a tie: the target's logits for the two tokens there are "
+                f"{gap:.1f} rounding steps of {dtype} apart, which a 1-token and a multi-token forward may round "
+                f"either way"), True
+    where = "" if gap is None else f", where the target's logits are {gap:.0f} rounding steps of {dtype} apart"
+    return f"MISMATCH: the outputs part at new token {i}{where}: not a tie, so not AR's output (a bug)", False
 
 
 def load_weights(args: argparse.Namespace, device: torch.device) -> tuple[Transformer, Tokenizer]:
@@ -320,6 +350,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                      max_new_tokens=min(args.max_new_tokens, 8))
         compile_time = time.perf_counter() - t
         print(f"compiled in {compile_time:.1f} s", file=sys.stderr)
+    agree = True  # every --compare_ar so far found the outputs as the algorithm allows
     while True:
         if args.interactive:
             try:
@@ -347,11 +378,14 @@ def main(argv: Optional[list[str]] = None) -> None:
             if args.compare_ar and draft is not None:
                 torch.manual_seed(args.seed)
                 ar = run_once(model, tokenizer, prompt, args, None, stream=False)
-            report(result, model, device, compile_time, draft.gamma if draft else None, ar)
+            agree &= report(result, model, device, compile_time, draft.gamma if draft else None, ar, prompt,
+                            greedy=args.temperature == 0)
             compile_time = None
         if not args.interactive:
             break
         messages.append({"role": "assistant", "content": tokenizer.decode(result.tokens, skip_special=True)})
+    if not agree:
+        sys.exit(1)
 
 
 if __name__ == "__main__":
