@@ -209,8 +209,9 @@ GEMV_MAX_ROWS = 5
 # (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 DOT_INT8 = False  # the same for its AVX512_VNNI kernel of int8 weights (the draft's copies, --quantize w8a8)
-# which takes up to 8 rows: a verify step of g <= 7 on w8a8 weights computes each row exactly as the AR step does
-# (whole-number sums), so such steps go to it however many rows they have
+# which takes up to 8 rows a pass over the weights: a step of w8a8 weights computes each row exactly as the AR step
+# does (whole-number sums), so such steps go to it however many rows they have, a tree's verify in passes of 8 (up
+# to ATTEND_MAX_ROWS, below), rather than to a bfloat16 GEMM that would round them otherwise
 INT8_MAX_ROWS = 8
 # The feed-forward's gate and up maps as one gemv call for a few rows (FeedForward.forward; off only to compare)
 FUSE_GATE_UP = True
@@ -218,9 +219,9 @@ FUSE_GATE_UP = True
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
-    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (INT8_MAX_ROWS for int8 weights where the AVX512_VNNI
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (ATTEND_MAX_ROWS for int8 weights where the AVX512_VNNI
     kernel takes them), and a plain weight (not a torchao-quantized one)."""
-    most = INT8_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8 else GEMV_MAX_ROWS
+    most = ATTEND_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8 else GEMV_MAX_ROWS
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
             and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= most)
@@ -258,7 +259,10 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
         # a row's result is the same whatever rows come with it. 1 row too: then the AR step and verify (which
         # Inductor fuses differently around its own reductions, rounding to bfloat16 in other places) have the same
         # kernels, so each verify row is computed exactly as the AR step's row (BENCHMARKS.md, section 36).
-        return (torch.ops.s3d_kernels.gemv_int8(x, dot_blocks(weight, 4)) * scale.float()).to(x.dtype)
+        # More rows than one pass takes (a tree's verify): in passes of INT8_MAX_ROWS, each row still computed alone.
+        blocks, rows = dot_blocks(weight, 4), x.reshape(-1, k)
+        y = torch.cat([torch.ops.s3d_kernels.gemv_int8(part, blocks) for part in rows.split(INT8_MAX_ROWS)])
+        return (y * scale.float()).view(*x.shape[:-1], n).to(x.dtype)
     if use_dot_bf16(weight) and x.numel() > k:
         # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
         # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)

@@ -276,15 +276,17 @@ def test_w8a8_s3d_is_its_ar_output_compiled(convert_tiny):
                 i = spec_bench.first_difference(spec.tokens, ar)
                 assert spec_bench.gap_in_ulps(model, prompt, ar, i, spec.tokens[i]) <= spec_bench.TIE_ULPS
             accepted += spec.accepted
-        if model_py.DOT_INT8:  # and the logits themselves: each row of a 4-row forward is the 1-row step's, bit for bit
+        if model_py.DOT_INT8:  # and the logits themselves: each row of a 4-row forward is the 1-row step's, bit for bit,
+            # and of a 12-row one (a tree's verify: two passes of gemv_int8 over the weights)
             forward = s3d.compiled(lambda m, x, pos, mask: m(x, pos, mask=mask), "cpu")
             # (40 sets of tokens: a step that rounds differently changes this tiny model's logits only now and then)
             pos, seed = len(prompt) + 24, torch.Generator().manual_seed(0)
-            for tokens in torch.randint(0, model.config.vocab_size, (40, 1, 4), generator=seed):
-                rows = forward(model, tokens, torch.arange(pos, pos + 4), s3d.causal_mask(model, pos, 4))[0]
-                for i in range(4):
-                    one = forward(model, tokens[:, i:i + 1], torch.arange(pos + i, pos + i + 1),
-                                  s3d.causal_mask(model, pos + i, 1))
-                    assert torch.equal(one[0, 0], rows[i])
+            for width, sets in ((4, 40), (12, 12)):
+                for tokens in torch.randint(0, model.config.vocab_size, (sets, 1, width), generator=seed):
+                    rows = forward(model, tokens, torch.arange(pos, pos + width), s3d.causal_mask(model, pos, width))[0]
+                    for i in range(width):
+                        one = forward(model, tokens[:, i:i + 1], torch.arange(pos + i, pos + i + 1),
+                                      s3d.causal_mask(model, pos + i, 1))
+                        assert torch.equal(one[0, 0], rows[i]), (width, i)
     assert model.heads.int8 and sum(accepted) > 0
     s3d.release_compiled()
