@@ -259,10 +259,13 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
         # a row's result is the same whatever rows come with it. 1 row too: then the AR step and verify (which
         # Inductor fuses differently around its own reductions, rounding to bfloat16 in other places) have the same
         # kernels, so each verify row is computed exactly as the AR step's row (BENCHMARKS.md, section 36).
-        # More rows than one pass takes (a tree's verify): in passes of INT8_MAX_ROWS, each row still computed alone.
-        blocks, rows = dot_blocks(weight, 4), x.reshape(-1, k)
-        y = torch.cat([torch.ops.s3d_kernels.gemv_int8(part, blocks) for part in rows.split(INT8_MAX_ROWS)])
-        return (y * scale.float()).view(*x.shape[:-1], n).to(x.dtype)
+        blocks = dot_blocks(weight, 4)
+        if math.prod(x.shape[:-1]) <= INT8_MAX_ROWS:
+            y = torch.ops.s3d_kernels.gemv_int8(x, blocks)
+        else:  # more rows than one pass takes (a tree's verify): in passes, each row still computed alone
+            parts = x.reshape(-1, k).split(INT8_MAX_ROWS)
+            y = torch.cat([torch.ops.s3d_kernels.gemv_int8(part, blocks) for part in parts]).view(*x.shape[:-1], n)
+        return (y * scale.float()).to(x.dtype)
     if use_dot_bf16(weight) and x.numel() > k:
         # 2 rows or more: AVX512_BF16's dot products, each taking 32 weights where a multiply-add below takes 16.
         # (1 row stays below: it reads the weights as fast, and Inductor fuses it with the layer's other work.)
