@@ -703,14 +703,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.gguf is not None and not args.gguf.is_file():
         p.error(f"--gguf {args.gguf}: no such file")
     if "llama.cpp" in args.methods and evaluation:  # now, not after the other methods have run
-        if not peers.llama_cpp_available():
-            p.error("--methods llama.cpp needs llama-cpp-python: make peers")
+        if problem := peers.llama_cpp_unusable(args, "--methods llama.cpp"):
+            p.error(problem)
         if (torch.device(args.device).type != "cpu" or (args.quantize or args.dtype) not in peers.GGUF_TYPES
                 or (args.quantize and args.dtype != "bfloat16")):
             p.error("--methods llama.cpp runs our weights in float32 or bfloat16, or --quantize w8a8 (as Q8_0), on "
                     "the CPU")
-        if peers.gguf_source(args) is None:
-            p.error("--methods llama.cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     return args
 
 

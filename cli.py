@@ -303,10 +303,18 @@ def perplexity(model: Transformer, tokens: list[int], window: int = 512) -> floa
     """exp(mean next-token negative log-likelihood) over the text, in consecutive windows of `window` tokens."""
     model.setup_caches(1, window)
     device = model.output.weight.device
+    return windowed_perplexity(tokens, window, lambda chunk: model(
+        torch.tensor([chunk], device=device), torch.arange(len(chunk), device=device))[0, :-1].float())
+
+
+def windowed_perplexity(tokens: list[int], window: int, logits_of: Callable[[list[int]], torch.Tensor]) -> float:
+    """perplexity's windows and sum, for any scorer: logits_of(chunk) gives the logits after each of chunk's tokens
+    but the last (peers.llama_cpp_perplexity scores llama.cpp's in the same windows)."""
     nll, count = 0.0, 0
     for start in range(0, len(tokens) - 1, window - 1):
-        chunk = torch.tensor([tokens[start:start + window]], device=device)
-        logits = model(chunk, torch.arange(chunk.shape[1], device=device))[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, chunk[0, 1:], reduction="sum").item()
-        count += chunk.shape[1] - 1
+        chunk = tokens[start:start + window]
+        logits = logits_of(chunk)
+        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:], device=logits.device),
+                                                 reduction="sum").item()
+        count += len(chunk) - 1
     return math.exp(nll / count)

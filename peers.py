@@ -2,7 +2,6 @@
 Llama model, built from our weights by scripts/hf_format.py) and llama.cpp (llama-cpp-python, `make peers`), on a
 GGUF written from the GGUF our checkpoint was converted from, beside our own decoding, eager and compiled.
 """
-import math
 import statistics
 import sys
 import tempfile
@@ -77,6 +76,16 @@ def ours_decode_rate(model: Transformer, prompt: list[int], n: int, compile: boo
 # blocks of 32 weights where ours scales a whole output channel); norms and other 1-D tensors stay F32, as llama.cpp's
 # converter keeps them
 GGUF_TYPES = {"float32": "F32", "bfloat16": "BF16", "w8a8": "Q8_0"}
+
+
+def llama_cpp_unusable(args, flag: str) -> Optional[str]:
+    """Why `flag` cannot run llama.cpp with these arguments (bench.py --methods llama.cpp, quantize.py --llama_cpp),
+    or None: llama-cpp-python is not installed, or there is no GGUF to write its copy of our weights from."""
+    if not llama_cpp_available():
+        return f"{flag} needs llama-cpp-python: make peers"
+    if gguf_source(args) is None:
+        return f"{flag} needs the GGUF this checkpoint was converted from: give it with --gguf"
+    return None
 
 
 def gguf_source(args) -> Optional[Path]:
@@ -159,15 +168,12 @@ def llama_cpp_model(gguf_source: Path, weights: str, n_ctx: int, folder: Path, l
 def llama_cpp_perplexity(llm, tokens: list[int], window: int = 512) -> float:
     """cli.perplexity of llama.cpp (a llama_cpp_model with logits_all, n_ctx >= window): the same tokens, in the same
     windows, scored by its logits."""
-    nll, count = 0.0, 0
-    for start in range(0, len(tokens) - 1, window - 1):
-        chunk = tokens[start:start + window]
+    def logits_of(chunk: list[int]) -> torch.Tensor:
         llm.reset()
         llm.eval(chunk)
-        logits = torch.from_numpy(llm.scores[:len(chunk) - 1]).double()
-        nll += torch.nn.functional.cross_entropy(logits, torch.tensor(chunk[1:]), reduction="sum").item()
-        count += len(chunk) - 1
-    return math.exp(nll / count)
+        return torch.from_numpy(llm.scores[:len(chunk) - 1]).double()
+
+    return cli.windowed_perplexity(tokens, window, logits_of)
 
 
 def llama_cpp_generate(llm, prompt: list[int], max_new_tokens: int, eos_ids: set[int],

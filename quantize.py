@@ -52,14 +52,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.llama_cpp:
         if not args.perplexity:
             p.error("--llama_cpp measures perplexity: add --perplexity")
-        if not peers.llama_cpp_available():
-            p.error("--llama_cpp needs llama-cpp-python: make peers")
+        if problem := peers.llama_cpp_unusable(args, "--llama_cpp"):
+            p.error(problem)
         if device.type != "cpu" or args.dtype not in peers.GGUF_TYPES:
             p.error("--llama_cpp runs on the CPU, with --dtype float32 or bfloat16")
         if args.gguf is not None and not args.gguf.is_file():
             p.error(f"--gguf {args.gguf}: no such file")
-        if peers.gguf_source(args) is None:
-            p.error("--llama_cpp needs the GGUF this checkpoint was converted from: give it with --gguf")
     if args.perplexity:
         text = checkpoint.read_text_file(args.text, "--text")
     if args.mode == "w8a8":
