@@ -196,7 +196,7 @@ def tree_gamma(tree: Optional[s3d.Tree], gamma: Optional[int]) -> Optional[int]:
 DRAFT_WEIGHTS = {"auto": None, "int8": True, "target": False}
 DRAFT_WEIGHTS_HELP = ("the S3D draft's layers: int8 copies of the weights with the adapters folded in (half the bytes "
                       "to read; the output is still the target's), or the target's own; auto (default): int8 when "
-                      "compiled on a CPU with bfloat16 weights")
+                      "compiled on a CPU with bfloat16 weights and AVX512_VNNI")
 
 
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 import cpu_kernels
+import model as model_py
 from checkpoint import UsageError
 from heads import check_gamma
 from model import Transformer
@@ -384,13 +385,18 @@ Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 
 def int8_draft(model: Transformer, draft: Draft, compile: bool) -> bool:
     """Whether the S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters): draft.int8 when
-    given, else where that measured faster: compiled on a CPU with bfloat16 activations, where Inductor runs them as
-    its weight-only int8 GEMM (draft(4) 0.70 -> 0.57 AR steps: BENCHMARKS.md, section 18). The heads need adapters,
-    whose folded weights the copies hold."""
+    given, else where that measured faster: compiled on a CPU with bfloat16 activations and cpu_kernels' AVX512_VNNI
+    kernel (draft(4) 0.70 -> 0.57 AR steps: BENCHMARKS.md, section 18; then 0.53, section 24). Without that kernel
+    the copies go through Inductor's reduction, rows rounded to 8 bits, which cost 3.8 AR steps against 0.9 for the
+    draft on the bfloat16 weights on an AVX2 CPU (section 40). The heads need adapters, whose folded weights the
+    copies hold."""
     if draft.int8 is not None:
         return draft.int8
-    return (compile and model.output.weight.device.type == "cpu" and model.heads.rank > 0
-            and model.tok_embeddings.weight.dtype == torch.bfloat16)
+    if not (compile and model.output.weight.device.type == "cpu" and model.heads.rank > 0
+            and model.tok_embeddings.weight.dtype == torch.bfloat16):
+        return False
+    cpu_kernels.load()  # (which sets model.DOT_INT8 where the kernel is built)
+    return model_py.DOT_INT8
 
 
 def s3d_drafter(model: Transformer, draft: Draft, sampling: Sampling, compile: bool, prefill_fn: Callable) -> Drafter:

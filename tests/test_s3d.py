@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import cpu_kernels
 import model as model_py
 import s3d
 from checkpoint import UsageError
@@ -592,16 +593,19 @@ def test_int8_draft_is_lossless_compiled_and_runs_on_int8_weights(tree, monkeypa
                     torch._dynamo.config.error_on_recompile = compile  # after the first compiled prompt
         finally:
             torch._dynamo.config.error_on_recompile = False
-    assert not s3d.int8_draft(model, dataclasses.replace(draft, int8=None), True)  # float32: not by default
+    by_default = dataclasses.replace(draft, int8=None)
+    assert not s3d.int8_draft(model, by_default, True)  # float32: not by default
     model = with_trained_looking_heads(tiny_model()).to(torch.bfloat16)
-    assert s3d.int8_draft(model, dataclasses.replace(draft, int8=None), True)
-    assert not s3d.int8_draft(model, dataclasses.replace(draft, int8=None), False)
+    cpu_kernels.load()  # (sets model.DOT_INT8 on a CPU with AVX512_VNNI; set by hand below, both ways, on any CPU)
+    monkeypatch.setattr(model_py, "DOT_INT8", True)
+    assert s3d.int8_draft(model, by_default, True)  # bfloat16, compiled, with the VNNI kernel: by default
+    assert not s3d.int8_draft(model, by_default, False)
+    monkeypatch.setattr(model_py, "DOT_INT8", False)
+    assert not s3d.int8_draft(model, by_default, True)  # without it (an AVX2 CPU), the draft reads the bf16 weights
     # (Inductor's reduction: cpu_kernels' gemv_int8, which AVX512_VNNI CPUs call instead, reads the copies in a
     # layout of its own and is tested in tests/test_cpu_kernels.py)
-    monkeypatch.setattr(model_py, "DOT_INT8", False)
     with torch.no_grad():
-        _, code = run_and_get_code(s3d.speculative_generate, model, PROMPTS[0], 8, dataclasses.replace(draft, int8=None),
-                                   compile=True)
+        _, code = run_and_get_code(s3d.speculative_generate, model, PROMPTS[0], 8, draft, compile=True)
     # the draft's 3 rows go through model.gemv, which reads the int8 copies themselves: one frozen int8 weight per map
     # (gate and up as one: model.FeedForward)
     kept_maps = 5 * (model.config.n_layer - 2)
