@@ -601,8 +601,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "converted from, for llama.cpp (default: the embedded model's)")
     p.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"], choices=list(DTYPES), help="for --decode")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on GPUs, for --quantize or --formats and on CPUs with native bf16, else "
-                        "float32 (as generate.py)")
+                   help="auto: bfloat16 on GPUs, for --quantize or --formats, on CPUs with native bf16 and compiled "
+                        "on other CPUs, else float32 (as generate.py)")
     p.add_argument("--max_new_tokens", "--tokens", type=int, default=128, help="new tokens per answer")
     p.add_argument("--repeats", type=int, default=3, help="for --decode")
     p.add_argument("--rounds", type=int, default=1, help="with --interleave: the evaluation this many times in one "
@@ -697,7 +697,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("several --heads files go with --profile or --sweep")
     args.heads = args.heads_files[0] if args.heads_files else None
     if not args.random_weights:  # there each format sets its own dtype
-        args.dtype = cli.resolve_dtype(args.dtype, torch.device(args.device), args.quantize or args.formats)
+        args.dtype = cli.resolve_dtype(args.dtype, torch.device(args.device), args.quantize or args.formats,
+                                        args.compile or args.roofline)
     if args.formats and not args.random_weights and (args.heads is None or args.profile or args.sweep or args.decode):
         p.error("--formats needs one --heads file (S3D runs with it in every format) and no other mode")
     if args.gguf is not None and not args.gguf.is_file():

@@ -20,6 +20,7 @@ from typing import Callable, Optional
 import torch
 
 import cpu_kernels
+import model as model_py
 import s3d
 from checkpoint import UsageError, load_model
 from heads import check_gamma, check_skip, load_heads, middle_third, new_heads
@@ -133,10 +134,12 @@ def cpu_bf16_flags() -> list[str]:
     return [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
 
 
-def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = None) -> str:
-    """--dtype auto: bfloat16 on GPUs, for quantized weights (Inductor's int8 GEMM takes bfloat16 activations) and
-    on CPUs with native bf16 matrix instructions; float32 on other CPUs, where a bf16 forward of several tokens (S3D's
-    verify) is several times slower than one of a single token. Says what it chose and why, in one line."""
+def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = None, compile: bool = False) -> str:
+    """--dtype auto: bfloat16 on GPUs, for quantized weights (Inductor's int8 GEMM takes bfloat16 activations), on
+    CPUs with native bf16 matrix instructions, and for compiled decoding on other CPUs: there the compiled steps of a
+    few tokens read bfloat16 weights and multiply in float32 (model.gemv), and many rows (a prefill) multiply in
+    float32 (model.FLOAT32_MATMUL), so every step reads half the bytes of float32's and none runs on slow bfloat16
+    GEMMs (BENCHMARKS.md, section 40). Uncompiled on such a CPU, float32. Says what it chose and why, in one line."""
     if name != "auto":
         return name
     native = native_bf16() if device.type == "cpu" else []
@@ -146,8 +149,12 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
         name, why = "bfloat16", "quantized weights: Inductor's int8 kernels take bfloat16 activations"
     elif native:
         name, why = "bfloat16", f"this CPU has native bf16 matrix instructions ({', '.join(native)})"
+    elif compile:
+        name, why = "bfloat16", ("compiled; this CPU has no native bf16 matrix instructions, so the weights are read as "
+                                 "bfloat16 and multiplied in float32")
     else:
-        name, why = "float32", "this CPU has no native bf16 matrix instructions (AMX, AVX512_BF16), so bf16 is slow"
+        name, why = "float32", ("this CPU has no native bf16 matrix instructions (AMX, AVX512_BF16), so bf16 is slow "
+                                "uncompiled; --compile reads bfloat16 weights")
     print(f"--dtype auto: {name} ({why})", file=sys.stderr)
     return name
 
@@ -156,6 +163,8 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     if not Path(checkpoint).exists() and Path(checkpoint).resolve() == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
+    # without native bf16, many bfloat16 rows (a prefill) multiply faster in float32 (model.FLOAT32_MATMUL)
+    model_py.FLOAT32_MATMUL = device.type == "cpu" and not native_bf16()
     if device.type == "cpu" and "amx_bf16" not in native_bf16():
         # attention in float32 unless the CPU has AMX: without native bf16, bf16 attention over a long cache is
         # several times slower (BENCHMARKS.md, section 5), and with AVX512_BF16 alone PyTorch's bf16 attention of one

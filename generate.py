@@ -16,6 +16,7 @@ import torch
 
 import checkpoint
 import cli
+import cpu_kernels
 import s3d
 import spec_bench
 from checkpoint import UsageError
@@ -118,8 +119,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
-                   help="auto: bfloat16 on GPUs, for --quantize and on CPUs with native bf16 (AVX512_BF16, AMX), "
-                        "else float32 (there a multi-token bf16 forward, as S3D's verify is, is slow); it says which")
+                   help="auto: bfloat16 on GPUs, for --quantize, on CPUs with native bf16 (AVX512_BF16, AMX) and "
+                        "with --compile on other CPUs (bfloat16 weights, float32 products), else float32; it says "
+                        "which")
     p.add_argument("--compile", action="store_true", help="compile the decode steps (CUDA graphs on CUDA)")
     p.add_argument("--compile_prefill", action="store_true", help="compile prefill too, with dynamic shapes")
     p.add_argument("--interactive", action="store_true", help="read prompts from the terminal, one per turn")
@@ -312,6 +314,13 @@ def load_weights(args: argparse.Namespace, device: torch.device) -> tuple[Transf
         if device.type == "cpu" and args.dtype == "float32":  # checkpoint.py's quantization notes say why
             print("note: int8 weights with float32 activations on a CPU are slow (eager) or unpacked to float32 "
                   "(compiled); the default --dtype for --quantize is bfloat16", file=sys.stderr)
+        if (args.quantize == "w8a8" and device.type == "cpu" and args.compile
+                and not (cpu_kernels.wanted() and torch.cpu._is_vnni_supported())):
+            # without cpu_kernels' AVX512_VNNI kernel the int8 products run as Inductor's generic reductions: on an
+            # AVX2 CPU AR decoded 7 times slower than in bfloat16 (BENCHMARKS.md, section 40)
+            print("note: w8a8 runs fast only on a CPU with AVX512_VNNI and AVX512_BF16; this one lacks them (or "
+                  "S3D_DOT_BF16=0 turned them off), so here it is several times slower than --dtype bfloat16 "
+                  "without --quantize", file=sys.stderr)
     return model, tokenizer
 
 
@@ -320,7 +329,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     device = cli.resolve_device(args.device)
     torch.manual_seed(args.seed)
-    args.dtype = cli.resolve_dtype(args.dtype, device, args.quantize)
+    args.dtype = cli.resolve_dtype(args.dtype, device, args.quantize, args.compile)
     if args.quantize:
         checkpoint.check_quantization(args.quantize, device, args.groupsize)
     model, tokenizer = load_weights(args, device)

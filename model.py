@@ -286,9 +286,28 @@ def gemv(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     return y.view(*x.shape[:-1], n).to(x.dtype)
 
 
+# A CPU without native bf16 matrix instructions (AVX2) multiplies bfloat16 matrices slowly: the library's GEMM of 64
+# rows by a 576 x 1536 weight took 3.2 ms there, against 1.0 ms in float32, the weight converted at each call
+# (BENCHMARKS.md, section 40). cli.load sets FLOAT32_MATMUL on such a CPU: bfloat16 linear maps of more rows than
+# FLOAT32_MATMUL_ROWS (a prompt's prefill) then multiply in float32 and round the result to bfloat16, as the library's
+# bfloat16 GEMM, which sums in float32, does. Decode steps of a few rows stay bfloat16, through gemv when compiled:
+# there reading half the bytes of float32 is what counts.
+FLOAT32_MATMUL = False
+FLOAT32_MATMUL_ROWS = 8
+
+
+def float32_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Optional[Tensor]:
+    """x @ weight.T (+ bias) multiplied in float32 and rounded to x's dtype where FLOAT32_MATMUL says so, else None."""
+    if not (FLOAT32_MATMUL and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and type(weight) in (nn.Parameter, Tensor) and math.prod(x.shape[:-1]) > FLOAT32_MATMUL_ROWS):
+        return None
+    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
 def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
     """x @ weight.T (no bias; times scale per output channel for int8 weights): gemv where use_gemv says so (a
-    compiled bfloat16 CPU step of a few rows), else the library's linear map."""
+    compiled bfloat16 CPU step of a few rows), else the library's linear map (in float32 for many bfloat16 rows on a
+    CPU without native bf16: FLOAT32_MATMUL)."""
     if use_gemv(x, weight):
         return gemv(x, weight, scale)
     if scale is not None:
@@ -296,7 +315,8 @@ def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Ten
         # prefill rounds them once more; Inductor turns the product by the int8 weight into its weight-only int8 GEMM)
         rows, step = int8_rows(x)
         return F.linear((rows.float() * step).to(x.dtype), weight.to(x.dtype)) * scale.to(x.dtype)
-    return F.linear(x, weight)
+    y = float32_matmul(x, weight)
+    return F.linear(x, weight) if y is None else y
 
 
 # Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
@@ -337,7 +357,8 @@ def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name:
         return linear(layer, x, None, name) + adapters[name](x)
     weight, scale = weight_scale
     if scale is None and not use_gemv(x, weight):
-        return F.linear(x, weight, layer.bias)
+        y = float32_matmul(x, weight, layer.bias)
+        return F.linear(x, weight, layer.bias) if y is None else y
     y = linear_map(x, weight, scale)
     return y if layer.bias is None else y + layer.bias
 

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+import model as model_py
 import s3d
 from checkpoint import load_model
 
@@ -189,10 +190,45 @@ def test_cpu_attention_and_cache_dtypes(tiny_checkpoint, monkeypatch, flags, att
 
     monkeypatch.setattr(cli, "native_bf16", lambda: flags)
     monkeypatch.setattr(cpu_kernels, "may_attend", lambda: attend)
+    monkeypatch.setattr(model_py, "FLOAT32_MATMUL", model_py.FLOAT32_MATMUL)  # (restored after cli.load sets it)
     model, _ = cli.load(tiny_checkpoint, torch.device("cpu"), torch.bfloat16)
     model.setup_caches(1, 64)
     cache = model.layers[0].attention.kv_cache
     assert cache.k_cache.dtype == cache.v_cache.dtype == kv_dtype and cache.attention_dtype == attention_dtype
+    assert model_py.FLOAT32_MATMUL == (not flags)  # a prefill's bfloat16 rows multiply in float32 without native bf16
+
+
+@pytest.mark.parametrize("kernels", [False, True])
+def test_w8a8_without_the_int8_kernel_says_it_is_slow(tiny_checkpoint, monkeypatch, capsys, kernels):
+    """--quantize w8a8 --compile on a CPU without cpu_kernels' AVX512_VNNI kernel (forced here both ways) notes that
+    w8a8 is slow there and bfloat16 is the faster choice; with the kernel, no note."""
+    import argparse
+
+    import cpu_kernels
+    import generate
+
+    monkeypatch.setattr(cpu_kernels, "wanted", lambda: kernels)
+    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: kernels)
+    args = argparse.Namespace(checkpoint=tiny_checkpoint, dtype="bfloat16", quantize="w8a8", groupsize=128,
+                              compile=True)
+    model, _ = generate.load_weights(args, torch.device("cpu"))
+    assert model.quantization == "w8a8"
+    assert ("note: w8a8 runs fast only on a CPU with AVX512_VNNI" in capsys.readouterr().err) == (not kernels)
+
+
+@pytest.mark.parametrize("native,quantize,compile,dtype", [
+    (["avx512_bf16"], None, False, "bfloat16"), ([], None, True, "bfloat16"), ([], None, False, "float32"),
+    ([], "w8a8", False, "bfloat16")])
+def test_dtype_auto_on_a_cpu(monkeypatch, capsys, native, quantize, compile, dtype):
+    """--dtype auto on a CPU: bfloat16 with native bf16, for quantized weights, and compiled without native bf16
+    (bfloat16 weights read by the compiled steps); float32 only uncompiled without it. One line says why."""
+    import cli
+
+    monkeypatch.setattr(cli, "native_bf16", lambda: native)
+    assert cli.resolve_dtype("auto", torch.device("cpu"), quantize, compile) == dtype
+    line = capsys.readouterr().err
+    assert line.startswith(f"--dtype auto: {dtype} (") and line.count("\n") == 1
+    assert cli.resolve_dtype("float16", torch.device("cpu"), quantize, compile) == "float16"  # a choice is kept
 
 
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):

@@ -170,6 +170,47 @@ def test_gemv_is_the_linear_map_row_by_row_on_bfloat16_weights(monkeypatch):
                                atol=1e-2)
 
 
+def test_many_bfloat16_rows_multiply_in_float32_on_a_cpu_without_native_bf16(monkeypatch):
+    """With model.FLOAT32_MATMUL (cli.load sets it on a CPU without native bf16) the linear maps of a bfloat16 forward
+    of more than FLOAT32_MATMUL_ROWS tokens (a prefill) multiply float32 copies of their inputs and weights (bias
+    included), their results rounded back to bfloat16; a few rows (eager decode steps) stay on the bfloat16 GEMM."""
+    import torch.nn.functional as F
+
+    import model as model_py
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    many = torch.randn(1, model_py.FLOAT32_MATMUL_ROWS + 1, 64, dtype=torch.bfloat16)
+    few = many[:, :model_py.FLOAT32_MATMUL_ROWS]
+    in_float32 = F.linear(many.float(), layer.weight.float(), layer.bias.float()).to(torch.bfloat16)
+    with torch.no_grad():
+        monkeypatch.setattr(model_py, "FLOAT32_MATMUL", True)
+        assert torch.equal(model_py.linear(layer, many, None, "w"), in_float32)
+        assert torch.equal(model_py.linear(layer, few, None, "w"), F.linear(few, layer.weight, layer.bias))
+        assert torch.equal(model_py.linear_map(many, layer.weight), F.linear(many.float(), layer.weight.float()).bfloat16())
+
+        config = ModelArgs(n_layer=2, n_head=4, dim=64, intermediate_size=128, vocab_size=100, block_size=64)
+        tiny = Transformer(config).to(torch.bfloat16)
+        tiny.setup_caches(1, 32)
+        tokens, positions = torch.randint(0, 100, (1, 12)), torch.arange(12)
+        mm_dtypes = []
+
+        class SeeLinear(torch.overrides.TorchFunctionMode):  # the dtypes of every linear map's input
+            def __torch_function__(self, func, types, args=(), kwargs=None):
+                if func is F.linear:
+                    mm_dtypes.append(args[0].dtype)
+                return func(*args, **(kwargs or {}))
+
+        with SeeLinear():
+            tiny(tokens, positions)
+        assert set(mm_dtypes) == {torch.float32} and len(mm_dtypes) == 5 * 2 + 1  # (wqkv, wo, gate, up, down; output)
+        monkeypatch.setattr(model_py, "FLOAT32_MATMUL", False)
+        mm_dtypes.clear()
+        with SeeLinear():
+            tiny(tokens, positions)
+        assert set(mm_dtypes) == {torch.bfloat16}
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 @pytest.mark.parametrize("int8", [False, True])
 def test_gate_and_up_maps_are_one_call(monkeypatch, rows, int8):
