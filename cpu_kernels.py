@@ -27,14 +27,17 @@ attention rounds them; section 33).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
-`s3d_kernels::attend`, which compiled steps call like any other. Only CPUs with AVX512_BF16 use them (and with
-AVX512_VNNI, gemv_int8); elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment, model.py keeps
-Inductor's reductions and the library's attention. S3D_DOT_INT8=0 or S3D_ATTEND=0 leaves out one kernel alone (to
+`s3d_kernels::attend`, which compiled steps call like any other. CPUs with AVX512_BF16 use all three (and with
+AVX512_VNNI, gemv_int8); CPUs with AVX2 alone get a build of gemv_int8 on `vpmaddubsw` (32 products of bytes an
+instruction, in pairs; the same whole-number sums, so the same results bit for bit), for the int8 draft and w8a8.
+Elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment, model.py keeps Inductor's reductions
+and the library's attention. S3D_DOT_INT8=0 or S3D_ATTEND=0 leaves out one kernel alone (to
 compare).
 """
 import functools
 import logging
 import os
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -76,6 +79,7 @@ static at::Tensor empty_sums(const at::Tensor& x, int64_t n) {
   return at::empty(sizes, x.options().dtype(at::kFloat));
 }
 
+#ifdef __AVX512BF16__  // (the AVX2 build has gemv_int8 alone)
 // y[r, 16b:16b+16] = sum over k of x[r, k] w[16b:16b+16, k], for R rows; w in blocks (n/16, k/2, 16, 2): one 64-byte
 // load holds 16 output channels times 2 consecutive inputs, the operand vdpbf16ps takes
 template <int R>
@@ -122,6 +126,8 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+#endif
+
 // int8 weights (the S3D draft's copies, --quantize w8a8) on AVX512_VNNI's vpdpbusd, which multiplies 64 u8 weights
 // by 4 int8 inputs each and adds into 16 int32 sums. Each row is rounded to 8 bits first, one step per block of 32
 // inputs (x ~ q s, s = the block's max |x| / 127, q whole numbers from -127 to 127), as llama.cpp's Q8_0 rounds
@@ -133,6 +139,7 @@ at::Tensor gemv_bf16(const at::Tensor& x, const at::Tensor& w) {
 static constexpr int64_t BLOCK_QUADS = INT8_BLOCK / 4;
 static_assert(INT8_BLOCK % 4 == 0 && INT8_BLOCK <= 32, "a block is whole quads, read in at most two 16-input loads");
 
+#ifdef __AVX512VNNI__
 template <int R>
 static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* step,
                         const int32_t* offset, float* y, int64_t n) {
@@ -152,6 +159,38 @@ static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const 
   }
   for (int r = 0; r < R; r++) _mm512_storeu_ps(y + r * n, acc[r]);
 }
+#else
+// AVX2 has no vpdpbusd: vpmaddubsw multiplies 32 u8 by 32 int8 into 16 int16 sums of pairs, which would overflow
+// for u8 weights plus 128. So each product is |w| (as u8: 128 for -128 too) times q with w's sign (vpsignb; as
+// |q| <= 127, a pair's sum stays within int16), and vpmaddwd adds the pairs into one int32 per output and quad: the
+// block's whole-number sum, the same as vpdpbusd's after its offset, so both builds give the same float32 sums bit
+// for bit. A 64-byte load's two halves (outputs 0-7 and 8-15) in turn, the block's weights in L1 for the second.
+template <int R>
+static void quads_block(int64_t quads, const int32_t* x, const int8_t* w, const float* step,
+                        const int32_t* /*offset*/, float* y, int64_t n) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  for (int h = 0; h < 2; h++) {
+    __m256 acc[R];
+    for (int r = 0; r < R; r++) acc[r] = _mm256_setzero_ps();
+    for (int64_t p0 = 0, b = 0; p0 < quads; p0 += BLOCK_QUADS, b++) {
+      __m256i sum[R];
+      for (int r = 0; r < R; r++) sum[r] = _mm256_setzero_si256();
+      const int64_t p1 = std::min(quads, p0 + BLOCK_QUADS);
+      for (int64_t p = p0; p < p1; p++) {
+        const __m256i wq = _mm256_loadu_si256((const __m256i*)(w + p * 64 + h * 32)), wabs = _mm256_abs_epi8(wq);
+        for (int r = 0; r < R; r++) {
+          const __m256i q = _mm256_set1_epi32(x[p * R + r]);
+          const __m256i pairs = _mm256_maddubs_epi16(wabs, _mm256_sign_epi8(q, wq));
+          sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(pairs, ones));
+        }
+      }
+      for (int r = 0; r < R; r++)
+        acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sum[r]), _mm256_set1_ps(step[b * R + r]), acc[r]);
+    }
+    for (int r = 0; r < R; r++) _mm256_storeu_ps(y + r * n + h * 8, acc[r]);
+  }
+}
+#endif
 
 static void quads_block_any(int rows, int64_t quads, const int32_t* x, const int8_t* w, const float* step,
                             const int32_t* offset, float* y, int64_t n) {
@@ -167,12 +206,23 @@ static void quads_block_any(int rows, int64_t quads, const int32_t* x, const int
   }
 }
 
+#ifdef __AVX512F__
 // 16 inputs from float32 or bfloat16 (the upper half of a float32), as float32; lanes outside `in` are 0
 static inline __m512 load_inputs(const void* row, bool bf16, int64_t i, __mmask16 in) {
   if (!bf16) return _mm512_maskz_loadu_ps(in, (const float*)row + i);
   const __m512i half = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, (const uint16_t*)row + i));
   return _mm512_castsi512_ps(_mm512_slli_epi32(half, 16));
 }
+#else
+// one input from float32 or bfloat16 (the upper half of a float32), as float32
+static inline float load_input(const void* row, bool bf16, int64_t i) {
+  if (!bf16) return ((const float*)row)[i];
+  uint32_t bits = (uint32_t)((const uint16_t*)row)[i] << 16;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+#endif
 
 at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
@@ -191,6 +241,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   std::vector<int32_t> offset(blocks * m);
   for (int64_t r = 0; r < m; r++) {
     const void* row = xp + r * k * rows.element_size();
+#ifdef __AVX512F__
     for (int64_t b = 0; b < blocks; b++) {  // (k is a multiple of 4; the inputs past k through masked loads)
       const int64_t i0 = b * BLOCK_QUADS * 4, i1 = std::min(k, i0 + BLOCK_QUADS * 4);
       __mmask16 in[2];
@@ -211,6 +262,22 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
       step[b * m + r] = s;
       offset[b * m + r] = -128 * _mm512_reduce_add_epi32(total);
     }
+#else
+    for (int64_t b = 0; b < blocks; b++) {  // the same numbers one at a time: the same steps and roundings
+      const int64_t i0 = b * BLOCK_QUADS * 4, i1 = std::min(k, i0 + BLOCK_QUADS * 4);
+      float largest = 0;
+      for (int64_t i = i0; i < i1; i++) largest = std::max(largest, std::fabs(load_input(row, bf16, i)));
+      const float s = largest > 0 ? largest / 127 : 1.0f, inv = 1 / s;
+      int32_t total = 0;
+      for (int64_t i = i0; i < i1; i++) {
+        const int32_t q = (int32_t)std::nearbyint(load_input(row, bf16, i) * inv);  // to nearest, ties to even
+        total += q;
+        xq[r * k + i] = (int8_t)q;
+      }
+      step[b * m + r] = s;
+      offset[b * m + r] = -128 * total;
+    }
+#endif
   }
   at::Tensor y = empty_sums(x, n);
   const int32_t* xq4 =
@@ -224,6 +291,7 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
+#ifdef __AVX512BF16__
 // Attention of a few queries over the cache, for decode steps: per query row, its scores over the live keys, a
 // softmax and the weighted sum of the values, in float32. Every row is computed alone, in the same order whatever
 // rows come with it, so a verify row attends exactly as the AR step's one row does. The cache may be bfloat16 (half
@@ -468,26 +536,43 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     attend_all(args((float*)nullptr), B, Hkv, D);
   return out;
 }
+#endif
 
 TORCH_LIBRARY(s3d_kernels, m) {
-  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("gemv_int8(Tensor x, Tensor w) -> Tensor");
+#ifdef __AVX512BF16__
+  m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
   m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
+#endif
 }
 TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) {
-  m.impl("gemv_bf16", gemv_bf16);
   m.impl("gemv_int8", gemv_int8);
+#ifdef __AVX512BF16__
+  m.impl("gemv_bf16", gemv_bf16);
   m.impl("attend", attend);
+#endif
 }
 """
 
 
-ISA = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma", "-mprefer-vector-width=512"]
+ISA = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mavx512vnni", "-mfma",
+                  "-mprefer-vector-width=512"],
+       "avx2": ["-mavx2", "-mfma"]}
+
+
+def build() -> Optional[str]:
+    """Which build of the kernels load() makes here: "avx512" (all three) on a CPU with AVX512_BF16, "avx2" (gemv_int8
+    alone, on vpmaddubsw) on one with AVX2 only, or None: other CPUs, or S3D_DOT_BF16=0. PyTorch's CPU capability
+    decides between the two, so ATEN_CPU_CAPABILITY=avx2 runs AVX2 code throughout on an AVX-512 CPU."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if os.environ.get("S3D_DOT_BF16") == "0" or capability not in ("AVX2", "AVX512"):
+        return None
+    return "avx512" if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported() else "avx2"
 
 
 def wanted() -> bool:
-    """Whether load() builds the kernels here: a CPU with AVX512_BF16, unless S3D_DOT_BF16=0."""
-    return torch.cpu._is_avx512_bf16_supported() and os.environ.get("S3D_DOT_BF16") != "0"
+    """Whether load() builds the AVX-512 kernels here: a CPU with AVX512_BF16, unless S3D_DOT_BF16=0."""
+    return build() == "avx512"
 
 
 def may_attend() -> bool:
@@ -496,11 +581,19 @@ def may_attend() -> bool:
     return wanted() and os.environ.get("S3D_ATTEND") != "0"
 
 
+def int8_kernel() -> bool:
+    """Whether gemv_int8 runs here (unless its build fails): AVX512_VNNI with the AVX-512 build, or the AVX2 build."""
+    isa = build()
+    return os.environ.get("S3D_DOT_INT8") != "0" and (isa == "avx2" or (isa == "avx512" and torch.cpu._is_vnni_supported()))
+
+
 @functools.cache
 def load() -> bool:
-    """Builds (once per machine; torch caches the library) and registers the kernels on a CPU with AVX512_BF16.
-    False where the CPU lacks it or the build fails (then the caller keeps Inductor's kernels)."""
-    if not wanted():
+    """Builds (once per machine; torch caches the library) and registers the kernels of this CPU's build(): all
+    three with AVX512_BF16, gemv_int8 alone with AVX2. False where there is none or the build fails (then the caller
+    keeps Inductor's kernels)."""
+    isa = build()
+    if isa is None:
         return False
     try:
         from torch.utils.cpp_extension import load_inline
@@ -513,28 +606,30 @@ def load() -> bool:
 
         # (-fopenmp: without it at::parallel_for runs on one thread)
         # (-DINT8_BLOCK: gemv_int8 rounds its rows in model.INT8_BLOCK's blocks, as model.int8_rows does)
-        load_inline("s3d_kernels", cpp_sources=[SOURCE],
-                    extra_cflags=["-O3", "-fopenmp", *ISA, f"-DINT8_BLOCK={model.INT8_BLOCK}"],
+        load_inline("s3d_kernels" if isa == "avx512" else "s3d_kernels_avx2", cpp_sources=[SOURCE],
+                    extra_cflags=["-O3", "-fopenmp", *ISA[isa], f"-DINT8_BLOCK={model.INT8_BLOCK}"],
                     extra_ldflags=["-fopenmp"], is_python_module=False)
-    except Exception as error:  # a missing compiler, or one without AVX512_BF16: the Inductor path still works
-        log.warning("s3d: AVX-512 kernels not built (%s); few-row linear maps and attention stay Inductor's and "
-                    "the library's", error)
+    except Exception as error:  # a missing compiler, or one without these instructions: the Inductor path still works
+        log.warning("s3d: %s kernels not built (%s); few-row linear maps and attention stay Inductor's and the "
+                    "library's", isa.upper(), error)
         return False
 
     def gemv_fake(x: Tensor, w: Tensor) -> Tensor:  # (gemv_bf16 and gemv_int8: w in blocks of 16 outputs)
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
-    torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
     torch.library.register_fake("s3d_kernels::gemv_int8", gemv_fake)
+    # gemv_int8 for int8 weights (the draft's copies, --quantize w8a8): every CPU with AVX512_BF16 so far has
+    # AVX512_VNNI too; the AVX2 build computes the same sums with vpmaddubsw
+    model.DOT_INT8 = int8_kernel()
+    if isa == "avx512":
+        torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
 
-    @torch.library.register_fake("s3d_kernels::attend")
-    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-        return torch.empty_like(q, memory_format=torch.contiguous_format)
+        @torch.library.register_fake("s3d_kernels::attend")
+        def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+            return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-    model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
-    # and gemv_int8 for the draft's int8 weights (every CPU with AVX512_BF16 so far has AVX512_VNNI too)
-    model.DOT_INT8 = torch.cpu._is_vnni_supported() and os.environ.get("S3D_DOT_INT8") != "0"
-    model.ATTEND = may_attend()  # and Attention calls attend for decode steps
+        model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
+        model.ATTEND = may_attend()  # and Attention calls attend for decode steps
     return True
 
 

@@ -314,12 +314,11 @@ def load_weights(args: argparse.Namespace, device: torch.device) -> tuple[Transf
         if device.type == "cpu" and args.dtype == "float32":  # checkpoint.py's quantization notes say why
             print("note: int8 weights with float32 activations on a CPU are slow (eager) or unpacked to float32 "
                   "(compiled); the default --dtype for --quantize is bfloat16", file=sys.stderr)
-        if (args.quantize == "w8a8" and device.type == "cpu" and args.compile
-                and not (cpu_kernels.wanted() and torch.cpu._is_vnni_supported())):
+        if args.quantize == "w8a8" and device.type == "cpu" and args.compile and not cpu_kernels.int8_kernel():
             # without cpu_kernels' AVX512_VNNI kernel the int8 products run as Inductor's generic reductions: on an
             # AVX2 CPU AR decoded 7 times slower than in bfloat16 (BENCHMARKS.md, section 40)
-            print("note: w8a8 runs fast only on a CPU with AVX512_VNNI and AVX512_BF16; this one lacks them (or "
-                  "S3D_DOT_BF16=0 turned them off), so here it is several times slower than --dtype bfloat16 "
+            print("note: w8a8 runs fast only with cpu_kernels' int8 kernel (AVX2, or AVX512_VNNI), which this CPU "
+                  "lacks or S3D_DOT_BF16=0 turned off: here it is several times slower than --dtype bfloat16 "
                   "without --quantize", file=sys.stderr)
     return model, tokenizer
 

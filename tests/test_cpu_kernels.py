@@ -1,7 +1,7 @@
 """The hand-written CPU kernels (cpu_kernels.py): the linear map of a few bfloat16 rows in float32 sums, and the
 attention of a few queries over the cache, each row's result the same whatever rows come with it, both called by
 compiled steps; and the machines and settings that leave them off. The kernels' own tests need a CPU with
-AVX512_BF16 and a C++ compiler; elsewhere they are skipped."""
+AVX512_BF16 (gemv_int8's: AVX2) and a C++ compiler; elsewhere they are skipped."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,8 +14,14 @@ import roofline
 
 @pytest.fixture(scope="module")
 def loaded():
-    if not cpu_kernels.load():
-        pytest.skip("needs a CPU with AVX512_BF16 (and the kernel built)")
+    if not (cpu_kernels.load() and cpu_kernels.wanted()):
+        pytest.skip("needs a CPU with AVX512_BF16 (and the kernels built)")
+
+
+@pytest.fixture(scope="module")
+def int8_loaded():
+    if not (cpu_kernels.load() and model_py.DOT_INT8):
+        pytest.skip("needs a CPU with AVX2 or AVX512_VNNI (and the kernel built)")
 
 
 @pytest.mark.parametrize("rows", [1, 2, 5, 8, 9, 21])
@@ -54,7 +60,7 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
 
 
 @pytest.mark.parametrize("rows", [1, 4, 5, 8])
-def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
+def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(int8_loaded, rows):
     """gemv_int8 rounds each row to 8 bits, each block of 32 inputs its largest magnitude to 127, and then sums
     exactly: it equals that rounding done here, times the int8 weights, to float32 precision; within 2 % of the
     unrounded product; where one input is 1000 times the rest, only its block's other 3 inputs are lost (one step per
@@ -86,7 +92,7 @@ def test_gemv_int8_is_the_linear_map_of_rows_rounded_to_8_bits(loaded, rows):
     assert torch.equal(cpu_kernels.gemv_int8(strided[..., ::2], weight), y)  # and strided rows
 
 
-def test_compiled_int8_maps_call_gemv_int8(loaded, monkeypatch):
+def test_compiled_int8_maps_call_gemv_int8(int8_loaded, monkeypatch):
     """model.gemv of int8 weights (the draft's copies) calls gemv_int8 on the frozen weight in its quad layout where
     model.DOT_INT8 is on, and Inductor's reduction where it is off; both near the float product."""
     import heads
@@ -232,15 +238,51 @@ def test_compiled_steps_attend_with_it(loaded, monkeypatch):
     assert roofline.kernel_kind("s3d_kernels::attend", (512,)) == "attention"  # (bench.py --roofline's split)
 
 
-def test_off_without_avx512_bf16_or_when_asked(monkeypatch):
+def test_off_without_avx2_or_when_asked(monkeypatch):
     """load() builds nothing, reports False and leaves model.gemv and the attention as they are on a CPU without
-    AVX512_BF16, or with S3D_DOT_BF16=0."""
+    AVX2, or with S3D_DOT_BF16=0; which build each CPU gets."""
     monkeypatch.setattr(model_py, "DOT_BF16", False)
     monkeypatch.setattr(model_py, "ATTEND", False)
     monkeypatch.setattr(model_py, "DOT_INT8", False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
-    assert cpu_kernels.load.__wrapped__() is False
+    for capability, bf16, build in (("AVX512", True, "avx512"), ("AVX512", False, "avx2"), ("AVX2", True, "avx2"),
+                                    ("DEFAULT", False, None)):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
+        assert cpu_kernels.build() == build
+    assert cpu_kernels.load.__wrapped__() is False  # (DEFAULT)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
     monkeypatch.setenv("S3D_DOT_BF16", "0")
-    assert cpu_kernels.load.__wrapped__() is False
+    assert cpu_kernels.build() is None and cpu_kernels.load.__wrapped__() is False
     assert model_py.DOT_BF16 is False and model_py.ATTEND is False and model_py.DOT_INT8 is False
+
+
+AVX2_GEMV_INT8 = """
+import sys
+import torch
+import cpu_kernels, model
+assert cpu_kernels.build() == "avx2" and cpu_kernels.load()
+assert model.DOT_INT8 and not model.DOT_BF16 and not model.ATTEND
+torch.manual_seed(0)
+x = torch.randn(8, 100, dtype=torch.bfloat16)
+weight = torch.randint(-128, 128, (48, 100), dtype=torch.int8)
+torch.save([cpu_kernels.gemv_int8(x[:rows], weight) for rows in (1, 3, 5, 8)] + [x, weight], sys.argv[1])
+"""
+
+
+def test_the_avx2_build_of_gemv_int8_gives_the_same_sums(int8_loaded, tmp_path):
+    """The AVX2 build (ATEN_CPU_CAPABILITY=avx2: what a CPU with AVX2 alone builds) registers gemv_int8 alone, and
+    its results for 1 to 8 rows (-128 weights and a short last block included) are this process's build's, bit for
+    bit: on a CPU with AVX512_VNNI, the vpdpbusd kernel's."""
+    import os
+    import subprocess
+    import sys
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("needs a CPU with AVX2")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": root}
+    subprocess.run([sys.executable, "-c", AVX2_GEMV_INT8, str(tmp_path / "y.pt")], env=env, check=True, cwd=root)
+    *ys, x, weight = torch.load(tmp_path / "y.pt")
+    for y, rows in zip(ys, (1, 3, 5, 8)):
+        assert torch.equal(y, cpu_kernels.gemv_int8(x[:rows], weight)), rows

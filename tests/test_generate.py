@@ -200,20 +200,19 @@ def test_cpu_attention_and_cache_dtypes(tiny_checkpoint, monkeypatch, flags, att
 
 @pytest.mark.parametrize("kernels", [False, True])
 def test_w8a8_without_the_int8_kernel_says_it_is_slow(tiny_checkpoint, monkeypatch, capsys, kernels):
-    """--quantize w8a8 --compile on a CPU without cpu_kernels' AVX512_VNNI kernel (forced here both ways) notes that
+    """--quantize w8a8 --compile on a CPU without cpu_kernels' int8 kernel (forced here both ways) notes that
     w8a8 is slow there and bfloat16 is the faster choice; with the kernel, no note."""
     import argparse
 
     import cpu_kernels
     import generate
 
-    monkeypatch.setattr(cpu_kernels, "wanted", lambda: kernels)
-    monkeypatch.setattr(torch.cpu, "_is_vnni_supported", lambda: kernels)
+    monkeypatch.setattr(cpu_kernels, "int8_kernel", lambda: kernels)
     args = argparse.Namespace(checkpoint=tiny_checkpoint, dtype="bfloat16", quantize="w8a8", groupsize=128,
                               compile=True)
     model, _ = generate.load_weights(args, torch.device("cpu"))
     assert model.quantization == "w8a8"
-    assert ("note: w8a8 runs fast only on a CPU with AVX512_VNNI" in capsys.readouterr().err) == (not kernels)
+    assert ("note: w8a8 runs fast only with cpu_kernels' int8 kernel" in capsys.readouterr().err) == (not kernels)
 
 
 @pytest.mark.parametrize("native,quantize,compile,dtype", [
