@@ -150,8 +150,8 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
     elif native:
         name, why = "bfloat16", f"this CPU has native bf16 matrix instructions ({', '.join(native)})"
     elif compile:
-        name, why = "bfloat16", ("compiled; this CPU has no native bf16 matrix instructions, so the weights are read as "
-                                 "bfloat16 and multiplied in float32")
+        name, why = "bfloat16", ("compiled; this CPU has no native bf16 matrix instructions, so the weights are read "
+                                 "as bfloat16 and multiplied in float32")
     else:
         name, why = "float32", ("this CPU has no native bf16 matrix instructions (AMX, AVX512_BF16), so bf16 is slow "
                                 "uncompiled; --compile reads bfloat16 weights")
@@ -205,7 +205,7 @@ def tree_gamma(tree: Optional[s3d.Tree], gamma: Optional[int]) -> Optional[int]:
 DRAFT_WEIGHTS = {"auto": None, "int8": True, "target": False}
 DRAFT_WEIGHTS_HELP = ("the S3D draft's layers: int8 copies of the weights with the adapters folded in (half the bytes "
                       "to read; the output is still the target's), or the target's own; auto (default): int8 when "
-                      "compiled on a CPU with bfloat16 weights and AVX512_VNNI")
+                      "compiled on a CPU with bfloat16 weights and cpu_kernels' int8 kernel (AVX2 or AVX512_VNNI)")
 
 
 def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = None,

@@ -128,7 +128,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--quantize", choices=checkpoint.QUANTIZATIONS, default=None,
                    help="int8, int4 (torchao, weight-only; CUDA only for int4): the checkpoint's file written by "
                         "quantize.py, else on load; w8a8: int8 weights and activations, on load (fastest on a CPU "
-                        "with AVX512_VNNI)")
+                        "with AVX2 or AVX512_VNNI)")
     p.add_argument("--groupsize", type=int, default=128, help="int4: input weights per scale")
     spec = p.add_argument_group("speculative decoding")
     spec.add_argument("--s3d", type=Path, metavar="HEADS", help="S3D with this heads file (implies --draft s3d)")
@@ -315,8 +315,8 @@ def load_weights(args: argparse.Namespace, device: torch.device) -> tuple[Transf
             print("note: int8 weights with float32 activations on a CPU are slow (eager) or unpacked to float32 "
                   "(compiled); the default --dtype for --quantize is bfloat16", file=sys.stderr)
         if args.quantize == "w8a8" and device.type == "cpu" and args.compile and not cpu_kernels.int8_kernel():
-            # without cpu_kernels' AVX512_VNNI kernel the int8 products run as Inductor's generic reductions: on an
-            # AVX2 CPU AR decoded 7 times slower than in bfloat16 (BENCHMARKS.md, section 40)
+            # without cpu_kernels' int8 kernel the int8 products run as Inductor's generic reductions: on AVX2 code
+            # paths, before its AVX2 build, AR decoded 7 times slower than in bfloat16 (BENCHMARKS.md, section 40)
             print("note: w8a8 runs fast only with cpu_kernels' int8 kernel (AVX2, or AVX512_VNNI), which this CPU "
                   "lacks or S3D_DOT_BF16=0 turned off: here it is several times slower than --dtype bfloat16 "
                   "without --quantize", file=sys.stderr)

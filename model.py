@@ -208,7 +208,7 @@ GEMV_MAX_ROWS = 5
 # weight: the verify step of 5 rows gets cheaper. A tree's 9 or 22 rows did not: oneDNN's GEMM stays there
 # (BENCHMARKS.md, section 23).
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
-DOT_INT8 = False  # the same for its AVX512_VNNI kernel of int8 weights (the draft's copies, --quantize w8a8)
+DOT_INT8 = False  # the same for its kernel of int8 weights (AVX512_VNNI, or AVX2): the draft's copies, --quantize w8a8
 # which takes up to 8 rows a pass over the weights: a step of w8a8 weights computes each row exactly as the AR step
 # does (whole-number sums), so such steps go to it however many rows they have, a tree's verify in passes of 8 (up
 # to ATTEND_MAX_ROWS, below), rather than to a bfloat16 GEMM that would round them otherwise

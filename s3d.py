@@ -385,11 +385,11 @@ Drafter = Callable[[Tensor, int], tuple[Tensor, Optional[Tensor]]]
 
 def int8_draft(model: Transformer, draft: Draft, compile: bool) -> bool:
     """Whether the S3D draft reads int8 copies of its layers (heads.DraftHeads.fold_adapters): draft.int8 when
-    given, else where that measured faster: compiled on a CPU with bfloat16 activations and cpu_kernels' AVX512_VNNI
-    kernel (draft(4) 0.70 -> 0.57 AR steps: BENCHMARKS.md, section 18; then 0.53, section 24). Without that kernel
-    the copies go through Inductor's reduction, rows rounded to 8 bits, which cost 3.8 AR steps against 0.9 for the
-    draft on the bfloat16 weights on an AVX2 CPU (section 40). The heads need adapters, whose folded weights the
-    copies hold."""
+    given, else where that measured faster: compiled on a CPU with bfloat16 activations and cpu_kernels' int8
+    kernel (draft(4) 0.70 -> 0.57 AR steps: BENCHMARKS.md, section 18; then 0.53, section 24; on AVX2 code paths 0.67
+    against 0.91 on the bfloat16 weights, section 41). Without that kernel the copies go through Inductor's
+    reduction, rows rounded to 8 bits, which cost 3.77 AR steps there (section 40). The heads need adapters, whose
+    folded weights the copies hold."""
     if draft.int8 is not None:
         return draft.int8
     if not (compile and model.output.weight.device.type == "cpu" and model.heads.rank > 0
