@@ -296,12 +296,12 @@ FLOAT32_MATMUL = False
 FLOAT32_MATMUL_ROWS = 8
 
 
-def float32_matmul(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Optional[Tensor]:
-    """x @ weight.T (+ bias) multiplied in float32 and rounded to x's dtype where FLOAT32_MATMUL says so, else None."""
-    if not (FLOAT32_MATMUL and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+def library_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """F.linear(x, weight, bias); multiplied in float32 and rounded to x's dtype where FLOAT32_MATMUL says so."""
+    if (FLOAT32_MATMUL and x.dtype == torch.bfloat16 and x.device.type == "cpu"
             and type(weight) in (nn.Parameter, Tensor) and math.prod(x.shape[:-1]) > FLOAT32_MATMUL_ROWS):
-        return None
-    return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+        return F.linear(x.float(), weight.float(), None if bias is None else bias.float()).to(x.dtype)
+    return F.linear(x, weight, bias)
 
 
 def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -315,8 +315,7 @@ def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Ten
         # prefill rounds them once more; Inductor turns the product by the int8 weight into its weight-only int8 GEMM)
         rows, step = int8_rows(x)
         return F.linear((rows.float() * step).to(x.dtype), weight.to(x.dtype)) * scale.to(x.dtype)
-    y = float32_matmul(x, weight)
-    return F.linear(x, weight) if y is None else y
+    return library_linear(x, weight)
 
 
 # Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
@@ -357,8 +356,7 @@ def linear(layer: nn.Module, x: Tensor, adapters: Optional[nn.ModuleDict], name:
         return linear(layer, x, None, name) + adapters[name](x)
     weight, scale = weight_scale
     if scale is None and not use_gemv(x, weight):
-        y = float32_matmul(x, weight, layer.bias)
-        return F.linear(x, weight, layer.bias) if y is None else y
+        return library_linear(x, weight, layer.bias)
     y = linear_map(x, weight, scale)
     return y if layer.bias is None else y + layer.bias
 
