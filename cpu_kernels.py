@@ -23,16 +23,18 @@ of its KV head, and computes every row alone, so a verify row attends exactly as
 It reads a bfloat16 cache as well as a float32 one (section 26). From a bfloat16 cache both products are on
 `vdpbf16ps`: the scores with the query rounded to bfloat16 (as the model's query is), 16 keys' sums at a time, and the
 weighted sum of the values two keys at a time, the probabilities rounded to bfloat16 (as the library's bfloat16
-attention rounds them; section 33).
+attention rounds them; section 33). CPUs with AVX2 alone get a build of `attend` in float32 throughout, 8 lanes a
+register, the bfloat16 cache converted as it is read (section 42).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
 `s3d_kernels::attend`, which compiled steps call like any other. CPUs with AVX512_BF16 use all three (and with
-AVX512_VNNI, gemv_int8); CPUs with AVX2 alone get a build of gemv_int8 on `vpmaddubsw` (32 products of bytes an
-instruction, in pairs; the same whole-number sums, so the same results bit for bit), for the int8 draft and w8a8.
-Elsewhere, where the build fails, or with S3D_DOT_BF16=0 in the environment, model.py keeps Inductor's reductions
-and the library's attention. S3D_DOT_INT8=0 or S3D_ATTEND=0 leaves out one kernel alone (to
-compare).
+AVX512_VNNI, gemv_int8); CPUs with AVX2 alone get attend and a build of gemv_int8 on `vpmaddubsw` (32 products of
+bytes an instruction, in pairs; the same whole-number sums, so the same results bit for bit), for the int8 draft and
+w8a8. Their bfloat16 maps of a few rows stay Inductor's reductions: an AVX2 gemv_bf16 (two multiply-adds a pair of
+weights and row) was slower than those at 5 rows (section 42). Elsewhere, where the build fails, or with
+S3D_DOT_BF16=0 in the environment, model.py keeps Inductor's reductions and the library's attention. S3D_DOT_INT8=0
+or S3D_ATTEND=0 leaves out one kernel alone (to compare).
 """
 import functools
 import logging
@@ -79,7 +81,7 @@ static at::Tensor empty_sums(const at::Tensor& x, int64_t n) {
   return at::empty(sizes, x.options().dtype(at::kFloat));
 }
 
-#ifdef __AVX512BF16__  // (the AVX2 build has gemv_int8 alone)
+#ifdef __AVX512BF16__  // (the AVX2 build has gemv_int8 and attend)
 // y[r, 16b:16b+16] = sum over k of x[r, k] w[16b:16b+16, k], for R rows; w in blocks (n/16, k/2, 16, 2): one 64-byte
 // load holds 16 output channels times 2 consecutive inputs, the operand vdpbf16ps takes
 template <int R>
@@ -291,7 +293,6 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
   return y;
 }
 
-#ifdef __AVX512BF16__
 // Attention of a few queries over the cache, for decode steps: per query row, its scores over the live keys, a
 // softmax and the weighted sum of the values, in float32. Every row is computed alone, in the same order whatever
 // rows come with it, so a verify row attends exactly as the AR step's one row does. The cache may be bfloat16 (half
@@ -300,6 +301,17 @@ at::Tensor gemv_int8(const at::Tensor& x, const at::Tensor& w) {
 // the model's is, and so is the weighted sum of the values, the probabilities rounded to bfloat16: half the
 // instructions of float32's.
 
+template <typename KV>
+struct AttendArgs {
+  const float* q;
+  const KV *k, *v;
+  const bool* mask;
+  float* out;
+  int64_t S, G, T, padded;  // queries, query heads per KV head, keys; T rounded up to 16 (a row of scores)
+  int64_t qb, qh, qs, kb, kh, kt, vb, vh, vt, mb, ms, ob, oh, os;  // strides
+};
+
+#ifdef __AVX512BF16__
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::BFloat16* p) {  // 16 bfloat16 as float32: the same bits, 16 places higher
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -335,16 +347,6 @@ static inline __m512 sum16(const __m512 a[16]) {
                          _mm512_shuffle_f32x4(c[2 * i], c[2 * i + 1], 0xdd));
   return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xdd));
 }
-
-template <typename KV>
-struct AttendArgs {
-  const float* q;
-  const KV *k, *v;
-  const bool* mask;
-  float* out;
-  int64_t S, G, T, padded;  // queries, query heads per KV head, keys; T rounded up to 16 (a row of scores)
-  int64_t qb, qh, qs, kb, kh, kt, vb, vh, vt, mb, ms, ob, oh, os;  // strides
-};
 
 // R query rows (row = g * S + s: query head kvh * G + g, query s) of KV head kvh; head_dim = 16 * DV
 template <int R, int DV, typename KV>
@@ -471,6 +473,143 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
     for (int d = 0; d < DV; d++) _mm512_storeu_ps(op + 16 * d, _mm512_mul_ps(o[r][d], _mm512_set1_ps(inv_sum[r])));
   }
 }
+#else
+// AVX2 (no bfloat16 arithmetic): everything in float32, a bfloat16 cache's keys and values converted exactly (the
+// same bits, 16 places higher) as they are read. The keys of 8 positions and then their values go to a float32
+// block first, once for the R rows; each row's scores (8 keys' sums at once, the query in registers) and weighted
+// sum then read the block from L1. Every row alone, in the same order whatever rows come with it, as in the AVX-512
+// build, so a verify row attends exactly as the AR step's row does here too.
+
+static inline void load8_into(const float* p, float* out) { _mm256_storeu_ps(out, _mm256_loadu_ps(p)); }
+static inline void load8_into(const at::BFloat16* p, float* out) {
+  const __m256i half = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
+  _mm256_storeu_ps(out, _mm256_castsi256_ps(_mm256_slli_epi32(half, 16)));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): the AVX-512 build's polynomial, 2^n made from its exponent bits;
+// lanes outside `keep` (all bits set: kept) are 0
+static inline __m256 exp_nonpositive(__m256 x, __m256 keep) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // x - n ln 2, in two parts
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(_mm256_mul_ps(p, r), r, _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(two_n)), keep);
+}
+
+// the sums of 4 vectors' lanes per 128-bit half: a[i]'s in lanes i (low half) and 4 + i (high half)
+static inline __m256 sum4(const __m256 a[4]) {
+  return _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+}
+
+static inline float reduce(__m256 x, bool max) {
+  __m128 h = max ? _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1))
+                 : _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  h = max ? _mm_max_ps(h, _mm_movehl_ps(h, h)) : _mm_add_ps(h, _mm_movehl_ps(h, h));
+  h = max ? _mm_max_ss(h, _mm_movehdup_ps(h)) : _mm_add_ss(h, _mm_movehdup_ps(h));
+  return _mm_cvtss_f32(h);
+}
+
+// R query rows (row = g * S + s: query head kvh * G + g, query s) of KV head kvh; head_dim = 16 * DV. `scratch`:
+// the rows' scores (R times a.padded), then the block of 8 keys or values, the scaled queries and the weighted sums
+template <int R, int DV, typename KV>
+static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scratch) {
+  constexpr int D = 16 * DV, V = 2 * DV;  // V: 8-float vectors in a head (even), taken W at a time below
+  constexpr int W = V % 8 == 0 ? 8 : V % 4 == 0 ? 4 : 2;
+  const float inf = std::numeric_limits<float>::infinity();
+  float *scores = scratch, *block = scratch + R * a.padded, *q = block + 8 * D, *o = q + R * D;
+  const bool* mask[R];
+  int64_t keys = 0;  // the keys any of the rows sees: the rest of the cache is never read
+  const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt((float)D));
+  for (int r = 0; r < R; r++) {
+    const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
+    const float* query = a.q + b * a.qb + (kvh * a.G + g) * a.qh + s * a.qs;
+    for (int d = 0; d < V; d++)
+      _mm256_storeu_ps(q + r * D + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(query + 8 * d), scale));
+    mask[r] = a.mask + b * a.mb + s * a.ms;
+    int64_t last = a.T;
+    while (last > 0 && !mask[r][last - 1]) last--;
+    keys = std::max(keys, last);
+  }
+  const KV* kp = a.k + b * a.kb + kvh * a.kh;
+  for (int64_t t0 = 0; t0 < keys; t0 += 8) {  // scores: 8 keys into the block (past the last key: its copies)
+    for (int j = 0; j < 8; j++)
+      for (int d = 0; d < V; d++) load8_into(kp + std::min(t0 + j, keys - 1) * a.kt + 8 * d, block + j * D + 8 * d);
+    for (int r = 0; r < R; r++) {  // the query in registers, 4 keys' sums at a time
+      __m256 qv[V], half[2];
+      for (int d = 0; d < V; d++) qv[d] = _mm256_loadu_ps(q + r * D + 8 * d);
+      for (int h = 0; h < 2; h++) {
+        __m256 acc[4];
+        for (int j = 0; j < 4; j++) {
+          const float* key = block + (4 * h + j) * D;
+          acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
+          for (int d = 1; d < V; d++) acc[j] = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(key + 8 * d), acc[j]);
+        }
+        half[h] = sum4(acc);
+      }
+      _mm256_storeu_ps(scores + r * a.padded + t0, _mm256_add_ps(_mm256_permute2f128_ps(half[0], half[1], 0x20),
+                                                                 _mm256_permute2f128_ps(half[0], half[1], 0x31)));
+    }
+  }
+  float inv_sum[R];
+  for (int r = 0; r < R; r++) {  // softmax over the keys the mask lets row r see, 8 at a time
+    float* sc = scores + r * a.padded;
+    __m256 top = _mm256_set1_ps(-inf);
+    for (int64_t t = 0; t < keys; t += 8) {
+      uint64_t bytes = 0;  // the mask's 8 entries (past T: none; past `keys` the mask hides every key already)
+      if (t + 8 <= a.T)
+        std::memcpy(&bytes, mask[r] + t, 8);
+      else
+        for (int64_t j = t; j < a.T; j++) bytes |= (uint64_t)mask[r][j] << (8 * (j - t));
+      const __m256 live = _mm256_castsi256_ps(_mm256_cmpgt_epi32(
+          _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)bytes)), _mm256_setzero_si256()));
+      const __m256 x = _mm256_blendv_ps(_mm256_set1_ps(-inf), _mm256_loadu_ps(sc + t), live);
+      _mm256_storeu_ps(sc + t, x);
+      top = _mm256_max_ps(top, x);
+    }
+    const __m256 m = _mm256_set1_ps(reduce(top, true));
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t t = 0; t < keys; t += 8) {
+      const __m256 x = _mm256_loadu_ps(sc + t);
+      const __m256 e = exp_nonpositive(_mm256_sub_ps(x, m), _mm256_cmp_ps(x, _mm256_set1_ps(-inf), _CMP_NEQ_OQ));
+      _mm256_storeu_ps(sc + t, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    inv_sum[r] = 1.0f / reduce(sum, false);
+  }
+  std::memset(o, 0, sizeof(float) * R * D);
+  const KV* vp = a.v + b * a.vb + kvh * a.vh;
+  for (int64_t t0 = 0; t0 < keys; t0 += 8) {  // the values weighted by the probabilities (0 where masked)
+    for (int j = 0; j < 8; j++)
+      for (int d = 0; d < V; d++) load8_into(vp + std::min(t0 + j, keys - 1) * a.vt + 8 * d, block + j * D + 8 * d);
+    for (int r = 0; r < R; r++)
+      for (int d0 = 0; d0 < V; d0 += W) {  // W of the row's sums in registers, key after key
+        __m256 acc[W];
+        for (int d = 0; d < W; d++) acc[d] = _mm256_loadu_ps(o + r * D + 8 * (d0 + d));
+        for (int j = 0; j < 8; j++) {
+          const __m256 p = _mm256_set1_ps(scores[r * a.padded + t0 + j]);
+          for (int d = 0; d < W; d++)
+            acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(block + j * D + 8 * (d0 + d)), acc[d]);
+        }
+        for (int d = 0; d < W; d++) _mm256_storeu_ps(o + r * D + 8 * (d0 + d), acc[d]);
+      }
+  }
+  for (int r = 0; r < R; r++) {
+    const int64_t g = (row0 + r) / a.S, s = (row0 + r) % a.S;
+    float* op = a.out + b * a.ob + (kvh * a.G + g) * a.oh + s * a.os;
+    for (int d = 0; d < V; d++)
+      _mm256_storeu_ps(op + 8 * d, _mm256_mul_ps(_mm256_loadu_ps(o + r * D + 8 * d), _mm256_set1_ps(inv_sum[r])));
+  }
+}
+#endif
 
 template <int DV, typename KV>
 static void attend_any(int rows, const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
@@ -489,7 +628,7 @@ static void attend_all(const AttendArgs<KV>& a, int64_t B, int64_t Hkv, int64_t 
   while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk--;
   const int64_t chunks = (rows + chunk - 1) / chunk;
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(4 * a.padded);
+    std::vector<float> scores(4 * a.padded + 16 * 128);  // (the AVX2 build's blocks after the scores)
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (Hkv * chunks), kvh = i / chunks % Hkv, row0 = i % chunks * chunk;
       const int n = (int)std::min(chunk, rows - row0);
@@ -536,21 +675,20 @@ at::Tensor attend(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tens
     attend_all(args((float*)nullptr), B, Hkv, D);
   return out;
 }
-#endif
 
 TORCH_LIBRARY(s3d_kernels, m) {
   m.def("gemv_int8(Tensor x, Tensor w) -> Tensor");
 #ifdef __AVX512BF16__
   m.def("gemv_bf16(Tensor x, Tensor w) -> Tensor");
-  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 #endif
+  m.def("attend(Tensor q, Tensor k, Tensor v, Tensor mask) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(s3d_kernels, CPU, m) {
   m.impl("gemv_int8", gemv_int8);
 #ifdef __AVX512BF16__
   m.impl("gemv_bf16", gemv_bf16);
-  m.impl("attend", attend);
 #endif
+  m.impl("attend", attend);
 }
 """
 
@@ -562,7 +700,7 @@ ISA = {"avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mav
 
 def build() -> Optional[str]:
     """Which build of the kernels load() makes here: "avx512" (all three) on a CPU with AVX512_BF16, "avx2" (gemv_int8
-    alone, on vpmaddubsw) on one with AVX2 only, or None: other CPUs, or S3D_DOT_BF16=0. PyTorch's CPU capability
+    on vpmaddubsw, and attend) on one with AVX2 only, or None: other CPUs, or S3D_DOT_BF16=0. PyTorch's CPU capability
     decides between the two, so ATEN_CPU_CAPABILITY=avx2 runs AVX2 code throughout on an AVX-512 CPU."""
     capability = torch.backends.cpu.get_cpu_capability()
     if os.environ.get("S3D_DOT_BF16") == "0" or capability not in ("AVX2", "AVX512"):
@@ -578,7 +716,7 @@ def wanted() -> bool:
 def may_attend() -> bool:
     """Whether compiled decode steps here will attend with `attend` (unless its build fails): cli.load keeps the
     KV cache in bfloat16 for it."""
-    return wanted() and os.environ.get("S3D_ATTEND") != "0"
+    return build() is not None and os.environ.get("S3D_ATTEND") != "0"
 
 
 def int8_kernel() -> bool:
@@ -590,8 +728,8 @@ def int8_kernel() -> bool:
 @functools.cache
 def load() -> bool:
     """Builds (once per machine; torch caches the library) and registers the kernels of this CPU's build(): all
-    three with AVX512_BF16, gemv_int8 alone with AVX2. False where there is none or the build fails (then the caller
-    keeps Inductor's kernels)."""
+    three with AVX512_BF16, gemv_int8 and attend with AVX2. False where there is none or the build fails (then the
+    caller keeps Inductor's kernels)."""
     isa = build()
     if isa is None:
         return False
@@ -618,18 +756,18 @@ def load() -> bool:
         return x.new_empty((*x.shape[:-1], w.shape[0] * 16), dtype=torch.float32)
 
     torch.library.register_fake("s3d_kernels::gemv_int8", gemv_fake)
+    if isa == "avx512":
+        torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
+        model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
     # gemv_int8 for int8 weights (the draft's copies, --quantize w8a8): every CPU with AVX512_BF16 so far has
     # AVX512_VNNI too; the AVX2 build computes the same sums with vpmaddubsw
     model.DOT_INT8 = int8_kernel()
-    if isa == "avx512":
-        torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
 
-        @torch.library.register_fake("s3d_kernels::attend")
-        def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-            return torch.empty_like(q, memory_format=torch.contiguous_format)
+    @torch.library.register_fake("s3d_kernels::attend")
+    def _(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        return torch.empty_like(q, memory_format=torch.contiguous_format)
 
-        model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
-        model.ATTEND = may_attend()  # and Attention calls attend for decode steps
+    model.ATTEND = may_attend()  # and Attention calls attend for decode steps
     return True
 
 

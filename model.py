@@ -318,9 +318,9 @@ def linear_map(x: Tensor, weight: Tensor, scale: Optional[Tensor] = None) -> Ten
     return library_linear(x, weight)
 
 
-# Compiled decode steps on such a CPU (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend with
-# cpu_kernels.py's kernel rather than the library's attention, which is built for long queries (BENCHMARKS.md,
-# section 24). Prefill (compiled for any length) and training keep the library's.
+# Compiled decode steps on a CPU with AVX2 or AVX-512 (up to ATTEND_MAX_ROWS tokens: AR, draft, verify, trees) attend
+# with cpu_kernels.py's kernel rather than the library's attention, which is built for long queries (BENCHMARKS.md,
+# sections 24 and 42). Prefill (compiled for any length) and training keep the library's.
 ATTEND = False  # set by cpu_kernels.load() too
 ATTEND_MAX_ROWS = 64
 

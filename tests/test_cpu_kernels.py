@@ -1,7 +1,8 @@
 """The hand-written CPU kernels (cpu_kernels.py): the linear map of a few bfloat16 rows in float32 sums, and the
 attention of a few queries over the cache, each row's result the same whatever rows come with it, both called by
-compiled steps; and the machines and settings that leave them off. The kernels' own tests need a CPU with
-AVX512_BF16 (gemv_int8's: AVX2) and a C++ compiler; elsewhere they are skipped."""
+compiled steps; and the machines and settings that leave them off. The kernels' own tests need a CPU with AVX2 (the
+AVX-512 build where it has AVX512_BF16, the AVX2 build otherwise) and a C++ compiler; elsewhere they are skipped.
+On an AVX-512 CPU the AVX2 build is tested too, in a process of its own."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,12 @@ import roofline
 def loaded():
     if not (cpu_kernels.load() and cpu_kernels.wanted()):
         pytest.skip("needs a CPU with AVX512_BF16 (and the kernels built)")
+
+
+@pytest.fixture(scope="module")
+def attend_loaded():
+    if not (cpu_kernels.load() and model_py.ATTEND):
+        pytest.skip("needs a CPU with AVX2 (and the kernels built)")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +132,7 @@ def attention_inputs(batch, heads, kv_heads, head_dim, queries, keys, seed=0):
 
 @pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (1, 9, 3, 64, 1, 512), (2, 8, 2, 128, 3, 100),
                                    (1, 4, 2, 16, 4, 16), (1, 6, 2, 96, 22, 61)])
-def test_attend_is_attention_row_by_row(loaded, shape):
+def test_attend_is_attention_row_by_row(attend_loaded, shape):
     """attend equals the library's attention (GQA, a bool mask, batches with a mask each) computed in float64, and
     a query's row is the same bits whether it comes alone or with the others (the AR step and the verify step)."""
     q, k, v, mask = attention_inputs(*shape)
@@ -150,17 +157,18 @@ def rounded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
 
 @pytest.mark.parametrize("shape", [(1, 9, 3, 64, 5, 37), (2, 8, 2, 128, 3, 100), (1, 6, 2, 96, 22, 61),
                                    (1, 4, 2, 48, 4, 30), (1, 9, 3, 64, 1, 512)])
-def test_attend_on_a_bfloat16_cache(loaded, shape):
-    """k and v in bfloat16 (the first keys of a longer cache, as the model passes them). Where head_dim is a multiple
-    of 32, the scores and the weighted sum are on vdpbf16ps: the query and the probabilities are rounded to bfloat16,
-    and the output is that attention computed in float64 (a probability whose float32 value lies at a bfloat16
-    rounding boundary may round the other way: a rare error of one rounding step, within the max below). Otherwise
-    the float32 query's attention, unrounded. A query's row is the same bits alone as with the others."""
+def test_attend_on_a_bfloat16_cache(attend_loaded, shape):
+    """k and v in bfloat16 (the first keys of a longer cache, as the model passes them). In the AVX-512 build, where
+    head_dim is a multiple of 32, the scores and the weighted sum are on vdpbf16ps: the query and the probabilities
+    are rounded to bfloat16, and the output is that attention computed in float64 (a probability whose float32 value
+    lies at a bfloat16 rounding boundary may round the other way: a rare error of one rounding step, within the max
+    below). Otherwise (and in the AVX2 build) the float32 query's attention, unrounded. A query's row is the same bits
+    alone as with the others."""
     q, k, v, mask = attention_inputs(*shape)
     k, v = (torch.randn(*t.shape[:2], t.shape[2] + 7, t.shape[3]).bfloat16()[:, :, :t.shape[2]] for t in (k, v))
     y = cpu_kernels.attend(q, k, v, mask)
     assert y.shape == q.shape
-    if q.shape[-1] % 32 == 0:
+    if q.shape[-1] % 32 == 0 and cpu_kernels.build() == "avx512":
         error = (y.double() - rounded_attention(q.bfloat16(), k, v, mask)).abs()
         unrounded = F.scaled_dot_product_attention(q.bfloat16().double(), k.double(), v.double(), attn_mask=mask,
                                                    enable_gqa=True)
@@ -173,7 +181,7 @@ def test_attend_on_a_bfloat16_cache(loaded, shape):
         assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
 
 
-def test_a_bfloat16_cache_with_float32_attention(loaded):
+def test_a_bfloat16_cache_with_float32_attention(attend_loaded):
     """cli.load's choice where attend runs the decode steps: a bfloat16 model's keys and values (bfloat16 numbers)
     in a bfloat16 cache, attention in float32. The library's attention (an eager forward) gives exactly the logits
     it gives with a float32 cache; compiled steps of 1 and 5 tokens attend with the kernel, reading the bfloat16
@@ -202,7 +210,7 @@ def test_a_bfloat16_cache_with_float32_attention(loaded):
     assert model.layers[0].attention.kv_cache.k_cache.dtype == torch.bfloat16
 
 
-def test_attend_reads_only_keys_some_query_sees(loaded):
+def test_attend_reads_only_keys_some_query_sees(attend_loaded):
     """Keys after the last one any query sees (stale entries of the static cache) are never read: NaN there
     changes nothing. (A masked key before it may be read, and weighs exactly 0.)"""
     q, k, v, mask = attention_inputs(1, 9, 3, 64, 5, 40)
@@ -212,7 +220,7 @@ def test_attend_reads_only_keys_some_query_sees(loaded):
     assert torch.equal(cpu_kernels.attend(q, k, v, mask), y)
 
 
-def test_compiled_steps_attend_with_it(loaded, monkeypatch):
+def test_compiled_steps_attend_with_it(attend_loaded, monkeypatch):
     """A compiled forward of a few tokens on the CPU calls attend where model.ATTEND is on, and gives the eager
     forward's logits; a prefill longer than ATTEND_MAX_ROWS, or ATTEND off, keeps the library's attention."""
     import s3d
@@ -240,15 +248,17 @@ def test_compiled_steps_attend_with_it(loaded, monkeypatch):
 
 def test_off_without_avx2_or_when_asked(monkeypatch):
     """load() builds nothing, reports False and leaves model.gemv and the attention as they are on a CPU without
-    AVX2, or with S3D_DOT_BF16=0; which build each CPU gets."""
+    AVX2, or with S3D_DOT_BF16=0; which build each CPU gets, and where decode steps attend with `attend`."""
     monkeypatch.setattr(model_py, "DOT_BF16", False)
     monkeypatch.setattr(model_py, "ATTEND", False)
     monkeypatch.setattr(model_py, "DOT_INT8", False)
+    monkeypatch.delenv("S3D_ATTEND", raising=False)
     for capability, bf16, build in (("AVX512", True, "avx512"), ("AVX512", False, "avx2"), ("AVX2", True, "avx2"),
                                     ("DEFAULT", False, None)):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
         monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16)
         assert cpu_kernels.build() == build
+        assert cpu_kernels.may_attend() == (build is not None)  # (cli.load then keeps the KV cache in bfloat16)
     assert cpu_kernels.load.__wrapped__() is False  # (DEFAULT)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True)
@@ -257,23 +267,39 @@ def test_off_without_avx2_or_when_asked(monkeypatch):
     assert model_py.DOT_BF16 is False and model_py.ATTEND is False and model_py.DOT_INT8 is False
 
 
-AVX2_GEMV_INT8 = """
+AVX2_BUILD = """
 import sys
 import torch
+import torch.nn.functional as F
 import cpu_kernels, model
 assert cpu_kernels.build() == "avx2" and cpu_kernels.load()
-assert model.DOT_INT8 and not model.DOT_BF16 and not model.ATTEND
+assert model.DOT_INT8 and model.ATTEND and not model.DOT_BF16
 torch.manual_seed(0)
 x = torch.randn(8, 100, dtype=torch.bfloat16)
 weight = torch.randint(-128, 128, (48, 100), dtype=torch.int8)
 torch.save([cpu_kernels.gemv_int8(x[:rows], weight) for rows in (1, 3, 5, 8)] + [x, weight], sys.argv[1])
+# attend: float32 and bfloat16 caches, unrounded float32 attention, each query row alone as with the others
+for kv_dtype in (torch.float32, torch.bfloat16):
+    for batch, heads, kv_heads, head_dim, queries, keys in ((1, 9, 3, 64, 5, 37), (2, 8, 2, 128, 3, 100),
+                                                            (1, 6, 2, 96, 22, 61), (1, 4, 2, 16, 4, 5)):
+        q = torch.randn(batch, queries, heads, head_dim).transpose(1, 2)
+        k, v = (torch.randn(batch, kv_heads, keys + 7, head_dim).to(kv_dtype)[:, :, :keys] for _ in range(2))
+        mask = torch.rand(batch, 1, queries, keys) < 0.6
+        mask[..., 0] = True
+        y = cpu_kernels.attend(q, k, v, mask)
+        expected = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=True)
+        assert (y.double() - expected).abs().max().item() < 1e-5, (kv_dtype, head_dim)
+        for s in range(queries):
+            assert torch.equal(cpu_kernels.attend(q[:, :, s:s + 1], k, v, mask[:, :, s:s + 1])[:, :, 0], y[:, :, s])
 """
 
 
-def test_the_avx2_build_of_gemv_int8_gives_the_same_sums(int8_loaded, tmp_path):
-    """The AVX2 build (ATEN_CPU_CAPABILITY=avx2: what a CPU with AVX2 alone builds) registers gemv_int8 alone, and
-    its results for 1 to 8 rows (-128 weights and a short last block included) are this process's build's, bit for
-    bit: on a CPU with AVX512_VNNI, the vpdpbusd kernel's."""
+def test_the_avx2_build(int8_loaded, tmp_path):
+    """The AVX2 build (ATEN_CPU_CAPABILITY=avx2: what a CPU with AVX2 alone builds) registers gemv_int8 and attend.
+    Its gemv_int8's results for 1 to 8 rows (-128 weights and a short last block included) are this process's
+    build's, bit for bit: on a CPU with AVX512_VNNI, the vpdpbusd kernel's. Its attend (in float32 throughout, from
+    float32 and bfloat16 caches, head_dim 16 to 128) is checked in that process: near the float64 attention, each
+    query row the same bits alone as with the others."""
     import os
     import subprocess
     import sys
@@ -282,7 +308,7 @@ def test_the_avx2_build_of_gemv_int8_gives_the_same_sums(int8_loaded, tmp_path):
         pytest.skip("needs a CPU with AVX2")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "PYTHONPATH": root}
-    subprocess.run([sys.executable, "-c", AVX2_GEMV_INT8, str(tmp_path / "y.pt")], env=env, check=True, cwd=root)
+    subprocess.run([sys.executable, "-c", AVX2_BUILD, str(tmp_path / "y.pt")], env=env, check=True, cwd=root)
     *ys, x, weight = torch.load(tmp_path / "y.pt")
     for y, rows in zip(ys, (1, 3, 5, 8)):
         assert torch.equal(y, cpu_kernels.gemv_int8(x[:rows], weight)), rows
