@@ -163,9 +163,10 @@ def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Tr
     if not Path(checkpoint).exists() and Path(checkpoint).resolve() == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
     model = load_model(checkpoint, device, dtype)
+    native = native_bf16() if device.type == "cpu" else []
     # without native bf16, many bfloat16 rows (a prefill) multiply faster in float32 (model.FLOAT32_MATMUL)
-    model_py.FLOAT32_MATMUL = device.type == "cpu" and not native_bf16()
-    if device.type == "cpu" and "amx_bf16" not in native_bf16():
+    model_py.FLOAT32_MATMUL = device.type == "cpu" and not native
+    if device.type == "cpu" and "amx_bf16" not in native:
         # attention in float32 unless the CPU has AMX: without native bf16, bf16 attention over a long cache is
         # several times slower (BENCHMARKS.md, section 5), and with AVX512_BF16 alone PyTorch's bf16 attention of one
         # query is too (the AR step's attention at 512 positions: 7.3 ms in bf16, 2.0 ms in float32; section 9)

@@ -312,6 +312,8 @@ struct AttendArgs {
 };
 
 #ifdef __AVX512BF16__
+static constexpr int64_t ATTEND_BLOCKS = 0;  // floats of scratch after the rows' scores: none here
+
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline __m512 load16(const at::BFloat16* p) {  // 16 bfloat16 as float32: the same bits, 16 places higher
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
@@ -480,6 +482,9 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
 // sum then read the block from L1. Every row alone, in the same order whatever rows come with it, as in the AVX-512
 // build, so a verify row attends exactly as the AR step's row does here too.
 
+// floats of scratch after the rows' scores (attend_rows): the block of 8 keys or values, 4 scaled queries, 4 sums
+static constexpr int64_t ATTEND_BLOCKS = 16 * 128;
+
 static inline void load8_into(const float* p, float* out) { _mm256_storeu_ps(out, _mm256_loadu_ps(p)); }
 static inline void load8_into(const at::BFloat16* p, float* out) {
   const __m256i half = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)p));
@@ -628,7 +633,7 @@ static void attend_all(const AttendArgs<KV>& a, int64_t B, int64_t Hkv, int64_t 
   while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk--;
   const int64_t chunks = (rows + chunk - 1) / chunk;
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(4 * a.padded + 16 * 128);  // (the AVX2 build's blocks after the scores)
+    std::vector<float> scores(4 * a.padded + ATTEND_BLOCKS);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (Hkv * chunks), kvh = i / chunks % Hkv, row0 = i % chunks * chunk;
       const int n = (int)std::min(chunk, rows - row0);
@@ -706,11 +711,6 @@ def build() -> Optional[str]:
     if os.environ.get("S3D_DOT_BF16") == "0" or capability not in ("AVX2", "AVX512"):
         return None
     return "avx512" if capability == "AVX512" and torch.cpu._is_avx512_bf16_supported() else "avx2"
-
-
-def wanted() -> bool:
-    """Whether load() builds the AVX-512 kernels here: a CPU with AVX512_BF16, unless S3D_DOT_BF16=0."""
-    return build() == "avx512"
 
 
 def may_attend() -> bool:
