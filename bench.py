@@ -64,8 +64,8 @@ def bench_decode(args) -> list:
 # ---------------------------------------------------------------------------------------------------------------
 # Spec-Bench-style evaluation: every method answers the same prompts, turn by turn, in one process.
 
-# adaptive: the s3d draft, with AR steps wherever they are faster; lookup: the s3d draft, with drafts copied from the
-# context wherever its last tokens occurred before (s3d.ContextLookup)
+# lookup: the s3d draft, with drafts copied from the context wherever its last tokens occurred before
+# (s3d.ContextLookup); adaptive: the same, with AR steps in place of the draft wherever they are faster (s3d.Pace)
 SPECULATIVE = (*s3d.DRAFTERS, "adaptive", "lookup")
 METHODS = ("ar", *SPECULATIVE, "hf", "llama.cpp")  # hf, llama.cpp: other engines on the same weights
 
@@ -560,8 +560,8 @@ def bench_speculative(args) -> list[dict]:
             if kind in ("adaptive", "lookup"):  # the s3d method's draft, or the one it would have
                 base = drafts.get("s3d") or cli.make_draft(model, "s3d", args.gamma, skip, args.heads, 8, None, args.tree,
                                                            args.draft_weights)
-                drafts[kind] = dataclasses.replace(base, **({"adaptive": True} if kind == "adaptive" else
-                                                            {"lookup": args.lookup}))
+                lookup = args.lookup if base.tree is None else 0  # (adaptive: with the lookup, as generate.py's)
+                drafts[kind] = dataclasses.replace(base, lookup=lookup, adaptive=kind == "adaptive")
                 continue
             drafts[kind] = cli.make_draft(model, kind, args.gamma, skip, args.heads, 8, args.draft_checkpoint,
                                           *((args.tree, args.draft_weights) if kind == "s3d" else ()))
@@ -613,8 +613,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only these categories of --prompts (summarization has the longest prompts: 650 tokens, "
                         "the median of the dev set's)")
     p.add_argument("--methods", nargs="+", default=["ar", "skip", "s3d"], choices=METHODS,
-                   help="adaptive: the s3d draft, with AR steps wherever they have been faster (generate.py --adaptive); "
-                        "lookup: the s3d draft, with drafts copied from the context wherever they can be (--lookup); "
+                   help="lookup: the s3d draft, with drafts copied from the context wherever they can be (--lookup); "
+                        "adaptive: the same, with AR steps in place of the draft wherever they have been faster "
+                        "(generate.py --adaptive); "
                         "hf: transformers' generate(); llama.cpp: llama.cpp on a GGUF of the same weights (make peers)")
     p.add_argument("--heads", type=Path, nargs="+", default=None,
                    help="S3D heads file (default: fresh, untrained heads); --profile/--sweep take several")

@@ -740,7 +740,8 @@ class Pace:
     tokens (the last 16) is `margin` more than the median AR step (the last 16). The tokens an iteration makes vary
     a lot (1 to g + 1: the mean of 16 varies by some 13 %), so that is judged on at least `probe` iterations since
     the last switch, and with a margin against switching on noise; when they lose, a stretch of AR steps follows,
-    twice as long each time they lose again, before the next try."""
+    twice as long each time they lose again, before the next try. With context lookup, copied drafts are verified
+    wherever there are some and are not timed here: Pace chooses between the drafter and an AR step."""
 
     def __init__(self, ar_probe: int = 3, probe: int = 8, stretch: int = 16, longest: int = 128, margin: float = 0.15):
         self.probe, self.shortest, self.longest, self.margin = probe, stretch, longest, margin
@@ -802,7 +803,8 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
     drafted = False  # whether the drafter has run: the guards stay on until it has (warm)
     with GuardsUntilWarm(compile, device) as guards:
         while not done:
-            if pace is not None and not pace.speculate():
+            copied = lookup.propose() if lookup is not None else None
+            if copied is None and pace is not None and not pace.speculate():
                 start = time.perf_counter()
                 cur, _ = ar_step(model, cur.clone(), torch.arange(pos, pos + 1, device=device), sampling, None,
                                  causal_mask(model, pos, 1))
@@ -817,7 +819,6 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
                 cur, pos = cur.clone(), pos + 1  # a copy: under CUDA graphs the next replay writes over the output
                 continue
             start = time.perf_counter()
-            copied = lookup.propose() if lookup is not None else None
             if copied is not None:  # no draft forward. Sampling: the copies' point masses as distributions, as the
                 drafts = torch.tensor(copied, device=device)  # drafter gives (None would take a second compiled verify)
                 probs = None if sampling.temperature == 0 else \
@@ -839,7 +840,7 @@ def speculative_generate(model: Transformer, prompt: list[int], max_new_tokens: 
             n = host[0]
             result.accepted.append(n)
             result.copied.append(copied is not None)
-            if pace is not None:
+            if pace is not None and copied is None:  # (pace judges the drafter: copies cost no draft forward)
                 pace.iteration_took(time.perf_counter() - start, n + 1)
             if on_iteration is not None:
                 on_iteration(candidates, n, host[n + 1], copied is not None)

@@ -491,6 +491,20 @@ def test_lookup_greedy_is_token_for_token_ar(monkeypatch, draft, adaptive):
     assert any(copied) and not all(copied)  # both kinds of iteration ran
 
 
+def test_adaptive_lookup_verifies_every_copy_and_paces_the_drafter_alone(monkeypatch):
+    """Copied drafts cost no draft forward, so they are verified even while Pace takes AR steps, and Pace times the
+    drafter's iterations only (here it never lets the drafter run)."""
+    paces = []
+    monkeypatch.setattr(s3d, "Pace", lambda: paces.append(ScriptedPace("A")) or paces[-1])
+    model = with_trained_looking_heads(tiny_model())
+    with torch.no_grad():
+        for prompt in REPEATING:
+            spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 4, (2, 4), adaptive=True, lookup=3))
+            assert spec.tokens == s3d.ar_generate(model, prompt, 40).tokens
+            assert spec.ar_steps > 0 and spec.copied and all(spec.copied)
+            assert paces[-1].steps == spec.ar_steps  # no iteration was timed
+
+
 def test_lookup_sampling_matches_the_ar_distribution():
     """The prompt ends in 3 and has 3 followed by each token of the vocabulary, so whatever token prefill samples,
     the first iteration copies its drafts (point masses); the rest may copy or draft."""
