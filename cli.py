@@ -159,6 +159,22 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
     return name
 
 
+def resolve_adaptive(adaptive: Optional[bool], draft: Optional[s3d.Draft], device: torch.device) -> bool:
+    """--adaptive's default: on for S3D or layer-skip drafts on a CPU without native bf16 matrix instructions, off
+    elsewhere. There a few-row forward is bound by its multiply-adds, and a drafted iteration makes fewer tokens per
+    AR step's time than an AR step (AVX2 code paths: adaptive decoding with the lookup a median 1.12x AR against 1.03x
+    without it; with native bf16, where the draft pays, 1.61x against 1.68x; BENCHMARKS.md section 43). Says so where
+    it turns it on."""
+    if adaptive is not None:
+        return adaptive
+    if draft is None or draft.kind == "model" or device.type != "cpu" or native_bf16():
+        return False
+    print("--adaptive auto: on (this CPU has no native bf16 matrix instructions, so the draft forward often costs more "
+          "than the tokens it saves: AR steps replace it wherever they have been faster; --no-adaptive: off)",
+          file=sys.stderr)
+    return True
+
+
 def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
     if not Path(checkpoint).exists() and Path(checkpoint).resolve() == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")

@@ -146,9 +146,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                            "chain: one candidate per depth; auto (default): 3,2,1,.. on a GPU, the chain on a CPU. "
                            "bench.py --sweep --trees measures them on this machine")
     spec.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)
-    spec.add_argument("--adaptive", action="store_true",
-                      help="take plain AR steps instead of speculating wherever they have been making tokens faster "
-                           "(timed as decoding runs); the output is the same")
+    spec.add_argument("--adaptive", action=argparse.BooleanOptionalAction, default=None,
+                      help="take plain AR steps instead of the draft forward wherever they have been making tokens "
+                           "faster (timed as decoding runs); the output is the same (default: on for a CPU without "
+                           "native bf16 matrix instructions, off elsewhere)")
     spec.add_argument("--lookup", type=int, default=None, metavar="N",
                       help="copy the drafts from the prompt and answer so far, with no draft forward, wherever their "
                            f"last N tokens (down to {s3d.LOOKUP_SHORTEST}) occurred before; the output is the same "
@@ -340,8 +341,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     lookup = args.lookup
     if lookup is None:  # on wherever it can serve: a chain of S3D or layer-skip drafts
         lookup = s3d.LOOKUP_LONGEST if draft is not None and draft.kind != "model" and draft.tree is None else 0
-    if args.adaptive or lookup:
-        draft = dataclasses.replace(draft, adaptive=args.adaptive, lookup=lookup)
+    adaptive = cli.resolve_adaptive(args.adaptive, draft, device)
+    if adaptive or lookup:
+        draft = dataclasses.replace(draft, adaptive=adaptive, lookup=lookup)
         s3d.check_draft(model, draft)
     messages = [{"role": "user", "content": args.prompt}]
     check_length(model, cli.encode_prompt(tokenizer, messages, chat), args.max_new_tokens, draft)

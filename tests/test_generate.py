@@ -172,10 +172,29 @@ def test_dtype_auto_follows_the_cpu_and_s3d_equals_ar_in_both(default_checkpoint
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stderr.splitlines()[0].startswith(f"--dtype auto: {dtype} (")
     assert f"({dtype}, cpu)" in proc.stderr
+    # --adaptive's default follows the CPU too: on without native bf16, where its AR steps show in the summary
+    assert ("--adaptive auto: on (" in proc.stderr) == ("AR steps taken instead" in proc.stderr) == (native == "0")
     if "identical output" not in proc.stderr:
         # bfloat16 rounds a 5-token verify and a 1-token AR step differently: the outputs may part only where the
         # target's two best logits are within a rounding step or so (a tie; generate.compare_with_ar)
         assert dtype == "bfloat16" and "at a tie" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_adaptive_auto_follows_the_cpu(monkeypatch, capsys):
+    """--adaptive's default: on for S3D or layer-skip drafts on a CPU without native bf16 (and says so), off with
+    native bf16, on other devices, for the model draft and without a draft; --adaptive and --no-adaptive win."""
+    import cli
+
+    s3d_draft, skip_draft, cpu = s3d.Draft("s3d", 4), s3d.Draft("skip", 4, (1, 3)), torch.device("cpu")
+    monkeypatch.setattr(cli, "native_bf16", lambda: [])
+    assert cli.resolve_adaptive(None, s3d_draft, cpu) and cli.resolve_adaptive(None, skip_draft, cpu)
+    assert capsys.readouterr().err.count("--adaptive auto: on (") == 2
+    assert not cli.resolve_adaptive(False, s3d_draft, cpu)
+    assert not cli.resolve_adaptive(None, None, cpu) and not cli.resolve_adaptive(None, s3d.Draft("model", 4), cpu)
+    assert not cli.resolve_adaptive(None, s3d_draft, torch.device("cuda"))
+    monkeypatch.setattr(cli, "native_bf16", lambda: ["avx512_bf16"])
+    assert not cli.resolve_adaptive(None, s3d_draft, cpu) and cli.resolve_adaptive(True, s3d_draft, cpu)
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("flags,attend,kv_dtype,attention_dtype", [
@@ -308,7 +327,8 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
     from tokenizer import Tokenizer
 
     prompt_text = "Repeat this sentence three times: the cat sat on the mat."  # (copies for --lookup)
-    proc = run("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text, "--show_drafts", *draft_args)
+    proc = run("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text, "--show_drafts", "--no-adaptive",
+               *draft_args)  # (--no-adaptive: on a CPU without native bf16 it is on by default)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\033" not in proc.stdout
 
