@@ -126,6 +126,7 @@ def native_bf16() -> list[str]:
     return cpu_bf16_flags()
 
 
+@functools.cache  # (generate.py asks for --dtype, the attention and --adaptive; the CPU's flags do not change)
 def cpu_bf16_flags() -> list[str]:
     try:
         flags = next((line.split(":", 1)[1].split() for line in open("/proc/cpuinfo") if line.startswith("flags")), [])
