@@ -412,7 +412,6 @@ def bench_roofline(args) -> list:
     if args.context + g + 1 > model.config.block_size:
         raise UsageError(f"--context {args.context} does not fit the model's context of {model.config.block_size} tokens")
     s3d.prepare_cache(model, args.context + g + 1)
-    bandwidth = roofline.read_bandwidth(device)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
     call_us = roofline.linear_call_us(DTYPES[args.dtype], device)
     # the heads' draft as decoding runs it (int8 copies of its layers where that is the default), the same with the
@@ -430,11 +429,12 @@ def bench_roofline(args) -> list:
     if given.draft_vocab is not None:
         heads.append((new_heads(model, given.skip, given.gamma, given.rank), fold, False))
     heads.append((new_heads(model, given.skip, given.gamma, 0), fold, False))
-    rows = roofline.measure_steps(model, heads, args.context, bandwidth)
+    rows, bandwidth = roofline.measure_steps(model, heads, args.context)
     ar_ms = rows[0]["ms"]
     weights = f"{model.quantization} weights, {args.dtype} activations" if model.quantization else args.dtype
     print(f"\nRoofline, {model.config.name} in {weights}, compiled, context {args.context}. {machine_line()}. "
-          f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache); matmul "
+          f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache, a median over "
+          f"the rounds that time the steps); matmul "
           f"{flops['float32']:.3g} GFLOP/s in float32, {flops['bfloat16']:.3g} in bfloat16. Floor: the bytes a step "
           f"must read at that bandwidth. Times are medians of 30 calls; the split comes from the profiler. A compiled "
           f"linear map costs {call_us:.1f} us a call with next to nothing to do (a chain of 64 x 64 maps): the GEMM "

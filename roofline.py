@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+from torch import Tensor
 
 import checkpoint
 import s3d
@@ -60,13 +61,18 @@ def last_level_cache_bytes() -> int:
     return max(sizes, default=32 * 2**20)
 
 
-def read_bandwidth(device: torch.device) -> float:
-    """GB/s of summing a float32 buffer four times the last-level cache (at least 256 MiB, at most 2 GiB): what a
-    decode step, which streams every weight once, can hope for."""
+def read_buffer(device: torch.device) -> Tensor:
+    """A float32 buffer four times the last-level cache (at least 256 MiB, at most 2 GiB), to read for the bandwidth."""
     size = min(2 * 2**30, max(256 * 2**20, 4 * last_level_cache_bytes())) if device.type == "cpu" else 2**30
-    buffer = torch.ones(size // 4, device=device)
-    ms = median_ms(lambda: buffer.sum().item(), repeats=10)
-    return size / ms / 1e6
+    return torch.ones(size // 4, device=device)
+
+
+def read_bandwidth(device: torch.device, buffer: Optional[Tensor] = None, repeats: int = 10) -> float:
+    """GB/s of summing a buffer beyond the last-level cache (read_buffer): what a decode step, which streams every
+    weight once, can hope for."""
+    buffer = read_buffer(device) if buffer is None else buffer
+    ms = median_ms(lambda: buffer.sum().item(), repeats=repeats)
+    return buffer.numel() * buffer.element_size() / ms / 1e6
 
 
 def matmul_throughput(dtype: torch.dtype, device: torch.device, n: int = 2048) -> float:
@@ -198,15 +204,17 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int, re
 
 
 @torch.no_grad()
-def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidth: float, rounds: int = 6,
-                  per_round: int = 5) -> list[dict]:
+def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: int = 6,
+                  per_round: int = 5) -> tuple[list[dict], float]:
     """bench.py --roofline's rows: the AR and verify(g+1) steps, then the draft of each (heads, fold, int8) of
     `heads` (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU;
     int8: into int8 copies of the weights), at
-    position `context`: ms, bytes read, memory-bound floor at `bandwidth` (GB/s), split by kernel kind. Every step is
-    compiled first, then timed in rounds that take each step in turn (per_round calls after an untimed one, its
-    heads attached, each call after the step before it in the loop: BEFORE), so that a slow spell of a shared
-    machine hits every step alike."""
+    position `context`: ms, bytes read, memory-bound floor at the read bandwidth, split by kernel kind; and that
+    bandwidth (GB/s). Every step is compiled first, then timed in rounds that take each step in turn (per_round calls
+    after an untimed one, its heads attached, each call after the step before it in the loop: BEFORE), so that a
+    slow spell of a shared machine hits every step alike. The bandwidth is read in every round too, before its
+    steps: a shared machine's bandwidth drifts by a third within minutes (BENCHMARKS.md, section 44), and a floor
+    measured once, before the steps, put some above 100 % of it."""
     n_layer, g, skip = model.config.n_layer, heads[0][0].gamma, heads[0][0].skip
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
     steps = []  # label, heads, call, layers, tokens, draft vocabulary size
@@ -228,7 +236,9 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
             print(f"compiled: {step[0]}", flush=True)
     times = {step[0]: [] for step in steps}
     first = {"ar": steps[0], "verify": steps[1], "draft": steps[2]}  # the draft before verify: the heads' own
+    buffer, reads = read_buffer(model.output.weight.device), []
     for _ in range(rounds):
+        reads.append(read_bandwidth(buffer.device, buffer, repeats=per_round))
         for i, (label, h, call, *_) in enumerate(steps):
             before = first[BEFORE["ar" if i == 0 else "verify" if i == 1 else "draft"]]
 
@@ -240,7 +250,8 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
             run_before()
             call()
             times[label] += [median_ms(call, 1, warmup=0, before=run_before) for _ in range(per_round)]
-    rows = []
+    del buffer
+    bandwidth, rows = statistics.median(reads), []
     for label, h, call, layers, tokens, vocab in steps:
         model.heads = h
         ms = statistics.median(times[label])
@@ -249,7 +260,7 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, bandwidt
         rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
                      "parts_ms": parts, "gemm_calls": gemm_calls})
         print(f"{label}: {ms:.2f} ms", flush=True)
-    return rows
+    return rows, bandwidth
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -386,9 +386,10 @@ def test_random_weights_table_on_the_cpu(tmp_path, capsys):
     assert "| bfloat16 |" in capsys.readouterr().out
 
 
-def test_roofline_rows_of_every_draft_variant():
+def test_roofline_rows_of_every_draft_variant(monkeypatch):
     """roofline.measure_steps on a tiny model: AR, verify and each draft variant compiled and timed; the draft
-    vocabulary reads only its rows of the output head, folded adapters add no bytes, int8 copies read a quarter."""
+    vocabulary reads only its rows of the output head, folded adapters add no bytes, int8 copies read a quarter;
+    the floor is at the median of the bandwidths read once a round, between the steps."""
     import torch
     import torch._inductor.config as inductor
 
@@ -400,11 +401,25 @@ def test_roofline_rows_of_every_draft_variant():
     given = new_heads(model, (2, 4), 3, 4, torch.arange(128))
     heads = [(given, True, False), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False, False),
              (new_heads(model, (2, 4), 3, 4), True, False), (new_heads(model, (2, 4), 3, 4), True, True)]
+    reads, steps_before_read = iter([10.0, 30.0, 20.0]), []
+    ar_calls = []
+
+    def read_bandwidth(device, buffer, repeats):  # a drifting bandwidth; records the steps timed before each read
+        assert buffer.numel() * 4 >= 256 * 2**20
+        steps_before_read.append(len(ar_calls))
+        return next(reads)
+
+    monkeypatch.setattr(roofline, "read_bandwidth", read_bandwidth)
+    timed = roofline.median_ms
+    monkeypatch.setattr(roofline, "median_ms", lambda call, *a, **k: (ar_calls.append(1), timed(call, *a, **k))[1])
     try:
         with inductor.patch({"cpp.enable_kernel_profile": True}):
-            rows = roofline.measure_steps(model, heads, 32, bandwidth=10.0, rounds=1, per_round=2)
+            rows, bandwidth = roofline.measure_steps(model, heads, 32, rounds=3, per_round=2)
     finally:
         s3d.release_compiled()
+    assert bandwidth == 20.0
+    assert all(r["floor_ms"] == pytest.approx(sum(r["bytes"].values()) / 20.0 / 1e6) for r in rows)
+    assert steps_before_read == [0, 12, 24]  # one read a round, each before its round's 6 steps x 2 calls
     assert [r["step"] for r in rows] == [
         "AR step (1 token)", "verify (4 tokens)",
         "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded, draft vocabulary 128)",
