@@ -160,6 +160,20 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
     return name
 
 
+def default_gamma(heads_gamma: int, device: torch.device) -> int:
+    """g of the S3D draft when --gamma is not given: the heads' (4 for the shipped ones), but at most 3 on a CPU
+    without native bf16 matrix instructions. There a verify row costs a multiply-add per weight, so a fifth row
+    costs more than the tokens its draft adds: on AVX2 code paths, the dev prompts, adaptive decoding with the lookup
+    made a median 1.23x AR at g = 3 against 1.12x at g = 4, and in single runs g = 2 made 1.09x (BENCHMARKS.md
+    section 44). Says so where it lowers g."""
+    if device.type != "cpu" or heads_gamma <= 3 or native_bf16():
+        return heads_gamma
+    print(f"--gamma auto: 3 (this CPU has no native bf16 matrix instructions, so each verified row costs its "
+          f"multiply-adds: 3 drafts an iteration rather than the heads' {heads_gamma}; --gamma {heads_gamma}: all)",
+          file=sys.stderr)
+    return 3
+
+
 def resolve_adaptive(adaptive: Optional[bool], draft: Optional[s3d.Draft], device: torch.device) -> bool:
     """--adaptive's default: on for S3D or layer-skip drafts on a CPU without native bf16 matrix instructions, off
     elsewhere. There a few-row forward is bound by its multiply-adds, and a drafted iteration makes fewer tokens per
@@ -231,10 +245,10 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
                draft_checkpoint: Optional[Path] = None, tree: Optional[s3d.Tree | str] = None,
                draft_weights: str = "auto") -> Optional[s3d.Draft]:
     """The draft settings from the command line's, with every default and check in one place: the skip range
-    defaults to the heads' (or the middle third), g to the tree's depth, else the heads' (or 4), and may not exceed
-    the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). tree may also be 'auto'
-    (default_tree for the model's device and g; printed) or 'chain'. draft_weights: one of DRAFT_WEIGHTS. None when
-    kind is None: plain AR."""
+    defaults to the heads' (or the middle third), g to the tree's depth, else the heads' (default_gamma; or 4), and
+    may not exceed the heads'; S3D without a heads file gets fresh, untrained heads (attached to model). tree may also
+    be 'auto' (default_tree for the model's device and g; printed) or 'chain'. draft_weights: one of DRAFT_WEIGHTS.
+    None when kind is None: plain AR."""
     auto = tree == "auto"
     if tree == "chain" and kind != "s3d":
         raise UsageError("--tree chain is for the S3D draft: add --s3d HEADS")
@@ -259,7 +273,7 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
             model.set_heads(new_heads(model, skip or middle_third(n_layer), gamma or 4, rank))
-        gamma = check_gamma(gamma or model.heads.gamma, model.heads)
+        gamma = check_gamma(gamma or default_gamma(model.heads.gamma, model.output.weight.device), model.heads)
         if auto:
             device = model.output.weight.device
             tree = default_tree(device, gamma)

@@ -174,6 +174,10 @@ def test_dtype_auto_follows_the_cpu_and_s3d_equals_ar_in_both(default_checkpoint
     assert f"({dtype}, cpu)" in proc.stderr
     # --adaptive's default follows the CPU too: on without native bf16, where its AR steps show in the summary
     assert ("--adaptive auto: on (" in proc.stderr) == ("AR steps taken instead" in proc.stderr) == (native == "0")
+    # and so does g: 3 of the heads' 4 without native bf16, where the summary's acceptance has 3 positions
+    assert ("--gamma auto: 3 (" in proc.stderr) == (native == "0")
+    rates = re.search(r"acceptance per draft position ([\d. ]+)", proc.stderr)[1].split()
+    assert len(rates) == (3 if native == "0" else 4), proc.stderr[-2000:]
     if "identical output" not in proc.stderr:
         # bfloat16 rounds a 5-token verify and a 1-token AR step differently: the outputs may part only where the
         # target's two best logits are within a rounding step or so (a tie; generate.compare_with_ar)
@@ -195,6 +199,25 @@ def test_adaptive_auto_follows_the_cpu(monkeypatch, capsys):
     monkeypatch.setattr(cli, "native_bf16", lambda: ["avx512_bf16"])
     assert not cli.resolve_adaptive(None, s3d_draft, cpu) and cli.resolve_adaptive(True, s3d_draft, cpu)
     assert capsys.readouterr().err == ""
+
+
+def test_gamma_auto_follows_the_cpu(tiny_checkpoint, monkeypatch, capsys):
+    """g's default for the S3D draft: 3 on a CPU without native bf16 (and says so), the heads' (4) with native bf16
+    and on other devices; --gamma, a tree's depth and heads of g <= 3 win, and the skip draft keeps 4."""
+    import cli
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(cli, "native_bf16", lambda: [])
+    assert cli.default_gamma(4, cpu) == 3 and "--gamma auto: 3 (" in capsys.readouterr().err
+    assert cli.default_gamma(2, cpu) == 2 and cli.default_gamma(4, torch.device("cuda")) == 4
+    model = load_model(tiny_checkpoint, "cpu", torch.float32)
+    assert cli.make_draft(model, "s3d").gamma == 3
+    assert cli.make_draft(model, "s3d", 4).gamma == 4
+    assert cli.make_draft(model, "s3d", tree=s3d.parse_tree("2,1,1,1")).gamma == 4
+    assert cli.make_draft(model, "skip").gamma == 4
+    capsys.readouterr()
+    monkeypatch.setattr(cli, "native_bf16", lambda: ["avx512_bf16"])
+    assert cli.make_draft(model, "s3d").gamma == 4 and "--gamma auto" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags,attend,kv_dtype,attention_dtype", [
@@ -328,7 +351,7 @@ def test_show_drafts_matches_the_loop(default_checkpoint, draft_args, kind):
 
     prompt_text = "Repeat this sentence three times: the cat sat on the mat."  # (copies for --lookup)
     proc = run("--dtype", "float32", "--max_new_tokens", "24", "--prompt", prompt_text, "--show_drafts", "--no-adaptive",
-               *draft_args)  # (--no-adaptive: on a CPU without native bf16 it is on by default)
+               "--gamma", "4", *draft_args)  # (on a CPU without native bf16 --adaptive is on by default, and g is 3)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "\033" not in proc.stdout
 
