@@ -169,8 +169,8 @@ def default_gamma(heads_gamma: int, device: torch.device) -> int:
     if device.type != "cpu" or heads_gamma <= 3 or native_bf16():
         return heads_gamma
     print(f"--gamma auto: 3 (this CPU has no native bf16 matrix instructions, so each verified row costs its "
-          f"multiply-adds: 3 drafts an iteration rather than the heads' {heads_gamma}; --gamma {heads_gamma}: all)",
-          file=sys.stderr)
+          f"multiply-adds: 3 drafts an iteration rather than the heads' {heads_gamma}; --gamma {heads_gamma} drafts "
+          f"them all)", file=sys.stderr)
     return 3
 
 

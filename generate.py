@@ -135,8 +135,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     spec.add_argument("--draft", choices=list(s3d.DRAFTERS), default=None,
                       help="s3d: mask-token drafting by the layer-skipped model (fresh, untrained heads without --s3d); "
                            "skip: the layer-skipped model drafts one token at a time; model: --draft_checkpoint drafts")
-    spec.add_argument("--gamma", type=int, default=None, help="tokens drafted per iteration (default: the heads', or 4; at most 3 for S3D on "
-                      "a CPU without native bf16 matrix instructions, and says so)")
+    spec.add_argument("--gamma", type=int, default=None,
+                      help="tokens drafted per iteration (default: the heads', or 4; at most 3 for S3D on a CPU "
+                           "without native bf16 matrix instructions, and says so)")
     spec.add_argument("--skip", metavar="S:E", type=cli.skip_range, default=None,
                       help="skip layers S..E-1 in the draft (default: the heads' range, or the middle third)")
     spec.add_argument("--rank", type=int, default=8, help="adapter rank of fresh heads (--draft s3d without --s3d)")
