@@ -163,9 +163,9 @@ def resolve_dtype(name: str, device: torch.device, quantize: Optional[str] = Non
 def default_gamma(heads_gamma: int, device: torch.device) -> int:
     """g of the S3D draft when --gamma is not given: the heads' (4 for the shipped ones), but at most 3 on a CPU
     without native bf16 matrix instructions. There a verify row costs a multiply-add per weight, so a fifth row
-    costs more than the tokens its draft adds: on AVX2 code paths, the dev prompts, adaptive decoding with the lookup
-    made a median 1.23x AR at g = 3 against 1.12x at g = 4, and in single runs g = 2 made 1.09x (BENCHMARKS.md
-    section 44). Says so where it lowers g."""
+    barely pays for its draft: on AVX2 code paths, the dev prompts, adaptive decoding with the lookup made 1.26x,
+    1.23x and 1.19x AR at g = 3 against 1.11x, 1.12x and 1.21x at g = 4, and g = 2 1.09x (BENCHMARKS.md section
+    44). Says so where it lowers g."""
     if device.type != "cpu" or heads_gamma <= 3 or native_bf16():
         return heads_gamma
     print(f"--gamma auto: 3 (this CPU has no native bf16 matrix instructions, so each verified row costs its "
