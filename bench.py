@@ -456,7 +456,7 @@ def bench_random_weights(args) -> list:
     """--random_weights SHAPE: the AR, verify and draft steps of a published shape with random weights in each of
     --formats; AR tokens/s, the bandwidth it achieves against the device's, and the speedups the costs predict."""
     device = torch.device(args.device)
-    bandwidth = roofline.read_bandwidth(device)
+    bandwidth = roofline.read_bandwidth(roofline.read_buffer(device))
     rows = roofline.random_weights_bench(args.random_weights, device, args.formats or ["bfloat16"], args.context,
                                          args.skips, args.gammas, args.compile)
     rates = (0.5, 0.6, 0.7, 0.8, 0.9)

@@ -267,15 +267,15 @@ def make_draft(model: Transformer, kind: Optional[str], gamma: Optional[int] = N
     n_layer = model.config.n_layer
     skip = check_skip(skip, n_layer) if skip is not None else None
     if kind == "s3d":
+        device = model.output.weight.device
         if heads is not None:
             model.set_heads(load_heads(heads, model.config))
         else:
             print("note: --draft s3d without --s3d uses fresh, untrained heads: lossless, but few drafts are accepted",
                   file=sys.stderr)
             model.set_heads(new_heads(model, skip or middle_third(n_layer), gamma or 4, rank))
-        gamma = check_gamma(gamma or default_gamma(model.heads.gamma, model.output.weight.device), model.heads)
+        gamma = check_gamma(gamma or default_gamma(model.heads.gamma, device), model.heads)
         if auto:
-            device = model.output.weight.device
             tree = default_tree(device, gamma)
             print(f"--tree auto: {tree or 'the chain'} (a {device.type} device)", file=sys.stderr)
         draft = s3d.Draft("s3d", gamma, model.heads.skip, tree=tree, int8=DRAFT_WEIGHTS[draft_weights])

@@ -67,10 +67,9 @@ def read_buffer(device: torch.device) -> Tensor:
     return torch.ones(size // 4, device=device)
 
 
-def read_bandwidth(device: torch.device, buffer: Optional[Tensor] = None, repeats: int = 10) -> float:
+def read_bandwidth(buffer: Tensor, repeats: int = 10) -> float:
     """GB/s of summing a buffer beyond the last-level cache (read_buffer): what a decode step, which streams every
     weight once, can hope for."""
-    buffer = read_buffer(device) if buffer is None else buffer
     ms = median_ms(lambda: buffer.sum().item(), repeats=repeats)
     return buffer.numel() * buffer.element_size() / ms / 1e6
 
@@ -238,7 +237,7 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: 
     first = {"ar": steps[0], "verify": steps[1], "draft": steps[2]}  # the draft before verify: the heads' own
     buffer, reads = read_buffer(model.output.weight.device), []
     for _ in range(rounds):
-        reads.append(read_bandwidth(buffer.device, buffer, repeats=per_round))
+        reads.append(read_bandwidth(buffer, repeats=per_round))
         for i, (label, h, call, *_) in enumerate(steps):
             before = first[BEFORE["ar" if i == 0 else "verify" if i == 1 else "draft"]]
 

@@ -404,7 +404,7 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
     reads, steps_before_read = iter([10.0, 30.0, 20.0]), []
     ar_calls = []
 
-    def read_bandwidth(device, buffer, repeats):  # a drifting bandwidth; records the steps timed before each read
+    def read_bandwidth(buffer, repeats):  # a drifting bandwidth; records the steps timed before each read
         assert buffer.numel() * 4 >= 256 * 2**20
         steps_before_read.append(len(ar_calls))
         return next(reads)

@@ -19,9 +19,9 @@ def run(script, *args):
 
 def test_walkthrough_agrees_with_generate(default_checkpoint):
     walk = run("examples/walkthrough.py", "--prompt", PROMPT, "--iterations", "3")
+    # (on a CPU without native bf16 --adaptive is on by default, AR steps coming first, and g is 3)
     shown = run("generate.py", "--prompt", PROMPT, "--s3d", HEADS, "--show_drafts", "--max_new_tokens", "24",
-                "--no-adaptive", "--gamma", "4")  # (on a CPU without native bf16 --adaptive is on by default, AR
-    # steps coming first, and g is 3)
+                "--no-adaptive", "--gamma", "4")
 
     for step in ("1. Prefill", "2. Draft", "3. Verify", "4. Accept", "5. Advance"):
         assert step in walk
