@@ -24,7 +24,7 @@ It reads a bfloat16 cache as well as a float32 one (section 26). From a bfloat16
 `vdpbf16ps`: the scores with the query rounded to bfloat16 (as the model's query is), 16 keys' sums at a time, and the
 weighted sum of the values two keys at a time, the probabilities rounded to bfloat16 (as the library's bfloat16
 attention rounds them; section 33). CPUs with AVX2 alone get a build of `attend` in float32 throughout, 8 lanes a
-register, the bfloat16 cache converted as it is read (section 42).
+register, the bfloat16 cache converted as it is read, once for up to 8 query rows (sections 42 and 45).
 
 The kernels are C++ built once per machine by torch's extension loader (cached; about half a minute the first time
 on 2 cores) and registered as the operators `s3d_kernels::gemv_bf16`, `s3d_kernels::gemv_int8` and
@@ -312,6 +312,8 @@ struct AttendArgs {
 };
 
 #ifdef __AVX512BF16__
+static constexpr int ATTEND_ROWS = 4;  // query rows a pass over the keys serves: their sums stay in registers
+static constexpr int ATTEND_ITEMS = 2;  // work items per thread at least, where a KV head's rows split that far
 static constexpr int64_t ATTEND_BLOCKS = 0;  // floats of scratch after the rows' scores: none here
 
 static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
@@ -477,13 +479,20 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
 }
 #else
 // AVX2 (no bfloat16 arithmetic): everything in float32, a bfloat16 cache's keys and values converted exactly (the
-// same bits, 16 places higher) as they are read. The keys of 8 positions and then their values go to a float32
-// block first, once for the R rows; each row's scores (8 keys' sums at once, the query in registers) and weighted
-// sum then read the block from L1. Every row alone, in the same order whatever rows come with it, as in the AVX-512
-// build, so a verify row attends exactly as the AR step's row does here too.
+// same bits, 16 places higher) as they are read. The keys of 8 positions and then their values are converted into a
+// float32 block, once for up to 8 rows (a float32 cache's are read in place); each row's scores (8 keys' sums at
+// once, 8 chains of multiply-adds in flight, the query in registers) and weighted sum then read the block from L1.
+// Every row alone, in the same order whatever rows come with it, as in the AVX-512 build, so a verify row attends
+// exactly as the AR step's row does here too. (BENCHMARKS.md, section 45: verify(5)'s attention 2.3 times cheaper
+// than with 4 rows a block, 4 chains and a copy of a float32 cache.)
 
-// floats of scratch after the rows' scores (attend_rows): the block of 8 keys or values, 4 scaled queries, 4 sums
-static constexpr int64_t ATTEND_BLOCKS = 16 * 128;
+// query rows a pass over the keys serves: each key converted once for up to 8 (their sums are kept in memory, not
+// in registers, so the number of rows is a run-time one here)
+static constexpr int ATTEND_ROWS = 8;
+// one work item per thread is enough: a KV head's rows in two items would read its keys twice, converted twice
+static constexpr int ATTEND_ITEMS = 1;
+// floats of scratch after the rows' scores (attend_rows): the block of 8 keys or values, 8 scaled queries, 8 sums
+static constexpr int64_t ATTEND_BLOCKS = 24 * 128;
 
 static inline void load8_into(const float* p, float* out) { _mm256_storeu_ps(out, _mm256_loadu_ps(p)); }
 static inline void load8_into(const at::BFloat16* p, float* out) {
@@ -515,6 +524,23 @@ static inline __m256 sum4(const __m256 a[4]) {
   return _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
 }
 
+// positions t0 .. t0 + 7 of a cache (keys or values), as 8 float32 rows `step` floats apart: in place where the
+// cache is float32 and all 8 are live, else converted (bfloat16) or copied into the block (past the last key: its
+// copies), once for the R rows
+template <int D, typename KV>
+static inline const float* block8(const KV* p, int64_t stride, int64_t t0, int64_t keys, float* block, int64_t& step) {
+  if constexpr (std::is_same_v<KV, float>) {
+    if (t0 + 8 <= keys) {
+      step = stride;
+      return p + t0 * stride;
+    }
+  }
+  for (int j = 0; j < 8; j++)
+    for (int d = 0; d < D; d += 8) load8_into(p + std::min(t0 + j, keys - 1) * stride + d, block + j * D + d);
+  step = D;
+  return block;
+}
+
 static inline float reduce(__m256 x, bool max) {
   __m128 h = max ? _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1))
                  : _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
@@ -525,13 +551,13 @@ static inline float reduce(__m256 x, bool max) {
 
 // R query rows (row = g * S + s: query head kvh * G + g, query s) of KV head kvh; head_dim = 16 * DV. `scratch`:
 // the rows' scores (R times a.padded), then the block of 8 keys or values, the scaled queries and the weighted sums
-template <int R, int DV, typename KV>
-static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scratch) {
+template <int DV, typename KV>
+static void attend_rows(int R, const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scratch) {
   constexpr int D = 16 * DV, V = 2 * DV;  // V: 8-float vectors in a head (even), taken W at a time below
   constexpr int W = V % 8 == 0 ? 8 : V % 4 == 0 ? 4 : 2;
   const float inf = std::numeric_limits<float>::infinity();
   float *scores = scratch, *block = scratch + R * a.padded, *q = block + 8 * D, *o = q + R * D;
-  const bool* mask[R];
+  const bool* mask[ATTEND_ROWS];
   int64_t keys = 0;  // the keys any of the rows sees: the rest of the cache is never read
   const __m256 scale = _mm256_set1_ps(1.0f / std::sqrt((float)D));
   for (int r = 0; r < R; r++) {
@@ -545,26 +571,21 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
     keys = std::max(keys, last);
   }
   const KV* kp = a.k + b * a.kb + kvh * a.kh;
-  for (int64_t t0 = 0; t0 < keys; t0 += 8) {  // scores: 8 keys into the block (past the last key: its copies)
-    for (int j = 0; j < 8; j++)
-      for (int d = 0; d < V; d++) load8_into(kp + std::min(t0 + j, keys - 1) * a.kt + 8 * d, block + j * D + 8 * d);
-    for (int r = 0; r < R; r++) {  // the query in registers, 4 keys' sums at a time
-      __m256 qv[V], half[2];
+  for (int64_t t0 = 0; t0 < keys; t0 += 8) {  // scores: 8 keys' sums at a time, the query in registers
+    int64_t step;
+    const float* key = block8<D>(kp, a.kt, t0, keys, block, step);
+    for (int r = 0; r < R; r++) {
+      __m256 qv[V], acc[8];  // 8 keys' multiply-adds in flight: 8 independent chains
       for (int d = 0; d < V; d++) qv[d] = _mm256_loadu_ps(q + r * D + 8 * d);
-      for (int h = 0; h < 2; h++) {
-        __m256 acc[4];
-        for (int j = 0; j < 4; j++) {
-          const float* key = block + (4 * h + j) * D;
-          acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key));
-          for (int d = 1; d < V; d++) acc[j] = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(key + 8 * d), acc[j]);
-        }
-        half[h] = sum4(acc);
-      }
-      _mm256_storeu_ps(scores + r * a.padded + t0, _mm256_add_ps(_mm256_permute2f128_ps(half[0], half[1], 0x20),
-                                                                 _mm256_permute2f128_ps(half[0], half[1], 0x31)));
+      for (int j = 0; j < 8; j++) acc[j] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(key + j * step));
+      for (int d = 1; d < V; d++)
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qv[d], _mm256_loadu_ps(key + j * step + 8 * d), acc[j]);
+      const __m256 low = sum4(acc), high = sum4(acc + 4);
+      _mm256_storeu_ps(scores + r * a.padded + t0, _mm256_add_ps(_mm256_permute2f128_ps(low, high, 0x20),
+                                                                 _mm256_permute2f128_ps(low, high, 0x31)));
     }
   }
-  float inv_sum[R];
+  float inv_sum[ATTEND_ROWS];
   for (int r = 0; r < R; r++) {  // softmax over the keys the mask lets row r see, 8 at a time
     float* sc = scores + r * a.padded;
     __m256 top = _mm256_set1_ps(-inf);
@@ -593,8 +614,8 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
   std::memset(o, 0, sizeof(float) * R * D);
   const KV* vp = a.v + b * a.vb + kvh * a.vh;
   for (int64_t t0 = 0; t0 < keys; t0 += 8) {  // the values weighted by the probabilities (0 where masked)
-    for (int j = 0; j < 8; j++)
-      for (int d = 0; d < V; d++) load8_into(vp + std::min(t0 + j, keys - 1) * a.vt + 8 * d, block + j * D + 8 * d);
+    int64_t step;
+    const float* value = block8<D>(vp, a.vt, t0, keys, block, step);
     for (int r = 0; r < R; r++)
       for (int d0 = 0; d0 < V; d0 += W) {  // W of the row's sums in registers, key after key
         __m256 acc[W];
@@ -602,7 +623,7 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
         for (int j = 0; j < 8; j++) {
           const __m256 p = _mm256_set1_ps(scores[r * a.padded + t0 + j]);
           for (int d = 0; d < W; d++)
-            acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(block + j * D + 8 * (d0 + d)), acc[d]);
+            acc[d] = _mm256_fmadd_ps(p, _mm256_loadu_ps(value + j * step + 8 * (d0 + d)), acc[d]);
         }
         for (int d = 0; d < W; d++) _mm256_storeu_ps(o + r * D + 8 * (d0 + d), acc[d]);
       }
@@ -618,22 +639,26 @@ static void attend_rows(const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t
 
 template <int DV, typename KV>
 static void attend_any(int rows, const AttendArgs<KV>& a, int64_t b, int64_t kvh, int64_t row0, float* scores) {
+#ifdef __AVX512BF16__
   switch (rows) {
     case 1: return attend_rows<1, DV>(a, b, kvh, row0, scores);
     case 2: return attend_rows<2, DV>(a, b, kvh, row0, scores);
     case 3: return attend_rows<3, DV>(a, b, kvh, row0, scores);
     default: return attend_rows<4, DV>(a, b, kvh, row0, scores);
   }
+#else
+  attend_rows<DV>(rows, a, b, kvh, row0, scores);
+#endif
 }
 
 template <typename KV>
 static void attend_all(const AttendArgs<KV>& a, int64_t B, int64_t Hkv, int64_t D) {
   const int64_t rows = a.G * a.S;  // query rows per KV head
-  int64_t chunk = 4;  // rows per work item: up to 4, fewer where that would leave a thread idle
-  while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < 2 * at::get_num_threads()) chunk--;
+  int64_t chunk = ATTEND_ROWS;  // rows per work item: up to ATTEND_ROWS, fewer where threads would wait for work
+  while (chunk > 1 && B * Hkv * ((rows + chunk - 1) / chunk) < ATTEND_ITEMS * at::get_num_threads()) chunk--;
   const int64_t chunks = (rows + chunk - 1) / chunk;
   at::parallel_for(0, B * Hkv * chunks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(4 * a.padded + ATTEND_BLOCKS);
+    std::vector<float> scores(ATTEND_ROWS * a.padded + ATTEND_BLOCKS);
     for (int64_t i = begin; i < end; i++) {
       const int64_t b = i / (Hkv * chunks), kvh = i / chunks % Hkv, row0 = i % chunks * chunk;
       const int n = (int)std::min(chunk, rows - row0);
