@@ -402,16 +402,16 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
     heads = [(given, True, False), (new_heads(model, (2, 4), 3, 4, torch.arange(128)), False, False),
              (new_heads(model, (2, 4), 3, 4), True, False), (new_heads(model, (2, 4), 3, 4), True, True)]
     reads, steps_before_read = iter([10.0, 30.0, 20.0]), []
-    ar_calls = []
+    timed_calls = []
 
     def read_bandwidth(buffer, repeats):  # a drifting bandwidth; records the steps timed before each read
         assert buffer.numel() * 4 >= 256 * 2**20
-        steps_before_read.append(len(ar_calls))
+        steps_before_read.append(len(timed_calls))
         return next(reads)
 
     monkeypatch.setattr(roofline, "read_bandwidth", read_bandwidth)
     timed = roofline.median_ms
-    monkeypatch.setattr(roofline, "median_ms", lambda call, *a, **k: (ar_calls.append(1), timed(call, *a, **k))[1])
+    monkeypatch.setattr(roofline, "median_ms", lambda call, *a, **k: (timed_calls.append(1), timed(call, *a, **k))[1])
     try:
         with inductor.patch({"cpp.enable_kernel_profile": True}):
             rows, bandwidth = roofline.measure_steps(model, heads, 32, rounds=3, per_round=2)
