@@ -323,8 +323,10 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
         for g in [g for g in args.gammas if heads is None or g <= heads.gamma]:
             trees = sorted((t for t in args.trees if t.depth == g), key=len, reverse=True) if args.draft == "s3d" else []
             rates = None  # the biggest tree's node rates
-            for tree in [*trees, None]:
-                draft = s3d.Draft(args.draft, g, skip, tree=tree,
+            queue = [*trees, None]
+            while queue:
+                tree = queue.pop(0)
+                draft = s3d.Draft(args.draft, tree.depth if tree else g, skip, tree=tree,  # (a best tree: maybe less deep)
                                   int8=cli.DRAFT_WEIGHTS[args.draft_weights] if args.draft == "s3d" else None)
                 run_args = argparse.Namespace(**{**vars(args), "methods": ["ar"] * args.interleave + [args.draft]})
                 result = evaluate(run_args, model, tok, rows, {args.draft: draft}, reference=ar and ar["records"])
@@ -340,16 +342,18 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                     paths = [p for r in result["records"] for p in r["paths"]]
                     rates = s3d.node_rates(own, paths) if tree else None
                     predicted_tau = figures["tau"] if tree else s3d.expected_tokens_per_iteration(figures["acceptance"])
+                    if tree:  # and its rates choose the best trees of --best_trees nodes inside it, run next
+                        queue[:0] = [s3d.best_tree(rates, n) for n in args.best_trees if n < len(tree) - 1]
                 else:
                     predicted_tau = s3d.expected_tree_tokens(own, rates)
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
-                               "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": g,
+                               "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": draft.gamma,
                                "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,
                                "cd": cd, "cv": cv, "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
                                "predicted_tau": predicted_tau, "predicted_speedup": predicted_tau / (cd + cv),
                                "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
                                "ties": figures["ties"], "answers": figures["answers"], "mismatches": result["mismatches"]})
-                tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={g}{f' tree {tree}' if tree else ''}: cd {cd:.2f}, "
+                tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={draft.gamma}{f' tree {tree}' if tree else ''}: cd {cd:.2f}, "
                            f"cv {cv:.2f}, tau {figures['tau']:.2f} (predicted {predicted_tau:.2f}), "
                            f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
     model.set_heads(None)
@@ -640,6 +644,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trees", type=cli.tree_shape, nargs="+", default=[], metavar="K1,K2,..",
                    help="for --profile/--sweep with the s3d draft: these trees too, beside the chain, at each g of "
                         "--gammas their depth equals")
+    p.add_argument("--best_trees", type=int, nargs="+", default=[], metavar="N",
+                   help="for --profile/--sweep with --trees: at each g, the trees of N nodes that the biggest tree's "
+                        "node rates say accept the most (s3d.best_tree; each printed as a --tree value), run after it")
     p.add_argument("--quantize", choices=checkpoint.QUANTIZATIONS, help="quantize the weights (torchao, weight-only) first")
     p.add_argument("--formats", nargs="+", choices=["none", *DTYPES, *checkpoint.QUANTIZATIONS], metavar="FORMAT",
                    help="a table of weight formats: float32, bfloat16, float16 (unquantized in that dtype), none "
@@ -686,6 +693,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--trees goes with --profile or --sweep of the s3d draft")
     if [t for t in args.trees if t.depth not in args.gammas]:
         p.error(f"every tree of --trees must be as deep as a g of --gammas ({' '.join(map(str, args.gammas))})")
+    if args.best_trees and not args.trees:
+        p.error("--best_trees chooses trees inside the biggest of --trees: add --trees")
+    if [n for n in args.best_trees if n < 1]:
+        p.error(f"--best_trees takes node counts of 1 or more, got {' '.join(map(str, args.best_trees))}")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
     args.heads_files = args.heads or []
     inputs = (args.prompts, args.checkpoint, args.gguf, args.draft_checkpoint, *args.heads_files)

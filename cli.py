@@ -72,7 +72,7 @@ def skip_range(text: str) -> tuple[int, int]:
 
 
 def tree_shape(text: str) -> s3d.Tree:
-    """argparse type of --tree: candidates per depth, '3,2,1,1' (s3d.top_k_tree)."""
+    """argparse type of --tree: candidates per depth, '3,2,1,1' (s3d.top_k_tree), or nodes, '0,1,00,10,000'."""
     try:
         return s3d.parse_tree(text)
     except ValueError as e:

@@ -145,6 +145,7 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     spec.add_argument("--tree", metavar="K1,K2,..", type=cli.tree_or_default, default="auto",
                       help="verify a tree of the S3D draft's candidates in one forward: how many at each depth (its "
                            "depth is g), e.g. 3,2,1,1: the best 3 at depth 1, the best 2 after each, .. (21 nodes); "
+                           "or its nodes' candidate ranks, e.g. 0,1,00,10,000 (as bench.py --best_trees prints them); "
                            "chain: one candidate per depth; auto (default): 3,2,1,.. on a GPU, the chain on a CPU. "
                            "bench.py --sweep --trees measures them on this machine")
     spec.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)

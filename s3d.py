@@ -551,8 +551,11 @@ class Tree:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def __str__(self) -> str:  # candidates per depth: a top-k tree's --tree value
-        return ",".join(str(1 + max(n[d] for n in self.nodes if len(n) > d)) for d in range(self.depth))
+    def __str__(self) -> str:  # its --tree value: candidates per depth for a top-k tree, else its nodes' ranks
+        widths = [1 + max(n[d] for n in self.nodes if len(n) > d) for d in range(self.depth)]
+        if len(self) == 1 + sum(math.prod(widths[:d]) for d in range(1, self.depth + 1)):  # every node of top-k
+            return ",".join(map(str, widths))
+        return ",".join("".join(map(str, n)) for n in self.nodes[1:])
 
 
 def make_tree(nodes: list[tuple[int, ...]]) -> Tree:
@@ -581,11 +584,20 @@ def top_k_tree(widths: tuple[int, ...]) -> Tree:
 
 
 def parse_tree(text: str) -> Tree:
-    """--tree's value: candidates per depth, "3,2,1,1"."""
+    """--tree's value: candidates per depth, "3,2,1,1" (top_k_tree); or the tree's nodes, each its draft ranks
+    from depth 1 down as digits, "0,1,00,01,10,000" (best_tree prints such trees; widths are never 0)."""
+    items = text.split(",")
+    if "0" in items:
+        if not all(item.isdigit() for item in items) or len(set(items)) != len(items):
+            raise ValueError(f"a tree's nodes are distinct rank sequences such as 0,1,00,10,000, got {text!r}")
+        if len(items) > MAX_TREE_NODES:
+            raise ValueError(f"the tree {text} has {len(items)} nodes; at most {MAX_TREE_NODES}")
+        return make_tree([tuple(map(int, item)) for item in items])
     try:
-        widths = tuple(int(w) for w in text.split(","))
+        widths = tuple(int(w) for w in items)
     except ValueError:
-        raise ValueError(f"--tree takes candidates per depth such as 3,2,1,1, got {text!r}") from None
+        raise ValueError(f"--tree takes candidates per depth such as 3,2,1,1 (or nodes such as 0,1,00,10,000), "
+                         f"got {text!r}") from None
     return top_k_tree(widths)
 
 
@@ -905,6 +917,24 @@ def expected_tree_tokens(tree: Tree, rates: dict[tuple[int, ...], float]) -> flo
     on the rest of the tree, so the node_rates of one run of a big tree predict E[tau] of every tree inside it
     (up to where iterations start: a smaller tree accepts less, so its iterations start elsewhere)."""
     return 1 + sum(rates[n] for n in tree.nodes[1:])
+
+
+def best_tree(rates: dict[tuple[int, ...], float], nodes: int) -> Tree:
+    """The tree of at most `nodes` draft nodes, taken from those of `rates` (node_rates of a bigger tree's run), with
+    the highest E[tau] (expected_tree_tokens): Medusa's sparse tree, fitted to the heads and prompts measured.
+    Grown a node at a time: the child of the tree so far with the highest rate (a shallower one on ties), so that
+    every prefix is in it. A node's rate is at most its parent's, so these are the `nodes` highest rates. Ranks
+    stay below 10, so that str(tree) is a --tree value."""
+    chosen: list[tuple[int, ...]] = []
+    taken = {()}
+    while len(chosen) < nodes:
+        children = [n for n in rates if n not in taken and n[:-1] in taken and max(n) < 10]
+        if not children:
+            break
+        node = max(children, key=lambda n: (rates[n], -len(n)))
+        chosen.append(node)
+        taken.add(node)
+    return make_tree(chosen)
 
 
 def predicted_speedup(acceptance: list[float], draft_cost: float, verify_cost: float) -> float:

@@ -731,11 +731,14 @@ def wide_tree_model(**options):
     return with_trained_looking_heads(tiny_model(vocab=12), gamma=3, **options)
 
 
-@pytest.mark.parametrize("widths", [(1, 1, 1), (2, 1, 1), (3, 2, 2), (12, 4, 2)])
+@pytest.mark.parametrize("shape", ["1,1,1", "2,1,1", "3,2,2", "12,4,2", "0,2,5,00,20,21,000,001,200"])
 @pytest.mark.parametrize("sequential_rank,bidirectional", [(0, False), (3, True)])
-def test_tree_greedy_is_token_for_token_ar(widths, sequential_rank, bidirectional):
+def test_tree_greedy_is_token_for_token_ar(shape, sequential_rank, bidirectional):
+    """Top-k trees, and a sparse one (best_tree's kind: ranks 0, 2 and 5 at depth 1, children under some nodes
+    only): greedy output is AR's."""
     model = wide_tree_model(sequential_rank=sequential_rank, bidirectional=bidirectional)
-    tree = s3d.top_k_tree(widths)
+    tree = s3d.parse_tree(shape)
+    widths = tuple(map(int, shape.split(","))) if str(tree) == shape and "0" not in shape.split(",") else None
     with torch.no_grad():
         if sequential_rank:
             model.heads.sequential_in.normal_(0, 1.0)
@@ -745,7 +748,7 @@ def test_tree_greedy_is_token_for_token_ar(widths, sequential_rank, bidirectiona
             spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3, tree=tree))
             assert spec.tokens == ar
             assert len(spec.paths) == len(spec.accepted) and [len(p) for p in spec.paths] == spec.accepted
-            if widths[0] == 12:
+            if widths is not None and widths[0] == 12:
                 assert min(spec.accepted[:-1]) >= 1
             if widths == (1, 1, 1):  # the chain as a tree: the same drafts, so the same decisions
                 assert spec.accepted == s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3)).accepted
@@ -800,23 +803,26 @@ def test_tree_compiled_is_lossless_and_never_recompiles():
             torch._dynamo.config.error_on_recompile = False
 
 
-def tree_samples(model, prompt, n_samples, temperature, top_k, widths):
+def tree_samples(model, prompt, n_samples, temperature, top_k, shape):
     counts = {}
+    tree = s3d.parse_tree(shape)
     torch.manual_seed(0)
     with torch.no_grad():
         for _ in range(n_samples):
-            r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", len(widths), tree=s3d.top_k_tree(widths)),
+            r = s3d.speculative_generate(model, prompt, 3, s3d.Draft("s3d", tree.depth, tree=tree),
                                          sampling=s3d.Sampling(temperature, top_k))
             counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1
     return counts
 
 
-@pytest.mark.parametrize("temperature,top_k,widths", [(1.0, None, (2, 2, 1)), (0.7, 3, (5, 1, 1))])
-def test_tree_sampling_matches_the_ar_distribution(temperature, top_k, widths):
+@pytest.mark.parametrize("temperature,top_k,shape", [(1.0, None, "2,2,1"), (0.7, 3, "5,1,1"),
+                                                     (1.0, None, "0,2,00,01,20,000")])
+def test_tree_sampling_matches_the_ar_distribution(temperature, top_k, shape):
+    """Top-k trees and a sparse one (siblings of ranks 0 and 2: the rule tries whatever candidates there are)."""
     model = sampling_model()
     prompt = [1, 3, 0, 2]
     exact = exact_first_tokens_distribution(model, prompt, 3, temperature, top_k)
-    counts = tree_samples(model, prompt, N_SAMPLES, temperature, top_k, widths)
+    counts = tree_samples(model, prompt, N_SAMPLES, temperature, top_k, shape)
     assert chi_square_p_value(counts, exact, N_SAMPLES) > 1e-3
 
 
@@ -828,9 +834,35 @@ def test_the_tree_sampling_test_catches_a_broken_rule(monkeypatch):
     model = sampling_model()
     prompt = [1, 3, 0, 2]
     exact = exact_first_tokens_distribution(model, prompt, 3, 1.0, None)
-    counts = tree_samples(model, prompt, N_SAMPLES, 1.0, None, (2, 2, 1))
+    counts = tree_samples(model, prompt, N_SAMPLES, 1.0, None, "2,2,1")
     monkeypatch.setattr(torch.Tensor, "index_put", real_put)
     assert chi_square_p_value(counts, exact, N_SAMPLES) < 1e-6
+
+
+def test_best_tree_takes_the_highest_node_rates_and_prints_as_a_tree_value():
+    """best_tree grows the tree of N nodes with the highest expected tau under the rates (each node's rate the
+    product of per-depth, per-rank ones here): no top-k tree of N nodes or fewer inside the measured one expects
+    more, every prefix of a node is in it, and str() of it (a node list: rank sequences) parses back to it, as a
+    top-k tree's widths do."""
+    per_rank = [0.6, 0.15, 0.1, 0.05]
+    big = s3d.top_k_tree((4, 3, 2, 2))
+    rates = {n: math.prod(per_rank[k] * 0.9 ** d for d, k in enumerate(n)) for n in big.nodes[1:]}
+    for n in (1, 4, 8, 21, 40):
+        best = s3d.best_tree(rates, n)
+        assert len(best) == n + 1 and set(best.nodes) <= set(big.nodes)
+        assert all(node[:-1] in best.nodes for node in best.nodes[1:])
+        assert s3d.parse_tree(str(best)) == best
+        tau = s3d.expected_tree_tokens(best, rates)
+        for widths in itertools.product(range(1, 5), range(1, 4), range(1, 3), range(1, 3)):
+            tree = s3d.top_k_tree(widths)
+            if len(tree) <= n + 1:
+                assert s3d.expected_tree_tokens(tree, rates) <= tau + 1e-12, (n, widths)
+    assert str(s3d.best_tree(rates, 4)) == "0,1,00,000"  # (the second candidate at depth 1 beats a fourth deep)
+    assert len(s3d.best_tree(rates, 500)) == len(big)  # (no more nodes than were measured)
+    assert str(s3d.top_k_tree((3, 2, 1))) == "3,2,1" and s3d.parse_tree("3,2,1") == s3d.top_k_tree((3, 2, 1))
+    for bad in ("0,0", "0,x", "0,11", "0,-1"):  # a repeated node, not digits, a node without its parent
+        with pytest.raises(ValueError):
+            s3d.parse_tree(bad)
 
 
 def test_tree_acceptance_rule_on_known_distributions():
