@@ -584,10 +584,11 @@ def top_k_tree(widths: tuple[int, ...]) -> Tree:
 
 
 def parse_tree(text: str) -> Tree:
-    """--tree's value: candidates per depth, "3,2,1,1" (top_k_tree); or the tree's nodes, each its draft ranks
-    from depth 1 down as digits, "0,1,00,01,10,000" (best_tree prints such trees; widths are never 0)."""
+    """--tree's value: candidates per depth, "3,2,1,1" (top_k_tree); or the tree's nodes in breadth-first order,
+    each its draft ranks from depth 1 down as digits, "0,1,00,01,10,000" (str(best_tree(..)) prints such trees;
+    they start with 0, where a width never is 0)."""
     items = text.split(",")
-    if "0" in items:
+    if items[0] == "0":
         if not all(item.isdigit() for item in items) or len(set(items)) != len(items):
             raise ValueError(f"a tree's nodes are distinct rank sequences such as 0,1,00,10,000, got {text!r}")
         if len(items) > MAX_TREE_NODES:

@@ -863,6 +863,8 @@ def test_best_tree_takes_the_highest_node_rates_and_prints_as_a_tree_value():
     for bad in ("0,0", "0,x", "0,11", "0,-1"):  # a repeated node, not digits, a node without its parent
         with pytest.raises(ValueError):
             s3d.parse_tree(bad)
+    with pytest.raises(ValueError, match="at least one candidate per depth"):  # widths (nodes start with 0)
+        s3d.parse_tree("3,0")
 
 
 def test_tree_acceptance_rule_on_known_distributions():
