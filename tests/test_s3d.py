@@ -738,7 +738,6 @@ def test_tree_greedy_is_token_for_token_ar(shape, sequential_rank, bidirectional
     only): greedy output is AR's."""
     model = wide_tree_model(sequential_rank=sequential_rank, bidirectional=bidirectional)
     tree = s3d.parse_tree(shape)
-    widths = tuple(map(int, shape.split(","))) if str(tree) == shape and "0" not in shape.split(",") else None
     with torch.no_grad():
         if sequential_rank:
             model.heads.sequential_in.normal_(0, 1.0)
@@ -748,9 +747,9 @@ def test_tree_greedy_is_token_for_token_ar(shape, sequential_rank, bidirectional
             spec = s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3, tree=tree))
             assert spec.tokens == ar
             assert len(spec.paths) == len(spec.accepted) and [len(p) for p in spec.paths] == spec.accepted
-            if widths is not None and widths[0] == 12:
+            if shape.startswith("12,"):  # every token of the vocabulary at depth 1: the first is always right
                 assert min(spec.accepted[:-1]) >= 1
-            if widths == (1, 1, 1):  # the chain as a tree: the same drafts, so the same decisions
+            if shape == "1,1,1":  # the chain as a tree: the same drafts, so the same decisions
                 assert spec.accepted == s3d.speculative_generate(model, prompt, 40, s3d.Draft("s3d", 3)).accepted
 
 
