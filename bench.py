@@ -413,9 +413,10 @@ def bench_roofline(args) -> list:
     if args.quantize:
         checkpoint.quantize(model, args.quantize, args.groupsize)
     n_layer, g = model.config.n_layer, args.gamma
-    if args.context + g + 1 > model.config.block_size:
+    slots = max([g + 1] + [len(tree) for tree in args.trees])  # the most tokens a step writes to the cache
+    if args.context + slots > model.config.block_size:
         raise UsageError(f"--context {args.context} does not fit the model's context of {model.config.block_size} tokens")
-    s3d.prepare_cache(model, args.context + g + 1)
+    s3d.prepare_cache(model, args.context + slots)
     flops = {dt: roofline.matmul_throughput(DTYPES[dt], device) for dt in ("float32", "bfloat16")}
     call_us = roofline.linear_call_us(DTYPES[args.dtype], device)
     # the heads' draft as decoding runs it (int8 copies of its layers where that is the default), the same with the
@@ -433,7 +434,7 @@ def bench_roofline(args) -> list:
     if given.draft_vocab is not None:
         heads.append((new_heads(model, given.skip, given.gamma, given.rank), fold, False))
     heads.append((new_heads(model, given.skip, given.gamma, 0), fold, False))
-    rows, bandwidth = roofline.measure_steps(model, heads, args.context)
+    rows, bandwidth = roofline.measure_steps(model, heads, args.context, trees=args.trees)
     ar_ms = rows[0]["ms"]
     weights = f"{model.quantization} weights, {args.dtype} activations" if model.quantization else args.dtype
     print(f"\nRoofline, {model.config.name} in {weights}, compiled, context {args.context}. {machine_line()}. "
@@ -643,7 +644,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--draft_weights", choices=list(cli.DRAFT_WEIGHTS), default="auto", help=cli.DRAFT_WEIGHTS_HELP)
     p.add_argument("--trees", type=cli.tree_shape, nargs="+", default=[], metavar="K1,K2,..",
                    help="for --profile/--sweep with the s3d draft: these trees too, beside the chain, at each g of "
-                        "--gammas their depth equals")
+                        "--gammas their depth equals; for --roofline: the verify step of each")
     p.add_argument("--best_trees", type=int, nargs="+", default=[], metavar="N",
                    help="for --profile/--sweep with --trees: at each g, the trees of N nodes that the biggest tree's "
                         "node rates say accept the most (s3d.best_tree; each printed as a --tree value), run after it")
@@ -689,9 +690,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--methods lookup copies a chain of drafts: it does not go with --tree")
     if args.lookup < s3d.LOOKUP_SHORTEST:
         p.error(f"--lookup matches {s3d.LOOKUP_SHORTEST} tokens or more, not {args.lookup}")
-    if args.trees and not ((args.profile or args.sweep) and args.draft == "s3d"):
-        p.error("--trees goes with --profile or --sweep of the s3d draft")
-    if [t for t in args.trees if t.depth not in args.gammas]:
+    if args.trees and not ((args.profile or args.sweep) and args.draft == "s3d" or args.roofline):
+        p.error("--trees goes with --profile or --sweep of the s3d draft, or --roofline")
+    if not args.roofline and [t for t in args.trees if t.depth not in args.gammas]:
         p.error(f"every tree of --trees must be as deep as a g of --gammas ({' '.join(map(str, args.gammas))})")
     if args.best_trees and not args.trees:
         p.error("--best_trees chooses trees inside the biggest of --trees: add --trees")

@@ -203,9 +203,10 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int, re
 
 
 @torch.no_grad()
-def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: int = 6,
-                  per_round: int = 5) -> tuple[list[dict], float]:
-    """bench.py --roofline's rows: the AR and verify(g+1) steps, then the draft of each (heads, fold, int8) of
+def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: int = 6, per_round: int = 5,
+                  trees: tuple = ()) -> tuple[list[dict], float]:
+    """bench.py --roofline's rows: the AR and verify(g+1) steps, the verify step of each tree of `trees` (its
+    nodes as rows, under its tree mask), then the draft of each (heads, fold, int8) of
     `heads` (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU;
     int8: into int8 copies of the weights), at
     position `context`: ms, bytes read, memory-bound floor at the read bandwidth, split by kernel kind; and that
@@ -224,22 +225,25 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: 
         if i == 0:
             steps += [("AR step (1 token)", h, calls["ar"], list(range(n_layer)), 1, 0),
                       (f"verify ({g + 1} tokens)", h, calls["verify"], list(range(n_layer)), g + 1, 0)]
+            for tree in trees:
+                verify = step_calls(model, s3d.Draft("s3d", tree.depth, skip, tree=tree), True, context)["verify"]
+                steps.append((f"verify (tree {tree}, {len(tree)} tokens)", h, verify, list(range(n_layer)), len(tree), 0))
         vocab = 0 if h.draft_vocab is None else len(h.draft_vocab)
         steps.append((f"draft ({g} tokens, {len(kept)} of {n_layer} layers, rank {h.rank}"
                       f"{', adapters folded' if fold and h.rank else ''}{' into int8 copies' if int8 else ''}"
                       f"{f', draft vocabulary {vocab}' if vocab else ''}"
                       f"{f', sequential head rank {h.sequential_rank}' if h.sequential_rank else ''})",
                       h, calls["draft"], kept, g, vocab))
-        for step in steps[-3 if i == 0 else -1:]:
+        for step in steps[-3 - len(trees) if i == 0 else -1:]:
             step[2]()  # compiles it
             print(f"compiled: {step[0]}", flush=True)
     times = {step[0]: [] for step in steps}
-    first = {"ar": steps[0], "verify": steps[1], "draft": steps[2]}  # the draft before verify: the heads' own
+    first = {"ar": steps[0], "verify": steps[1], "draft": steps[2 + len(trees)]}  # the draft before verify: the heads' own
     buffer, reads = read_buffer(model.output.weight.device), []
     for _ in range(rounds):
         reads.append(read_bandwidth(buffer, repeats=per_round))
         for i, (label, h, call, *_) in enumerate(steps):
-            before = first[BEFORE["ar" if i == 0 else "verify" if i == 1 else "draft"]]
+            before = first[BEFORE["ar" if i == 0 else "verify" if i <= 1 + len(trees) else "draft"]]
 
             def run_before() -> None:
                 model.heads = before[1]  # (set_heads would copy the draft head again)

@@ -419,12 +419,16 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
     monkeypatch.setattr(roofline, "median_ms", lambda call, *a, **k: (timed_calls.append(1), timed(call, *a, **k))[1])
     try:
         with inductor.patch({"cpp.enable_kernel_profile": True}):
-            rows, bandwidth = roofline.measure_steps(model, heads, 32, rounds=3, per_round=2)
+            rows, bandwidth = roofline.measure_steps(model, heads, 32, rounds=3, per_round=2,
+                                                     trees=[s3d.parse_tree("0,1,00,000")])
     finally:
         s3d.release_compiled()
     assert bandwidth == 20.0
     assert all(r["floor_ms"] == pytest.approx(sum(r["bytes"].values()) / 20.0 / 1e6) for r in rows)
-    assert steps_before_read == [0, 12, 24]  # one read a round, each before its round's 6 steps x 2 calls
+    assert steps_before_read == [0, 14, 28]  # one read a round, each before its round's 7 steps x 2 calls
+    tree_verify = rows.pop(2)  # (a sparse tree of 4 nodes: its verify step has 5 rows)
+    assert tree_verify["step"] == "verify (tree 0,1,00,000, 5 tokens)" and tree_verify["ms"] > 0
+    assert tree_verify["gemm_calls"] == rows[1]["gemm_calls"] and tree_verify["bytes"]["linear"] == rows[1]["bytes"]["linear"]
     assert [r["step"] for r in rows] == [
         "AR step (1 token)", "verify (4 tokens)",
         "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded, draft vocabulary 128)",
