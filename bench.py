@@ -696,6 +696,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"every tree of --trees must be as deep as a g of --gammas ({' '.join(map(str, args.gammas))})")
     if args.best_trees and not args.trees:
         p.error("--best_trees chooses trees inside the biggest of --trees: add --trees")
+    if args.best_trees and args.roofline:
+        p.error("--best_trees goes with --profile or --sweep, which measure the node rates that choose the trees")
     if [n for n in args.best_trees if n < 1]:
         p.error(f"--best_trees takes node counts of 1 or more, got {' '.join(map(str, args.best_trees))}")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)

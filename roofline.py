@@ -6,7 +6,7 @@ prints it (BENCHMARKS.md); bench.py --profile uses step_costs; bench.py --random
 import statistics
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -204,7 +204,7 @@ def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int, re
 
 @torch.no_grad()
 def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: int = 6, per_round: int = 5,
-                  trees: tuple = ()) -> tuple[list[dict], float]:
+                  trees: Sequence[s3d.Tree] = ()) -> tuple[list[dict], float]:
     """bench.py --roofline's rows: the AR and verify(g+1) steps, the verify step of each tree of `trees` (its
     nodes as rows, under its tree mask), then the draft of each (heads, fold, int8) of
     `heads` (one skip range and g; fold: the adapters folded into the weights, as compiled decoding does on a CPU;

@@ -326,6 +326,7 @@ def test_speed_model_by_hand():
     (("--trees", "2,1"), "--trees goes with --profile or --sweep of the s3d draft"),
     (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
     (("--sweep", "--best_trees", "3"), "--best_trees chooses trees inside the biggest of --trees: add --trees"),
+    (("--roofline", "--trees", "2,1", "--best_trees", "3"), "--best_trees goes with --profile or --sweep"),
     (("--tree", "0,11"), "must include every prefix of each"),
     (("--tree", "2,x"), "--tree takes candidates per depth"),
     (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
