@@ -219,6 +219,7 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: 
     kept = [i for i in range(n_layer) if not skip[0] <= i < skip[1]]
     steps = []  # label, heads, call, layers, tokens, draft vocabulary size
     for i, (h, fold, int8) in enumerate(heads):
+        new = len(steps)  # this heads' steps start here
         model.set_heads(h)
         calls = step_calls(model, s3d.Draft("s3d", g, skip, int8=int8), True, context)
         h.fold_adapters(fold, model if int8 else None)  # read when the draft is traced, at its first call below
@@ -234,16 +235,22 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: 
                       f"{f', draft vocabulary {vocab}' if vocab else ''}"
                       f"{f', sequential head rank {h.sequential_rank}' if h.sequential_rank else ''})",
                       h, calls["draft"], kept, g, vocab))
-        for step in steps[-3 - len(trees) if i == 0 else -1:]:
+        for step in steps[new:]:
             step[2]()  # compiles it
             print(f"compiled: {step[0]}", flush=True)
     times = {step[0]: [] for step in steps}
-    first = {"ar": steps[0], "verify": steps[1], "draft": steps[2 + len(trees)]}  # the draft before verify: the heads' own
+
+    def kind(label: str) -> str:  # which step of the loop a row times: "ar", "verify" (a chain's or a tree's), "draft"
+        return "ar" if label.startswith("AR") else label.split()[0]
+
+    first = {}  # the first step of each kind (the chain's verify; the heads' own draft, before verify)
+    for step in steps:
+        first.setdefault(kind(step[0]), step)
     buffer, reads = read_buffer(model.output.weight.device), []
     for _ in range(rounds):
         reads.append(read_bandwidth(buffer, repeats=per_round))
-        for i, (label, h, call, *_) in enumerate(steps):
-            before = first[BEFORE["ar" if i == 0 else "verify" if i <= 1 + len(trees) else "draft"]]
+        for label, h, call, *_ in steps:
+            before = first[BEFORE[kind(label)]]
 
             def run_before() -> None:
                 model.heads = before[1]  # (set_heads would copy the draft head again)
