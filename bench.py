@@ -302,8 +302,9 @@ def decoding_position(records: list[dict], method: str) -> int:
 
 
 def profile(args, model, tok, rows: list[dict]) -> list[dict]:
-    """For every (skip range, g) of the grid, as a chain and as each tree of --trees that is g deep: cd and cv in AR
-    steps, the acceptance per position and measured speedup on the prompts, and the speed model's prediction. For
+    """For every (skip range, g) of the grid, as a chain and as each tree of --trees that is g deep: the acceptance
+    per position and measured speedup on the prompts, cd and cv in AR steps (timed after all the points have run, in
+    rounds over them: roofline.costs_in_rounds), and the speed model's prediction. For
     each g the biggest tree runs first; its node rates predict tau of the smaller trees and of the chain, whose
     own runs then check the prediction."""
     n_layer = model.config.n_layer
@@ -316,7 +317,7 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
         configs = [(new_heads(model, skip, max(args.gammas), 8), None) for skip in skips]
     # AR once, first; or with --interleave beside every point, so that each measured ratio is of one stretch of time
     ar = None if args.interleave else evaluate(argparse.Namespace(**{**vars(args), "methods": ["ar"]}), model, tok, rows, {})
-    points = []
+    points, steps = [], []  # steps: each point's heads and step calls
     for heads, source in configs:
         skip = heads.skip if heads is not None else source
         model.set_heads(heads)
@@ -335,8 +336,9 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                 # timed where these answers were decoded: attention's work grows with the context, so a step costs
                 # more AR steps after a long prompt (BENCHMARKS.md, section 30)
                 position = decoding_position(result["records"], args.draft)
-                costs = roofline.step_costs(model, draft, args.compile, position)
-                cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
+                calls = roofline.step_calls(model, draft, args.compile, position)
+                roofline.loop_ms(calls, 1)  # compiled now, with these heads attached; timed after the last point
+                steps.append((model.heads, calls))
                 own = tree or s3d.top_k_tree((1,) * g)
                 if rates is None:  # the first of this g: its tau predicts itself (as the chain's acceptance does)
                     paths = [p for r in result["records"] for p in r["paths"]]
@@ -349,13 +351,15 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                                "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": draft.gamma,
                                "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,
-                               "cd": cd, "cv": cv, "step_ms": costs, "acceptance": figures["acceptance"], "tau": figures["tau"],
-                               "predicted_tau": predicted_tau, "predicted_speedup": predicted_tau / (cd + cv),
+                               "acceptance": figures["acceptance"], "tau": figures["tau"], "predicted_tau": predicted_tau,
                                "measured_speedup": figures["speedup"], "matches_ar": figures["matches_ar"],
                                "ties": figures["ties"], "answers": figures["answers"], "mismatches": result["mismatches"]})
-                tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={draft.gamma}{f' tree {tree}' if tree else ''}: cd {cd:.2f}, "
-                           f"cv {cv:.2f}, tau {figures['tau']:.2f} (predicted {predicted_tau:.2f}), "
-                           f"predicted {points[-1]['predicted_speedup']:.2f}x, measured {figures['speedup']:.2f}x")
+                tqdm.write(f"{args.draft} skip {skip[0]}:{skip[1]} g={draft.gamma}{f' tree {tree}' if tree else ''}: "
+                           f"tau {figures['tau']:.2f} (predicted {predicted_tau:.2f}), measured {figures['speedup']:.2f}x")
+    # the step costs of all points in rounds, so that the machine's slow spells hit them alike
+    for point, costs in zip(points, roofline.costs_in_rounds(model, steps)):
+        cd, cv = costs["draft"] / costs["ar"], costs["verify"] / costs["ar"]
+        point.update(cd=cd, cv=cv, step_ms=costs, predicted_speedup=point["predicted_tau"] / (cd + cv))
     model.set_heads(None)
     return points
 
@@ -364,7 +368,8 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
     print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts ({per_category(args)}), "
           f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
-          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; each a median of 20), at position "
+          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; timed after the runs, in 6 rounds over the "
+          f"points), at position "
           f"{statistics.median(p['position'] for p in points):.0f} (the median middle of the answers).\n")
     several = len({p["heads"] for p in points}) > 1  # then a column says which heads file each row measured
     print(f"|{' heads |' * several} skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position "

@@ -1,6 +1,6 @@
 """What the machine allows and where a step's time goes: read bandwidth, matmul throughput, the bytes a decode step
 must read (its memory-bound floor), and the compiled steps' time split by kernel kind. bench.py --roofline
-prints it (BENCHMARKS.md); bench.py --profile uses step_costs; bench.py --random_weights times the steps of
+prints it (BENCHMARKS.md); bench.py --profile times its points' steps with costs_in_rounds; bench.py --random_weights times the steps of
 7B-class shapes with random weights (random weights decode exactly as fast as real ones).
 """
 import statistics
@@ -10,6 +10,7 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 import checkpoint
 import s3d
@@ -196,10 +197,20 @@ def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) ->
 
 
 @torch.no_grad()
-def step_costs(model: Transformer, draft: s3d.Draft, compile: bool, pos: int, repeats: int = 20) -> dict[str, float]:
-    """Median milliseconds of one AR step, one draft and one verify step at position pos (bench.py --profile: where
-    the answers were decoded), each after the one before it in the loop."""
-    return loop_ms(step_calls(model, draft, compile, pos), repeats)
+def costs_in_rounds(model: Transformer, points: list[tuple[object, dict[str, Callable]]], rounds: int = 6,
+                    per_round: int = 4) -> list[dict[str, float]]:
+    """Median milliseconds of the AR step, draft and verify step of every point of a sweep (its heads, its
+    step_calls at the position where its answers were decoded), timed in rounds that take each point in
+    turn, its heads attached: each step's median over the rounds of loop_ms of per_round calls. Timed once per point,
+    one point after the other, the same draft's cost moved by up to a factor of two between the points of one sweep
+    as the shared machine's speed drifted (BENCHMARKS.md, section 47); in rounds, a slow spell hits every point."""
+    times = [{} for _ in points]  # per point: each step's milliseconds, a round at a time
+    for _ in tqdm(range(rounds), desc="step costs", unit="round", leave=False):
+        for (heads, calls), point_times in zip(points, times):
+            model.heads = heads  # (set_heads would copy the draft head again)
+            for name, ms in loop_ms(calls, per_round).items():
+                point_times.setdefault(name, []).append(ms)
+    return [{name: statistics.median(ms) for name, ms in point_times.items()} for point_times in times]
 
 
 @torch.no_grad()

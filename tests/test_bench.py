@@ -232,9 +232,9 @@ def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts
 
 def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path, monkeypatch):
     positions = []
-    step_costs = bench.roofline.step_costs
-    monkeypatch.setattr(bench.roofline, "step_costs",
-                        lambda model, draft, compile, pos: positions.append(pos) or step_costs(model, draft, compile, pos))
+    step_calls = bench.roofline.step_calls
+    monkeypatch.setattr(bench.roofline, "step_calls",
+                        lambda model, draft, compile, pos: positions.append(pos) or step_calls(model, draft, compile, pos))
     png = tmp_path / "sweep.png"
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
                         "--draft", "skip", "--skips", "1:2", "1:3", "--gammas", "1", "2", "--plot", str(png))
@@ -471,3 +471,26 @@ def test_each_step_is_timed_after_the_one_before_it_in_the_loop():
     log.clear()  # only the steps named (--random_weights times the AR step once), still each after its predecessor
     assert set(roofline.loop_ms(calls, repeats=1, names=["draft"])) == {"draft"}
     assert log == ["verify", "draft"] * 3
+
+
+def test_a_sweeps_step_costs_are_timed_in_rounds_over_its_points(monkeypatch):
+    """bench.py --profile/--sweep times every point's steps after all have run, in rounds that take each point in
+    turn with its heads attached: a slow spell of the machine then hits all points alike. Each cost is the median of
+    its rounds."""
+    import roofline
+
+    model = torch.nn.Module()
+    model.heads = None
+    log, values = [], iter(range(1000))
+
+    def loop_ms(calls, repeats=20, names=None):  # each call of a point's steps: which point, with which heads
+        log.append((calls["point"], model.heads))
+        return {"ar": 1.0, "draft": float(next(values)), "verify": 2.0}
+
+    monkeypatch.setattr(roofline, "loop_ms", loop_ms)
+    points = [("heads a", {"point": 0}), (None, {"point": 1}), ("heads b", {"point": 2})]
+    costs = roofline.costs_in_rounds(model, points, rounds=3)
+    assert log == [(0, "heads a"), (1, None), (2, "heads b")] * 3
+    # point 0's drafts took 0, 3 and 6 (its rounds' values), point 1's 1, 4 and 7, point 2's 2, 5 and 8
+    assert [c["draft"] for c in costs] == [3.0, 4.0, 5.0]
+    assert all(c["ar"] == 1.0 and c["verify"] == 2.0 for c in costs)
