@@ -783,7 +783,7 @@ def load() -> bool:
     torch.library.register_fake("s3d_kernels::gemv_int8", gemv_fake)
     if isa == "avx512":
         torch.library.register_fake("s3d_kernels::gemv_bf16", gemv_fake)
-        model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to GEMV_MAX_ROWS rows
+        model.DOT_BF16 = True  # model.gemv now calls gemv_bf16 for 2 to DOT_BF16_MAX_ROWS rows
     # gemv_int8 for int8 weights (the draft's copies, --quantize w8a8): every CPU with AVX512_BF16 so far has
     # AVX512_VNNI too; the AVX2 build computes the same sums with vpmaddubsw
     model.DOT_INT8 = int8_kernel()

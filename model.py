@@ -204,9 +204,11 @@ def int8_rows(x: Tensor) -> tuple[Tensor, Tensor]:
 # than the library's GEMM: one row streams the weights at the read bandwidth there, and each row more costs a
 # multiply-add per weight, so by 5 rows gemv only ties with oneDNN and by 8 it loses (BENCHMARKS.md, section 20).
 GEMV_MAX_ROWS = 5
-# On a CPU with AVX512_BF16, 2 to 5 rows run on its dot products instead (cpu_kernels.py), which halve the work per
-# weight: the verify step of 5 rows gets cheaper. A tree's 9 or 22 rows did not: oneDNN's GEMM stays there
-# (BENCHMARKS.md, section 23).
+# On a CPU with AVX512_BF16, 2 to DOT_BF16_MAX_ROWS rows run on its dot products instead (cpu_kernels.py), which
+# halve the work per weight: the verify step of 5 rows gets cheaper (BENCHMARKS.md, section 23), and so does a small
+# tree's of up to 8, the rows one pass of that kernel over the weights takes (section 48). Past that, a second pass
+# costs about what oneDNN's GEMM does (section 47): oneDNN stays there.
+DOT_BF16_MAX_ROWS = 8
 DOT_BF16 = False  # set by cpu_kernels.load() where that kernel is built and registered
 DOT_INT8 = False  # the same for its kernel of int8 weights (AVX512_VNNI, or AVX2): the draft's copies, --quantize w8a8
 # which takes up to 8 rows a pass over the weights: a step of w8a8 weights computes each row exactly as the AR step
@@ -219,9 +221,11 @@ FUSE_GATE_UP = True
 
 def use_gemv(x: Tensor, weight: Tensor) -> bool:
     """Whether x @ weight.T goes through gemv: compiled (the weight layout is made at compile time), on a CPU, in
-    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (ATTEND_MAX_ROWS for int8 weights where the AVX512_VNNI
-    kernel takes them), and a plain weight (not a torchao-quantized one)."""
-    most = ATTEND_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8 else GEMV_MAX_ROWS
+    bfloat16, at most GEMV_MAX_ROWS rows known when tracing (DOT_BF16_MAX_ROWS where the AVX512_BF16 kernel takes
+    them, ATTEND_MAX_ROWS for int8 weights where the AVX512_VNNI kernel does), and a plain weight (not a
+    torchao-quantized one)."""
+    most = (ATTEND_MAX_ROWS if DOT_INT8 and weight.dtype == torch.int8
+            else DOT_BF16_MAX_ROWS if use_dot_bf16(weight) else GEMV_MAX_ROWS)
     return (torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype == torch.bfloat16
             and type(weight) in (nn.Parameter, Tensor) and weight.shape[0] % 16 == 0
             and isinstance(x.shape[-2], int) and math.prod(x.shape[:-1]) <= most)

@@ -45,14 +45,17 @@ def test_gemv_bf16_is_the_linear_map_row_by_row(loaded, rows):
 
 
 def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
-    """A compiled bfloat16 linear map of 2 to GEMV_MAX_ROWS rows calls the kernel on the frozen weight in its pair
-    layout; off (model.DOT_BF16 false) the same step has Inductor's reduction; one row, or one row more than
-    GEMV_MAX_ROWS, does not call it either way."""
+    """A compiled bfloat16 linear map of 2 to DOT_BF16_MAX_ROWS rows (a small tree's verify too) calls the kernel on
+    the frozen weight in its pair layout; off (model.DOT_BF16 false) the same step has Inductor's reduction up to
+    GEMV_MAX_ROWS rows and the library's GEMM past them; one row, or one row more than DOT_BF16_MAX_ROWS, does not
+    call it either way."""
     import s3d
 
     torch.manual_seed(0)
     layer = torch.nn.Linear(64, 48, bias=False).to(torch.bfloat16).eval()
-    for rows in (1, model_py.GEMV_MAX_ROWS, model_py.GEMV_MAX_ROWS + 1):
+    assert model_py.GEMV_MAX_ROWS < model_py.DOT_BF16_MAX_ROWS
+    for rows in (1, model_py.GEMV_MAX_ROWS, model_py.GEMV_MAX_ROWS + 1, model_py.DOT_BF16_MAX_ROWS,
+                 model_py.DOT_BF16_MAX_ROWS + 1):
         x = torch.randn(1, rows, 64, dtype=torch.bfloat16)
         expected = x.float() @ layer.weight.float().T
         for on in (True, False):
@@ -62,7 +65,7 @@ def test_compiled_steps_call_it_for_several_rows(loaded, monkeypatch):
             with torch.no_grad():
                 y, code = run_and_get_code(step, layer, x)
             torch.testing.assert_close(y.float(), expected, rtol=1e-2, atol=1e-2)
-            assert ("s3d_kernels" in " ".join(code)) == (on and 1 < rows <= model_py.GEMV_MAX_ROWS)
+            assert ("s3d_kernels" in " ".join(code)) == (on and 1 < rows <= model_py.DOT_BF16_MAX_ROWS)
     assert roofline.kernel_kind("s3d_kernels::gemv_bf16", (512,)) == "linear maps"  # (bench.py --roofline's split)
 
 
