@@ -48,6 +48,7 @@ def median_ms(call: Callable, repeats: int = 20, warmup: int = 2, before: Option
 BEFORE = {"ar": "ar", "verify": "draft", "draft": "verify"}
 
 
+@torch.no_grad()  # (as the decoding loops run the steps: a step called with autograd on would compile anew)
 def loop_ms(calls: dict[str, Callable], repeats: int = 20, names: Optional[list[str]] = None) -> dict[str, float]:
     """median_ms of the AR step, draft and verify calls of step_calls (those in names, or all), each after the one
     before it in the loop."""

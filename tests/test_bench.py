@@ -231,14 +231,20 @@ def test_interleaved_profile_runs_ar_beside_every_point(tiny_checkpoint, prompts
 
 
 def test_profile_predicts_with_the_speed_model_and_plots(tiny_checkpoint, prompts, tmp_path, monkeypatch):
-    positions = []
+    positions, grad_modes = [], set()
     step_calls = bench.roofline.step_calls
-    monkeypatch.setattr(bench.roofline, "step_calls",
-                        lambda model, draft, compile, pos: positions.append(pos) or step_calls(model, draft, compile, pos))
+
+    def calls_noting_grad_mode(model, draft, compile, pos):  # (autograd on would compile the steps anew, and fails
+        positions.append(pos)                                # to compile model.gemv's)
+        calls = step_calls(model, draft, compile, pos)
+        return {name: lambda call=call: grad_modes.add(torch.is_grad_enabled()) or call() for name, call in calls.items()}
+
+    monkeypatch.setattr(bench.roofline, "step_calls", calls_noting_grad_mode)
     png = tmp_path / "sweep.png"
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
                         "--draft", "skip", "--skips", "1:2", "1:3", "--gammas", "1", "2", "--plot", str(png))
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert grad_modes == {False}  # every step was warmed and timed without autograd, as decoding runs it
     points = result["points"]
     assert {(tuple(p["skip"]), p["gamma"]) for p in points} == {((1, 2), 1), ((1, 2), 2), ((1, 3), 1), ((1, 3), 2)}
     for p in points:
