@@ -234,9 +234,15 @@ def method_label(method: str, args, drafts: dict[str, s3d.Draft]) -> str:
 INTERLEAVED = ", AR and the other methods in turn on each prompt (--interleave)"
 
 
-def table_row(label: str, f: dict) -> str:
+def table_row(label: str, f: dict, args) -> str:
     rates = " ".join(f"{a:.2f}" for a in f["acceptance"]) or "-"
-    return f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | {same_as_ar(f)} |"
+    return f"| {label} | {f['tau']:.2f} | {rates} | {f['tokens_per_s']:.1f} | {f['speedup']:.2f}x | {output_column(f, args)} |"
+
+
+def output_column(f: dict, args) -> str:
+    """The tables' 'output == AR': greedy, how many answers are AR's (or left it at a tie); sampled, a speculative
+    answer is not AR's token for token but drawn from the same distribution (tests/test_s3d.py checks that)."""
+    return same_as_ar(f) if args.temperature == 0 else "- (sampled)"
 
 
 def per_category(args) -> str:
@@ -244,9 +250,13 @@ def per_category(args) -> str:
     return f"at most {args.limit} per category" + (f" of {', '.join(args.categories)}" if args.categories else "")
 
 
+def sampling_mode(args) -> str:
+    return "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+
+
 def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draft]) -> None:
     turns = sum(1 for r in result["records"] if r["method"] == "ar" and r["round"] == 0)
-    mode = "greedy" if args.temperature == 0 else f"temperature {args.temperature}"
+    mode = sampling_mode(args)
     rounds = f", {args.rounds} rounds (every figure below is of all of them)" if args.rounds > 1 else ""
     print(f"\n{n_rows} Spec-Bench prompts ({turns} turns, {per_category(args)}) from {args.prompts}, "
           f"{args.max_new_tokens} new tokens, {mode}, g={args.gamma}, "
@@ -255,7 +265,7 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
     print("| method | tau | acceptance per position | tokens/s | vs AR | output == AR | peak memory | tokens/s per GiB |")
     print("|---|---|---|---|---|---|---|---|")
     for method, f in result["summary"].items():
-        print(f"{table_row(method_label(method, args, drafts), f)} {f['peak_memory_gib']:.2f} GiB | "
+        print(f"{table_row(method_label(method, args, drafts), f, args)} {f['peak_memory_gib']:.2f} GiB | "
               f"{f['tokens_per_s_per_gib']:.1f} |")
     if "llama.cpp" in result["summary"]:  # the best a CPU user could run instead, on the same prompts
         peer = result["summary"]["llama.cpp"]["tokens_per_s"]
@@ -287,7 +297,7 @@ def print_evaluation(result: dict, args, n_rows: int, drafts: dict[str, s3d.Draf
             print(f"\nPer category, {method_label(method, args, drafts)} against AR on the same prompts:\n")
             print("| category | tau | acceptance per position | tokens/s | vs AR | output == AR |\n|---|---|---|---|---|---|")
             for category, c in f["categories"].items():
-                print(table_row(category, c))
+                print(table_row(category, c, args))
     report_mismatches(result["records"], result["mismatches"], args.dtype)
 
 
@@ -365,8 +375,12 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
 
 
 def print_profile(points: list[dict], args, n_rows: int) -> None:
+    # sampled, whether a node is accepted depends on its siblings (the rejection rule): node rates predict greedy tau
+    sampled = (" (the points after the biggest tree: predicted tau from its node rates, exact only greedy)"
+               if args.temperature > 0 and args.trees else "")
     print(f"\nSpeed model, {args.draft} draft, {n_rows} Spec-Bench prompts ({per_category(args)}), "
-          f"{args.max_new_tokens} greedy tokens, {args.dtype}, {'compiled' if args.compile else 'eager'}"
+          f"{args.max_new_tokens} new tokens, {sampling_mode(args)}{sampled}, {args.dtype}, "
+          f"{'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
           f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; timed after the runs, in 6 rounds over the "
           f"points), at position "
@@ -380,7 +394,7 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
         heads = f"| {Path(p['heads'] or 'untrained').name} " if several else ""
         print(f"{heads}| {p['skip'][0]}:{p['skip'][1]} | {p['skipped_layers']} | {p['gamma']} | {tree} | {p['cd']:.2f} | "
               f"{p['cv']:.2f} | {' '.join(f'{a:.2f}' for a in p['acceptance'])} | {p['tau']:.2f} "
-              f"({p['predicted_tau']:.2f}) | {p['predicted_speedup']:.2f}x | {p['measured_speedup']:.2f}x | {same_as_ar(p)} |")
+              f"({p['predicted_tau']:.2f}) | {p['predicted_speedup']:.2f}x | {p['measured_speedup']:.2f}x | {output_column(p, args)} |")
 
 
 def plot(points: list[dict], path: Path, title: str) -> None:

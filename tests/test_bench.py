@@ -297,7 +297,7 @@ def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(c
              "cd": 0.5, "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
              "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 3, "ties": 0, "answers": 3}
     args = argparse.Namespace(draft="s3d", limit=1, categories=None, max_new_tokens=8, dtype="float32", compile=False,
-                              interleave=False)
+                              interleave=False, temperature=0.0, trees=[])
     tables = []
     for files in (["runs/a.safetensors"], ["runs/a.safetensors", "heads/b.safetensors"]):
         bench.print_profile([{**point, "heads": f} for f in files], args, 2)
@@ -307,6 +307,25 @@ def test_profile_table_names_the_heads_file_of_each_row_when_there_are_several(c
     assert two[0].startswith("| heads | skip |") and [row.split(" | ")[0] for row in two[2:]] == \
         ["| a.safetensors", "| b.safetensors"]
     assert {row.count("|") for row in one} == {12} and {row.count("|") for row in two} == {13}
+
+
+def test_sampled_tables_say_so_and_do_not_compare_answers_with_ar(capsys):
+    """Sampled, a speculative answer is drawn from AR's distribution, not AR's answer token for token: the tables say
+    'temperature T' where they said 'greedy', and '- (sampled)' in the 'output == AR' column, not '0/3'."""
+    point = {"draft": "s3d", "skip": [1, 3], "skipped_layers": 2, "gamma": 2, "tree": "2,1", "nodes": 4, "position": 40,
+             "cd": 0.5, "cv": 1.1, "step_ms": {"ar": 10.0}, "acceptance": [0.6, 0.3], "tau": 1.78, "predicted_tau": 1.78,
+             "predicted_speedup": 1.1, "measured_speedup": 1.0, "matches_ar": 0, "ties": 0, "answers": 3,
+             "heads": None}
+    figures = {"tau": 1.78, "acceptance": [0.6, 0.3], "tokens_per_s": 50.0, "speedup": 1.2, "matches_ar": 0,
+               "answers": 3, "ties": 0}
+    for temperature, header, column in ((0.0, "8 new tokens, greedy,", "| 0/3 |"),
+                                        (0.7, "8 new tokens, temperature 0.7 (the points after", "| - (sampled) |")):
+        args = argparse.Namespace(draft="s3d", limit=1, categories=None, max_new_tokens=8, dtype="float32",
+                                  compile=False, interleave=False, temperature=temperature, trees=[s3d.top_k_tree((2, 1))])
+        bench.print_profile([point], args, 2)
+        out = capsys.readouterr().out
+        assert header in out and out.strip().splitlines()[-1].endswith(column)
+        assert bench.table_row("s3d", figures, args).endswith(column)
 
 
 def test_speed_model_by_hand():
