@@ -382,8 +382,8 @@ def print_profile(points: list[dict], args, n_rows: int) -> None:
           f"{args.max_new_tokens} new tokens, {sampling_mode(args)}{sampled}, {args.dtype}, "
           f"{'compiled' if args.compile else 'eager'}"
           f"{INTERLEAVED * args.interleave}. {machine_line()}. cd, cv: the draft and verify step costs in AR steps (AR step "
-          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; timed after the runs, in 6 rounds over the "
-          f"points), at position "
+          f"{statistics.median(p['step_ms']['ar'] for p in points):.1f} ms; timed after the runs, in {roofline.COST_ROUNDS} "
+          f"rounds over the points), at position "
           f"{statistics.median(p['position'] for p in points):.0f} (the median middle of the answers).\n")
     several = len({p["heads"] for p in points}) > 1  # then a column says which heads file each row measured
     print(f"|{' heads |' * several} skip | layers skipped | g | tree (nodes) | cd | cv | acceptance per position "

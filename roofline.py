@@ -1,7 +1,8 @@
 """What the machine allows and where a step's time goes: read bandwidth, matmul throughput, the bytes a decode step
 must read (its memory-bound floor), and the compiled steps' time split by kernel kind. bench.py --roofline
-prints it (BENCHMARKS.md); bench.py --profile times its points' steps with costs_in_rounds; bench.py --random_weights times the steps of
-7B-class shapes with random weights (random weights decode exactly as fast as real ones).
+prints it (BENCHMARKS.md); bench.py --profile times its points' steps with costs_in_rounds; bench.py
+--random_weights times the steps of 7B-class shapes with random weights (random weights decode exactly as fast as
+real ones).
 """
 import statistics
 import time
@@ -197,8 +198,10 @@ def step_calls(model: Transformer, draft: s3d.Draft, compile: bool, pos: int) ->
     return calls
 
 
-@torch.no_grad()
-def costs_in_rounds(model: Transformer, points: list[tuple[object, dict[str, Callable]]], rounds: int = 6,
+COST_ROUNDS = 6  # rounds over a sweep's points that costs_in_rounds times (bench.py's table says how many)
+
+
+def costs_in_rounds(model: Transformer, points: list[tuple[object, dict[str, Callable]]], rounds: int = COST_ROUNDS,
                     per_round: int = 4) -> list[dict[str, float]]:
     """Median milliseconds of the AR step, draft and verify step of every point of a sweep (its heads, its
     step_calls at the position where its answers were decoded), timed in rounds that take each point in
