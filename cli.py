@@ -190,9 +190,20 @@ def resolve_adaptive(adaptive: Optional[bool], draft: Optional[s3d.Draft], devic
     return True
 
 
+def check_openmp_wait_policy(device: torch.device) -> None:
+    """Warns, in one line, where OMP_WAIT_POLICY=passive tells OpenMP's threads to sleep as soon as a parallel loop
+    ends: a decode step on a CPU runs its loops back to back, and each would then wake the threads again. Compiled
+    decoding of the default model ran 2 to 3 times slower so (BENCHMARKS.md, section 49)."""
+    if device.type == "cpu" and os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive":
+        print("warning: OMP_WAIT_POLICY=passive puts OpenMP's threads to sleep between the parallel loops of every "
+              "decode step: compiled decoding ran 2 to 3 times slower so on a 2-core CPU (BENCHMARKS.md, "
+              "section 49); unset it for speed", file=sys.stderr)
+
+
 def load(checkpoint: Path, device: torch.device, dtype: torch.dtype) -> tuple[Transformer, Tokenizer]:
     if not Path(checkpoint).exists() and Path(checkpoint).resolve() == DEFAULT_CHECKPOINT:
         raise UsageError(f"{checkpoint} is missing: run `make demo` (or scripts/convert_gguf.py --default) first")
+    check_openmp_wait_policy(device)
     model = load_model(checkpoint, device, dtype)
     native = native_bf16() if device.type == "cpu" else []
     # without native bf16, many bfloat16 rows (a prefill) multiply faster in float32 (model.FLOAT32_MATMUL)

@@ -272,6 +272,30 @@ def test_dtype_auto_on_a_cpu(monkeypatch, capsys, native, quantize, compile, dty
     assert cli.resolve_dtype("float16", torch.device("cpu"), quantize, compile) == "float16"  # a choice is kept
 
 
+@pytest.mark.parametrize("policy,device,warned", [
+    ("PASSIVE", "cpu", True), (" passive", "cpu", True), ("ACTIVE", "cpu", False), (None, "cpu", False),
+    ("PASSIVE", "meta", False)])
+def test_a_passive_openmp_wait_policy_is_named_on_a_cpu(monkeypatch, capsys, policy, device, warned):
+    """OMP_WAIT_POLICY=passive (any case) slows compiled CPU decoding 2 to 3 times: one line says so where the
+    weights load for a CPU, and nothing is said for another policy, none, or another device."""
+    import cli
+
+    if policy is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", policy)
+    cli.check_openmp_wait_policy(torch.device(device))
+    err = capsys.readouterr().err
+    assert (err.startswith("warning: OMP_WAIT_POLICY=passive ") and err.count("\n") == 1) == warned
+    assert warned or err == ""
+
+
+def test_the_wait_policy_warning_comes_from_the_programs(default_checkpoint):
+    proc = run("--max_new_tokens", "2", env={"OMP_WAIT_POLICY": "passive"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: OMP_WAIT_POLICY=passive puts OpenMP's threads to sleep" in proc.stderr
+
+
 def test_s3d_heads_file_cli(default_checkpoint, tmp_path):
     model = load_model(default_checkpoint, "cpu", torch.float32)
     from heads import new_heads
