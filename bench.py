@@ -315,8 +315,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
     """For every (skip range, g) of the grid, as a chain and as each tree of --trees that is g deep: the acceptance
     per position and measured speedup on the prompts, cd and cv in AR steps (timed after all the points have run, in
     rounds over them: roofline.costs_in_rounds), and the speed model's prediction. For
-    each g the biggest tree runs first; its node rates predict tau of the smaller trees and of the chain, whose
-    own runs then check the prediction."""
+    each g the biggest tree runs first; its node rates predict tau of the smaller trees inside it and of the chain,
+    whose own runs then check the prediction (a tree with nodes outside it has its own tau, as the first has)."""
     n_layer = model.config.n_layer
     skips = [check_skip(skip, n_layer) for skip in args.skips] if args.skips else symmetric_skips(n_layer)
     if args.draft == "skip":
@@ -356,8 +356,10 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                     predicted_tau = figures["tau"] if tree else s3d.expected_tokens_per_iteration(figures["acceptance"])
                     if tree:  # and its rates choose the best trees of --best_trees nodes inside it, run next
                         queue[:0] = [s3d.best_tree(rates, n) for n in args.best_trees if n < len(tree) - 1]
-                else:
+                elif all(node in rates for node in own.nodes[1:]):
                     predicted_tau = s3d.expected_tree_tokens(own, rates)
+                else:  # a tree with nodes the first lacks, whose rates it has not: its own tau stands, as the first's
+                    predicted_tau = figures["tau"]
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                                "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": draft.gamma,
                                "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,

@@ -276,18 +276,21 @@ def test_sweep_of_trees_predicts_the_smaller_ones_from_the_biggest(tiny_checkpoi
     heads.save(tmp_path / "heads.safetensors")
     result = bench_json(tmp_path, "--checkpoint", str(tiny_checkpoint), "--prompts", str(prompts), "--sweep",
                         "--heads", str(tmp_path / "heads.safetensors"), "--gammas", "2", "--trees", "2,1", "3,2",
-                        "--best_trees", "3", "--dtype", "float32")
+                        "0,1,02", "--best_trees", "3", "--dtype", "float32")
     points = result["points"]
     best_3 = s3d.parse_tree(points[1]["tree"])  # the 3 nodes of the biggest tree with the highest rates, next
-    assert [(p["tree"], p["nodes"]) for p in points] == [("3,2", 9), (str(best_3), 3), ("2,1", 4), (None, 2)]
+    assert [(p["tree"], p["nodes"]) for p in points] == [("3,2", 9), (str(best_3), 3), ("2,1", 4), ("0,1,02", 3),
+                                                         (None, 2)]
     assert set(best_3.nodes) <= set(s3d.top_k_tree((3, 2)).nodes)
-    assert points[1]["predicted_tau"] >= points[3]["predicted_tau"]  # (the chain's 2 nodes are a smaller choice)
+    assert points[1]["predicted_tau"] >= points[4]["predicted_tau"]  # (the chain's 2 nodes are a smaller choice)
     assert points[0]["predicted_tau"] == points[0]["tau"]
+    # 0,1,02 has a node (the third candidate after the first) that 3,2 lacks: it predicts its own tau, as the first
+    assert points[3]["predicted_tau"] == points[3]["tau"]
     for p in points:
         assert p["predicted_speedup"] == pytest.approx(p["predicted_tau"] / (p["cd"] + p["cv"]))
         assert p["matches_ar"] == p["answers"] == 3
     # the smaller trees' nodes are some of the biggest's: their predicted tau sums some of its node rates
-    assert 1 <= points[3]["predicted_tau"] <= points[2]["predicted_tau"] <= points[0]["tau"]
+    assert 1 <= points[4]["predicted_tau"] <= points[2]["predicted_tau"] <= points[0]["tau"]
     best = result["best"]
     assert best == max(points, key=lambda p: p["measured_speedup"])
 
