@@ -721,6 +721,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--best_trees goes with --profile or --sweep, which measure the node rates that choose the trees")
     if [n for n in args.best_trees if n < 1]:
         p.error(f"--best_trees takes node counts of 1 or more, got {' '.join(map(str, args.best_trees))}")
+    if args.best_trees and max(args.best_trees) >= max(len(t) - 1 for t in args.trees):
+        p.error(f"--best_trees {max(args.best_trees)}: the best trees are chosen inside the biggest of --trees, "
+                f"which has {max(len(t) - 1 for t in args.trees)} nodes: give fewer")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
     args.heads_files = args.heads or []
     inputs = (args.prompts, args.checkpoint, args.gguf, args.draft_checkpoint, *args.heads_files)

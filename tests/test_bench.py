@@ -355,6 +355,8 @@ def test_speed_model_by_hand():
     (("--sweep", "--trees", "2,1,1"), "as deep as a g of --gammas (2 4)"),
     (("--sweep", "--best_trees", "3"), "--best_trees chooses trees inside the biggest of --trees: add --trees"),
     (("--roofline", "--trees", "2,1", "--best_trees", "3"), "--best_trees goes with --profile or --sweep"),
+    (("--sweep", "--trees", "2,1", "--best_trees", "2", "4"), "--best_trees 4: the best trees are chosen inside the "
+                                                              "biggest of --trees, which has 4 nodes: give fewer"),
     (("--tree", "0,11"), "must include every prefix of each"),
     (("--tree", "2,x"), "--tree takes candidates per depth"),
     (("--decode", "--interleave"), "--interleave goes with the evaluation, --profile/--sweep and --formats"),
