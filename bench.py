@@ -316,7 +316,8 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
     per position and measured speedup on the prompts, cd and cv in AR steps (timed after all the points have run, in
     rounds over them: roofline.costs_in_rounds), and the speed model's prediction. For
     each g the biggest tree runs first; its node rates predict tau of the smaller trees inside it and of the chain,
-    whose own runs then check the prediction (a tree with nodes outside it has its own tau, as the first has)."""
+    whose own runs then check the prediction (a draft with nodes outside it is predicted by its own figures, as the
+    first is)."""
     n_layer = model.config.n_layer
     skips = [check_skip(skip, n_layer) for skip in args.skips] if args.skips else symmetric_skips(n_layer)
     if args.draft == "skip":
@@ -350,16 +351,19 @@ def profile(args, model, tok, rows: list[dict]) -> list[dict]:
                 roofline.loop_ms(calls, 1)  # compiled now, with these heads attached; timed after the last point
                 steps.append((model.heads, calls))
                 own = tree or s3d.top_k_tree((1,) * g)
-                if rates is None:  # the first of this g: its tau predicts itself (as the chain's acceptance does)
+                # its own figures predict a draft's tau where no bigger tree's node rates cover it (as the chain's
+                # acceptance does)
+                own_prediction = figures["tau"] if tree else s3d.expected_tokens_per_iteration(figures["acceptance"])
+                if rates is None:  # the first of this g
                     paths = [p for r in result["records"] for p in r["paths"]]
                     rates = s3d.node_rates(own, paths) if tree else None
-                    predicted_tau = figures["tau"] if tree else s3d.expected_tokens_per_iteration(figures["acceptance"])
+                    predicted_tau = own_prediction
                     if tree:  # and its rates choose the best trees of --best_trees nodes inside it, run next
                         queue[:0] = [s3d.best_tree(rates, n) for n in args.best_trees if n < len(tree) - 1]
                 elif all(node in rates for node in own.nodes[1:]):
                     predicted_tau = s3d.expected_tree_tokens(own, rates)
-                else:  # a tree with nodes the first lacks, whose rates it has not: its own tau stands, as the first's
-                    predicted_tau = figures["tau"]
+                else:  # a draft with nodes the first tree lacks, whose rates it has not
+                    predicted_tau = own_prediction
                 points.append({"draft": args.draft, "heads": str(source) if heads is not None and source else None,
                                "skip": list(skip), "skipped_layers": skip[1] - skip[0], "gamma": draft.gamma,
                                "tree": str(tree) if tree else None, "nodes": len(own) - 1, "position": position,
@@ -721,9 +725,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--best_trees goes with --profile or --sweep, which measure the node rates that choose the trees")
     if [n for n in args.best_trees if n < 1]:
         p.error(f"--best_trees takes node counts of 1 or more, got {' '.join(map(str, args.best_trees))}")
-    if args.best_trees and max(args.best_trees) >= max(len(t) - 1 for t in args.trees):
+    biggest = max((len(t) - 1 for t in args.trees), default=0)  # nodes of the biggest tree of --trees
+    if args.best_trees and max(args.best_trees) >= biggest:
         p.error(f"--best_trees {max(args.best_trees)}: the best trees are chosen inside the biggest of --trees, "
-                f"which has {max(len(t) - 1 for t in args.trees)} nodes: give fewer")
+                f"which has {biggest} nodes: give fewer")
     args.methods = sorted(set(args.methods), key=METHODS.index)  # AR first (the reference), hf last (its own weights)
     args.heads_files = args.heads or []
     inputs = (args.prompts, args.checkpoint, args.gguf, args.draft_checkpoint, *args.heads_files)
