@@ -151,15 +151,26 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
 
 def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
               repeats: int = 10) -> tuple[dict[str, float], int]:
-    """Milliseconds per call of each kernel kind, from the profiler ('outside kernels' is the rest of the
-    unprofiled wall time: the wrapper between kernels, host work), and the GEMM calls per call."""
+    """Milliseconds per call of each kernel kind, and the GEMM calls per call. The profiler gives each kind's share
+    of its profiled calls' wall time ('outside kernels' is the rest of it: the wrapper between kernels, host work, and
+    the profiler's own cost per kernel call); the shares split wall_ms, the step's median timed without the profiler,
+    so that the parts add up to the step even where the profiled calls ran in another spell of a shared machine than
+    the timed ones (a split of their times in milliseconds did not: BENCHMARKS.md, section 45)."""
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
     assert inductor.cpp.enable_kernel_profile, "the steps must be compiled with Inductor's kernel profiling on"
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(repeats):
-            call()
+    gpu = torch.cuda.is_initialized()
+    call()  # with its guards checked, which picks the step's compiled version for the model's heads as they are now
+    with s3d.GuardsUntilWarm(True, torch.device("cuda" if gpu else "cpu")) as guards:
+        guards.warm()  # then timed as median_ms times it: without dynamo's guard checks
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            for _ in range(repeats):
+                call()
+            if gpu:
+                torch.cuda.synchronize()
+            profiled_ms = 1000 * (time.perf_counter() - start) / repeats
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     kinds = [kernel_kind(e.name, vocab_sizes) for e in events]
     if "output head" not in kinds:  # library GEMMs (oneDNN) carry no shape in their names: the head is each call's last
@@ -170,6 +181,8 @@ def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
     for event, kind in zip(events, kinds):
         if kind:
             parts[kind] += event.self_cpu_time_total / 1000 / repeats
+    scale = wall_ms / max(profiled_ms, sum(parts.values()))
+    parts = {kind: ms * scale for kind, ms in parts.items()}
     parts["outside kernels"] = max(0.0, wall_ms - sum(parts.values()))
     return parts, sum(kind in ("linear maps", "output head") for kind in kinds) // repeats
 
@@ -282,8 +295,12 @@ def measure_steps(model: Transformer, heads: list[tuple], context: int, rounds: 
         ms = statistics.median(times[label])
         moved = step_bytes(model, context + tokens, layers, vocab, adapters=layers is kept)
         parts, gemm_calls = breakdown(call, ms, (model.config.vocab_size, vocab))
+        # what each part's bytes take at the bandwidth: the parts that read none (other kernels, outside them) 0
+        part_bytes = {"linear maps": moved["linear"] + moved["adapters"], "output head": moved["head"],
+                      "attention": moved["kv_cache"]}
         rows.append({"step": label, "ms": ms, "bytes": moved, "floor_ms": sum(moved.values()) / bandwidth / 1e6,
-                     "parts_ms": parts, "gemm_calls": gemm_calls})
+                     "parts_ms": parts, "gemm_calls": gemm_calls,
+                     "parts_floor_ms": {kind: part_bytes.get(kind, 0) / bandwidth / 1e6 for kind in parts}})
         print(f"{label}: {ms:.2f} ms", flush=True)
     return rows, bandwidth
 

@@ -452,6 +452,11 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
         with inductor.patch({"cpp.enable_kernel_profile": True}):
             rows, bandwidth = roofline.measure_steps(model, heads, 32, rounds=3, per_round=2,
                                                      trees=[s3d.parse_tree("0,1,00,000")])
+            ar = roofline.step_calls(model, s3d.Draft("s3d", 3, (2, 4)), True, 32)["ar"]
+            with torch.no_grad():  # (as measure_steps calls the steps)
+                for wall_ms in (1e-3, 1e3):  # the profiled calls' shares split the step's timed ms, whatever they took
+                    parts, _ = roofline.breakdown(ar, wall_ms, (model.config.vocab_size,))
+                    assert sum(parts.values()) == pytest.approx(wall_ms) and parts["linear maps"] > wall_ms / 100
     finally:
         s3d.release_compiled()
     assert bandwidth == 20.0
@@ -467,6 +472,14 @@ def test_roofline_rows_of_every_draft_variant(monkeypatch):
         "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded)",
         "draft (3 tokens, 4 of 6 layers, rank 4, adapters folded into int8 copies)"]
     assert all(r["ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    for r in rows:  # the parts add up to the step, and each part's floor is its bytes' at the bandwidth
+        assert sum(r["parts_ms"].values()) == pytest.approx(r["ms"])
+        floors, moved = r["parts_floor_ms"], r["bytes"]
+        assert floors["linear maps"] == pytest.approx((moved["linear"] + moved["adapters"]) / 20.0 / 1e6)
+        assert floors["output head"] == pytest.approx(moved["head"] / 20.0 / 1e6)
+        assert floors["attention"] == pytest.approx(moved["kv_cache"] / 20.0 / 1e6)
+        assert floors["other kernels"] == floors["outside kernels"] == 0
+        assert sum(floors.values()) == pytest.approx(r["floor_ms"])
     full_head = rows[0]["bytes"]["head"]
     assert [r["bytes"]["head"] for r in rows[2:]] == [full_head // 4, full_head // 4, full_head, full_head]
     assert rows[2]["bytes"]["adapters"] == 0 < rows[3]["bytes"]["adapters"] and rows[5]["bytes"]["adapters"] == 0
