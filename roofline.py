@@ -151,26 +151,30 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
 
 def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
               repeats: int = 10) -> tuple[dict[str, float], int]:
-    """Milliseconds per call of each kernel kind, and the GEMM calls per call. The profiler gives each kind's share
-    of its profiled calls' wall time ('outside kernels' is the rest of it: the wrapper between kernels, host work, and
-    the profiler's own cost per kernel call); the shares split wall_ms, the step's median timed without the profiler,
-    so that the parts add up to the step even where the profiled calls ran in another spell of a shared machine than
-    the timed ones (a split of their times in milliseconds did not: BENCHMARKS.md, section 45)."""
+    """Milliseconds per call of each kernel kind, and the GEMM calls per call. The profiler times each kind's kernels
+    in `repeats` calls; their share of the same number of calls timed without it, just before, splits wall_ms, the
+    step's median from the timed rounds, and 'outside kernels' is the rest (the wrapper between kernels, host work:
+    not the profiler's own cost per kernel, which the unprofiled calls leave out). So the parts add up to the step even
+    where these calls ran in another spell of a shared machine than the timed rounds (a split of the profiled times
+    in milliseconds did not: BENCHMARKS.md, section 45)."""
     import torch._inductor.config as inductor
     from torch.profiler import ProfilerActivity, profile
 
     assert inductor.cpp.enable_kernel_profile, "the steps must be compiled with Inductor's kernel profiling on"
     gpu = torch.cuda.is_initialized()
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
     call()  # with its guards checked, which picks the step's compiled version for the model's heads as they are now
     with s3d.GuardsUntilWarm(True, torch.device("cuda" if gpu else "cpu")) as guards:
-        guards.warm()  # then timed as median_ms times it: without dynamo's guard checks
+        guards.warm()  # then called as median_ms times it: without dynamo's guard checks
+        sync()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            call()
+        sync()
+        unprofiled_ms = 1000 * (time.perf_counter() - start) / repeats
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
             for _ in range(repeats):
                 call()
-            if gpu:
-                torch.cuda.synchronize()
-            profiled_ms = 1000 * (time.perf_counter() - start) / repeats
     events = sorted(prof.events(), key=lambda e: e.time_range.start)
     kinds = [kernel_kind(e.name, vocab_sizes) for e in events]
     if "output head" not in kinds:  # library GEMMs (oneDNN) carry no shape in their names: the head is each call's last
@@ -181,7 +185,7 @@ def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
     for event, kind in zip(events, kinds):
         if kind:
             parts[kind] += event.self_cpu_time_total / 1000 / repeats
-    scale = wall_ms / max(profiled_ms, sum(parts.values()))
+    scale = wall_ms / max(unprofiled_ms, sum(parts.values()))
     parts = {kind: ms * scale for kind, ms in parts.items()}
     parts["outside kernels"] = max(0.0, wall_ms - sum(parts.values()))
     return parts, sum(kind in ("linear maps", "output head") for kind in kinds) // repeats
