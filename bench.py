@@ -466,9 +466,9 @@ def bench_roofline(args) -> list:
           f"Read bandwidth {bandwidth:.1f} GB/s (sum of a float32 buffer beyond the last-level cache, a median over "
           f"the rounds that time the steps); matmul "
           f"{flops['float32']:.3g} GFLOP/s in float32, {flops['bfloat16']:.3g} in bfloat16. Floor: the bytes a step "
-          f"must read at that bandwidth. Times are medians of 30 calls, split by each kind's share of 10 profiled calls. A compiled "
-          f"linear map costs {call_us:.1f} us a call with next to nothing to do (a chain of 64 x 64 maps): the GEMM "
-          f"calls' fixed cost is their number times that.\n")
+          f"must read at that bandwidth. Times are medians of 30 calls, split by each kind's share of 10 profiled "
+          f"calls. A compiled linear map costs {call_us:.1f} us a call with next to nothing to do (a chain of 64 x 64 "
+          f"maps): the GEMM calls' fixed cost is their number times that.\n")
     kinds = list(rows[0]["parts_ms"])
     print(f"| step | ms | AR steps | MB read | floor ms | % of floor | {' | '.join(kinds)} | GEMM calls (fixed cost ms) |")
     print("|---|---|---|---|---|---|" + "---|" * (len(kinds) + 1))

@@ -152,7 +152,7 @@ def kernel_kind(name: str, vocab_sizes: tuple[int, ...]) -> str:
 def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
               repeats: int = 10) -> tuple[dict[str, float], int]:
     """Milliseconds per call of each kernel kind, and the GEMM calls per call. The profiler times each kind's kernels
-    in `repeats` calls; their share of the same number of calls timed without it, just before, splits wall_ms, the
+    in `repeats` calls; their share of the step's median without it (median_ms, just before) splits wall_ms, the
     step's median from the timed rounds, and 'outside kernels' is the rest (the wrapper between kernels, host work:
     not the profiler's own cost per kernel, which the unprofiled calls leave out). So the parts add up to the step even
     where these calls ran in another spell of a shared machine than the timed rounds (a split of the profiled times
@@ -161,17 +161,11 @@ def breakdown(call: Callable, wall_ms: float, vocab_sizes: tuple[int, ...],
     from torch.profiler import ProfilerActivity, profile
 
     assert inductor.cpp.enable_kernel_profile, "the steps must be compiled with Inductor's kernel profiling on"
-    gpu = torch.cuda.is_initialized()
-    sync = torch.cuda.synchronize if gpu else (lambda: None)
-    call()  # with its guards checked, which picks the step's compiled version for the model's heads as they are now
-    with s3d.GuardsUntilWarm(True, torch.device("cuda" if gpu else "cpu")) as guards:
-        guards.warm()  # then called as median_ms times it: without dynamo's guard checks
-        sync()
-        start = time.perf_counter()
-        for _ in range(repeats):
-            call()
-        sync()
-        unprofiled_ms = 1000 * (time.perf_counter() - start) / repeats
+    # its warm-up call checks the guards, which picks the step's compiled version for the model's heads as they are
+    # now; the calls after it, timed and profiled, skip them as the decoding loops do
+    unprofiled_ms = median_ms(call, repeats, warmup=1)
+    with s3d.GuardsUntilWarm(True, torch.device("cuda" if torch.cuda.is_initialized() else "cpu")) as guards:
+        guards.warm()
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(repeats):
                 call()
